@@ -1,0 +1,547 @@
+//! The storage engine: a memory-mapped, segmented log per topic-partition.
+//!
+//! Synchronous code with no sockets and no async: handlers translate protocol requests into
+//! calls on [`LogStore`] and [`PartitionLog`].
+//!
+//! Data directory layout:
+//!
+//! ```text
+//! <data_dir>/
+//!   .lock                     advisory lock: one broker per data directory
+//!   topics.json               topic names, partition counts and configs (atomically replaced)
+//!   recovery-points           checkpoint of per-partition recovery points (see checkpoint.rs)
+//!   clean-shutdown            present only between a clean shutdown and the next start
+//!   <topic>-<partition>/      one directory per partition
+//!     00000000000000000000.log / .index / .timeindex
+//! ```
+
+mod checkpoint;
+mod config;
+mod disk;
+mod error;
+mod flusher;
+mod index;
+mod mmap;
+mod partition;
+mod recovery;
+mod segment;
+#[cfg(test)]
+mod tests;
+mod topics;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, Sender};
+
+pub use config::{CleanupPolicy, StorageConfig, TopicConfig};
+pub use disk::DiskMonitor;
+pub use error::{Result, StorageError};
+pub use flusher::FlushDone;
+pub use partition::{AppendInfo, PartitionLog, ReadResult, RetentionOutcome};
+
+use flusher::FlushRequest;
+use segment::Segment;
+
+/// A source of wall-clock time in ms since the epoch (injectable for tests).
+pub type Clock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
+/// The system clock.
+pub fn system_clock() -> Clock {
+    Arc::new(segment::now_ms_wall)
+}
+
+/// A topic and its partitions.
+#[derive(Debug)]
+pub struct Topic {
+    /// Topic name.
+    pub name: String,
+    /// Effective configuration.
+    pub config: TopicConfig,
+    /// Partitions, index = partition number.
+    pub partitions: Vec<Arc<PartitionLog>>,
+    /// Internal topics (names starting with `__`) are hidden from normal listings.
+    pub internal: bool,
+}
+
+/// What opening the store found and did.
+#[derive(Debug, Clone, Default)]
+pub struct RecoveryReport {
+    /// Whether the last stop was clean (no scan needed).
+    pub clean: bool,
+    /// Partitions opened.
+    pub partitions: usize,
+    /// Segments whose batches were scanned.
+    pub scanned_segments: usize,
+    /// Bytes of torn or corrupt data cut.
+    pub truncated_bytes: u64,
+    /// Time taken.
+    pub duration: Duration,
+}
+
+/// State shared by every partition of a store.
+pub(crate) struct Shared {
+    pub(crate) config: StorageConfig,
+    pub(crate) disk: DiskMonitor,
+    clock: Clock,
+    tick: AtomicU64,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Shared {
+    pub(crate) fn now_ms(&self) -> i64 {
+        (self.clock)()
+    }
+
+    /// Marks a segment as just used (for least-recently-used eviction).
+    pub(crate) fn touch(&self, seg: &Segment) {
+        seg.last_used
+            .store(self.tick.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
+    }
+
+    pub(crate) fn note_mapped(&self, seg: &Segment) {
+        self.touch(seg);
+    }
+}
+
+pub(crate) struct StoreInner {
+    dir: PathBuf,
+    pub(crate) shared: Arc<Shared>,
+    topics: RwLock<BTreeMap<String, Arc<Topic>>>,
+    /// Serialises topic creation and deletion (metadata file writes).
+    admin: Mutex<()>,
+    flush_tx: Sender<FlushRequest>,
+    closed: AtomicBool,
+}
+
+impl StoreInner {
+    pub(crate) fn partitions(&self) -> Vec<Arc<PartitionLog>> {
+        let topics = self.topics.read().expect("topics lock");
+        topics
+            .values()
+            .flat_map(|t| t.partitions.iter().cloned())
+            .collect()
+    }
+
+    /// Writes the recovery points: durable offsets while running, end offsets at clean close.
+    pub(crate) fn write_checkpoint(&self, at_close: bool) -> Result<()> {
+        let points: Vec<_> = self
+            .partitions()
+            .iter()
+            .map(|p| {
+                let offset = if at_close {
+                    p.log_end_offset()
+                } else {
+                    p.durable_offset()
+                };
+                (p.topic().to_owned(), p.partition(), offset)
+            })
+            .collect();
+        checkpoint::write(&self.dir, &points)
+    }
+
+    /// Unmaps the least recently used segments while more than the budget are mapped.
+    pub(crate) fn enforce_segment_budget(&self) -> usize {
+        let max = self.shared.config.open_segments_max;
+        let mut mapped: Vec<Arc<Segment>> = self
+            .partitions()
+            .iter()
+            .flat_map(|p| p.mapped_segments())
+            .collect();
+        if mapped.len() <= max {
+            return 0;
+        }
+        let target = max - max / 10;
+        mapped.sort_by_key(|s| s.last_used.load(Ordering::Relaxed));
+        let excess = mapped.len() - target;
+        let mut evicted = 0;
+        for seg in mapped.into_iter().take(excess) {
+            if seg.evict() {
+                evicted += 1;
+            }
+        }
+        tracing::debug!(
+            evicted,
+            "unmapped cold segments to stay within open_segments_max"
+        );
+        evicted
+    }
+}
+
+/// All topics and partitions of one data directory.
+pub struct LogStore {
+    inner: Arc<StoreInner>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    stop_maintenance: Sender<()>,
+    _lock: std::fs::File,
+}
+
+impl std::fmt::Debug for LogStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogStore")
+            .field("dir", &self.inner.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LogStore {
+    /// Opens the store in `dir` (creating it), recovering every partition, and starts the
+    /// flusher and maintenance threads.
+    ///
+    /// # Errors
+    /// Invalid config, another broker holding the directory, or I/O failures during recovery.
+    pub fn open(
+        dir: &Path,
+        config: StorageConfig,
+        clock: Clock,
+    ) -> Result<(LogStore, RecoveryReport)> {
+        config.validate()?;
+        let started = std::time::Instant::now();
+        std::fs::create_dir_all(dir).map_err(|e| StorageError::io("create directory", dir, e))?;
+        let lock = lock_dir(dir)?;
+        let disk = DiskMonitor::new(dir, config.disk_free_bytes_min);
+        let shared = Arc::new(Shared {
+            config,
+            disk,
+            clock,
+            tick: AtomicU64::new(1),
+        });
+        let clean = checkpoint::was_clean(dir);
+        let points = checkpoint::read(dir);
+        let mut report = RecoveryReport {
+            clean,
+            ..Default::default()
+        };
+        let mut topics = BTreeMap::new();
+        for meta in topics::load(dir)? {
+            let mut partitions = Vec::with_capacity(meta.partitions as usize);
+            for p in 0..meta.partitions {
+                let recovery = points.get(&(meta.name.clone(), p)).map(|r| (clean, *r));
+                let (log, rec) = PartitionLog::open(
+                    &meta.name,
+                    p,
+                    dir.join(format!("{}-{p}", meta.name)),
+                    meta.config.clone(),
+                    Arc::clone(&shared),
+                    recovery,
+                )?;
+                report.partitions += 1;
+                report.scanned_segments += rec.scanned_segments;
+                report.truncated_bytes += rec.truncated_bytes;
+                partitions.push(Arc::new(log));
+            }
+            let internal = meta.name.starts_with("__");
+            topics.insert(
+                meta.name.clone(),
+                Arc::new(Topic {
+                    name: meta.name,
+                    config: meta.config,
+                    partitions,
+                    internal,
+                }),
+            );
+        }
+        checkpoint::clear_clean(dir)?;
+        let (flush_tx, flush_rx) = crossbeam_channel::unbounded();
+        let inner = Arc::new(StoreInner {
+            dir: dir.to_owned(),
+            shared,
+            topics: RwLock::new(topics),
+            admin: Mutex::new(()),
+            flush_tx,
+            closed: AtomicBool::new(false),
+        });
+        inner.enforce_segment_budget();
+        let (stop_tx, stop_rx) = crossbeam_channel::bounded(1);
+        let threads = vec![
+            spawn("cairn-flusher", {
+                let weak = Arc::downgrade(&inner);
+                move || flusher::run(flush_rx, weak)
+            })?,
+            spawn("cairn-maintenance", {
+                let weak = Arc::downgrade(&inner);
+                move || maintenance(stop_rx, weak)
+            })?,
+        ];
+        report.duration = started.elapsed();
+        Ok((
+            LogStore {
+                inner,
+                threads: Mutex::new(threads),
+                stop_maintenance: stop_tx,
+                _lock: lock,
+            },
+            report,
+        ))
+    }
+
+    /// The data directory.
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// Broker-wide storage settings.
+    pub fn config(&self) -> &StorageConfig {
+        &self.inner.shared.config
+    }
+
+    /// The disk monitor (free space, floor).
+    pub fn disk(&self) -> &DiskMonitor {
+        &self.inner.shared.disk
+    }
+
+    /// A topic by name.
+    pub fn topic(&self, name: &str) -> Option<Arc<Topic>> {
+        self.inner
+            .topics
+            .read()
+            .expect("topics lock")
+            .get(name)
+            .cloned()
+    }
+
+    /// Every topic, sorted by name.
+    pub fn topics(&self) -> Vec<Arc<Topic>> {
+        self.inner
+            .topics
+            .read()
+            .expect("topics lock")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// A partition by topic and index.
+    pub fn partition(&self, topic: &str, partition: u32) -> Option<Arc<PartitionLog>> {
+        self.topic(topic)?
+            .partitions
+            .get(partition as usize)
+            .cloned()
+    }
+
+    /// Creates a topic with `partitions` partitions and `config`.
+    ///
+    /// # Errors
+    /// Invalid name or config, an existing topic, or I/O failures.
+    pub fn create_topic(
+        &self,
+        name: &str,
+        partitions: u32,
+        config: TopicConfig,
+    ) -> Result<Arc<Topic>> {
+        topics::validate_name(name)?;
+        config.validate()?;
+        if partitions == 0 {
+            return Err(StorageError::InvalidConfig(
+                "a topic needs at least one partition".into(),
+            ));
+        }
+        let _admin = self.inner.admin.lock().expect("admin lock");
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err(StorageError::Closed);
+        }
+        if self.topic(name).is_some() {
+            return Err(StorageError::TopicExists(name.to_owned()));
+        }
+        let dir = &self.inner.dir;
+        let mut logs = Vec::with_capacity(partitions as usize);
+        for p in 0..partitions {
+            let pdir = dir.join(format!("{name}-{p}"));
+            if pdir.exists() {
+                // Leftover of an interrupted deletion or creation: start clean.
+                std::fs::remove_dir_all(&pdir)
+                    .map_err(|e| StorageError::io("remove stale directory", &pdir, e))?;
+            }
+            let (log, _) = PartitionLog::open(
+                name,
+                p,
+                pdir,
+                config.clone(),
+                Arc::clone(&self.inner.shared),
+                None,
+            )?;
+            logs.push(Arc::new(log));
+        }
+        segment::sync_dir(dir)?;
+        let topic = Arc::new(Topic {
+            name: name.to_owned(),
+            config,
+            partitions: logs,
+            internal: name.starts_with("__"),
+        });
+        let mut all: Vec<topics::TopicMeta> = self
+            .topics()
+            .iter()
+            .map(|t| topics::TopicMeta::of(t))
+            .collect();
+        all.push(topics::TopicMeta::of(&topic));
+        topics::save(dir, &all)?;
+        self.inner
+            .topics
+            .write()
+            .expect("topics lock")
+            .insert(name.to_owned(), Arc::clone(&topic));
+        self.inner.enforce_segment_budget();
+        Ok(topic)
+    }
+
+    /// Deletes a topic and its data.
+    ///
+    /// # Errors
+    /// Unknown topic or I/O failures.
+    pub fn delete_topic(&self, name: &str) -> Result<()> {
+        let _admin = self.inner.admin.lock().expect("admin lock");
+        let topic = self
+            .topic(name)
+            .ok_or_else(|| StorageError::UnknownTopic(name.to_owned()))?;
+        let all: Vec<topics::TopicMeta> = self
+            .topics()
+            .iter()
+            .filter(|t| t.name != name)
+            .map(|t| topics::TopicMeta::of(t))
+            .collect();
+        topics::save(&self.inner.dir, &all)?;
+        self.inner.topics.write().expect("topics lock").remove(name);
+        for p in &topic.partitions {
+            p.destroy()?;
+        }
+        segment::sync_dir(&self.inner.dir)
+    }
+
+    /// Asks the flusher to make `partition` durable up to `offset` and call `done` then.
+    pub fn sync_async(&self, partition: Arc<PartitionLog>, offset: u64, done: FlushDone) {
+        if let Err(e) = self.inner.flush_tx.send(FlushRequest::Sync {
+            partition,
+            offset,
+            done,
+        }) {
+            if let FlushRequest::Sync { done, .. } = e.0 {
+                done(Err(StorageError::Closed));
+            }
+        }
+    }
+
+    /// Runs retention on every partition now (the maintenance thread does this periodically).
+    pub fn apply_retention(&self) -> RetentionOutcome {
+        apply_retention_all(&self.inner)
+    }
+
+    /// Unmaps cold segments if more than `open_segments_max` are mapped; returns how many.
+    pub fn enforce_segment_budget(&self) -> usize {
+        self.inner.enforce_segment_budget()
+    }
+
+    /// Clean shutdown: stops the threads, syncs and seals every partition, writes the checkpoint
+    /// and the clean-shutdown marker. The next open needs no recovery scan.
+    ///
+    /// # Errors
+    /// The first sync or I/O failure; the marker is then not written, so the next start scans.
+    pub fn close(&self) -> Result<()> {
+        if self.inner.closed.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        let _ = self.inner.flush_tx.send(FlushRequest::Stop);
+        let _ = self.stop_maintenance.send(());
+        for t in self.threads.lock().expect("threads lock").drain(..) {
+            let _ = t.join();
+        }
+        let mut first_error = None;
+        for p in self.inner.partitions() {
+            if let Err(e) = p.close() {
+                tracing::error!(topic = p.topic(), partition = p.partition(), error = %e, "closing partition failed");
+                first_error.get_or_insert(e);
+            }
+        }
+        if let Some(e) = first_error {
+            return Err(e);
+        }
+        self.inner.write_checkpoint(true)?;
+        checkpoint::mark_clean(&self.inner.dir)
+    }
+}
+
+impl Drop for LogStore {
+    fn drop(&mut self) {
+        // Without close() this is an unclean stop: threads end, nothing is marked clean.
+        let _ = self.inner.flush_tx.send(FlushRequest::Stop);
+        let _ = self.stop_maintenance.try_send(());
+        for t in self.threads.lock().expect("threads lock").drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(f)
+        .map_err(|e| StorageError::io("spawn thread", name, e))
+}
+
+fn lock_dir(dir: &Path) -> Result<std::fs::File> {
+    let path = dir.join(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| StorageError::io("open", &path, e))?;
+    rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(
+        |e| StorageError::Io {
+            op: "lock (is another broker using this data directory?)",
+            path: path.clone(),
+            source: e.into(),
+        },
+    )?;
+    Ok(file)
+}
+
+fn apply_retention_all(inner: &StoreInner) -> RetentionOutcome {
+    let now = inner.shared.now_ms();
+    let mut total = RetentionOutcome::default();
+    for p in inner.partitions() {
+        match p.apply_retention(now) {
+            Ok(o) => {
+                total.segments += o.segments;
+                total.bytes += o.bytes;
+            }
+            Err(e) => {
+                metrics::counter!("cairn_storage_errors_total", "kind" => e.kind()).increment(1);
+                tracing::error!(topic = p.topic(), partition = p.partition(), error = %e, "retention failed");
+            }
+        }
+    }
+    total
+}
+
+/// Background thread: retention, the open-segments budget, and disk free-space refresh.
+fn maintenance(stop: Receiver<()>, store: std::sync::Weak<StoreInner>) {
+    let mut since_retention = Duration::ZERO;
+    let tick = Duration::from_millis(1000);
+    loop {
+        match stop.recv_timeout(tick) {
+            Ok(()) | Err(crossbeam_channel::RecvTimeoutError::Disconnected) => return,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => {}
+        }
+        let Some(inner) = store.upgrade() else { return };
+        inner.shared.disk.refresh();
+        inner.enforce_segment_budget();
+        since_retention += tick;
+        if since_retention >= Duration::from_millis(inner.shared.config.retention_check_interval_ms)
+        {
+            since_retention = Duration::ZERO;
+            apply_retention_all(&inner);
+        }
+    }
+}

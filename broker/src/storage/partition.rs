@@ -1,0 +1,542 @@
+//! A partition's log: an ordered list of segments, the last one active.
+//!
+//! One appender at a time (the append lock); readers never take it. Readers see a batch only once
+//! all of its bytes are in the mapping: the end offset is published last (release store, acquire
+//! load). Syncs run on the flusher thread and never hold the append lock while waiting for disk.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use bytes::Bytes;
+use cairn_protocol::record_batch::validate_for_append;
+
+use super::config::TopicConfig;
+use super::error::{Result, StorageError};
+use super::recovery::{recover_partition, RecoveredLog};
+use super::segment::{sync_dir, Segment, LOG_HEADER_LEN};
+use super::Shared;
+
+/// What an append did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AppendInfo {
+    /// Offset given to the batch's first record.
+    pub base_offset: u64,
+    /// Offset after the batch's last record (the new log end).
+    pub next_offset: u64,
+    /// Broker time of the append, ms since the epoch.
+    pub append_time_ms: i64,
+    /// First offset still in the log.
+    pub log_start_offset: u64,
+}
+
+/// Whole batches read from a partition.
+#[derive(Debug, Clone, Default)]
+pub struct ReadResult {
+    /// Zero-copy slices of the segment mappings; concatenated they are whole batches.
+    pub chunks: Vec<Bytes>,
+    /// First offset in the log.
+    pub log_start_offset: u64,
+    /// Offset after the last record.
+    pub log_end_offset: u64,
+}
+
+impl ReadResult {
+    /// Bytes read.
+    pub fn len(&self) -> usize {
+        self.chunks.iter().map(Bytes::len).sum()
+    }
+
+    /// `true` when nothing was read.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What retention removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RetentionOutcome {
+    /// Segments deleted.
+    pub segments: usize,
+    /// Bytes deleted.
+    pub bytes: u64,
+}
+
+#[derive(Debug)]
+struct Appender {
+    /// Allocated length of the active segment's file.
+    allocated: u64,
+    /// Next preallocation step.
+    prealloc_step: u64,
+    /// Sealed segments whose indexes and trim the flusher has yet to persist.
+    pending_seal: Vec<Arc<Segment>>,
+    /// A segment file was created since the last directory fsync.
+    dir_dirty: bool,
+}
+
+/// One topic-partition's log.
+#[derive(Debug)]
+pub struct PartitionLog {
+    topic: String,
+    partition: u32,
+    dir: PathBuf,
+    config: TopicConfig,
+    shared: Arc<Shared>,
+    segments: RwLock<Arc<Vec<Arc<Segment>>>>,
+    appender: Mutex<Appender>,
+    sync_lock: Mutex<()>,
+    log_start: AtomicU64,
+    end_offset: AtomicU64,
+    durable_offset: AtomicU64,
+    /// When unsynced data first appeared (ms), 0 when everything is synced.
+    dirty_since_ms: AtomicI64,
+    poisoned: AtomicBool,
+}
+
+impl PartitionLog {
+    /// Opens (recovering if needed) or creates the partition in `dir`.
+    pub(crate) fn open(
+        topic: &str,
+        partition: u32,
+        dir: PathBuf,
+        config: TopicConfig,
+        shared: Arc<Shared>,
+        recovery: Option<(bool, u64)>,
+    ) -> Result<(PartitionLog, RecoveredLog)> {
+        std::fs::create_dir_all(&dir).map_err(|e| StorageError::io("create directory", &dir, e))?;
+        let capacity = Self::capacity(&config);
+        let recovered = recover_partition(&dir, capacity, &shared, recovery, shared.now_ms())?;
+        let active = recovered
+            .segments
+            .last()
+            .expect("recovery leaves at least one segment");
+        let end = active.next_offset();
+        let start = recovered.segments[0].base_offset;
+        let log = PartitionLog {
+            topic: topic.to_owned(),
+            partition,
+            dir,
+            config,
+            segments: RwLock::new(Arc::new(recovered.segments.clone())),
+            appender: Mutex::new(Appender {
+                allocated: recovered.allocated,
+                prealloc_step: shared.config.preallocate_bytes_min,
+                pending_seal: Vec::new(),
+                dir_dirty: false,
+            }),
+            shared,
+            sync_lock: Mutex::new(()),
+            log_start: AtomicU64::new(start),
+            end_offset: AtomicU64::new(end),
+            durable_offset: AtomicU64::new(end),
+            dirty_since_ms: AtomicI64::new(0),
+            poisoned: AtomicBool::new(false),
+        };
+        Ok((log, recovered))
+    }
+
+    fn capacity(config: &TopicConfig) -> u64 {
+        config
+            .segment_bytes
+            .max(LOG_HEADER_LEN + u64::from(config.batch_bytes_max))
+    }
+
+    /// Topic name.
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// Partition index.
+    pub fn partition(&self) -> u32 {
+        self.partition
+    }
+
+    /// The partition's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The topic configuration in force.
+    pub fn config(&self) -> &TopicConfig {
+        &self.config
+    }
+
+    /// First offset still in the log.
+    pub fn log_start_offset(&self) -> u64 {
+        self.log_start.load(Ordering::Acquire)
+    }
+
+    /// Offset the next record will get.
+    pub fn log_end_offset(&self) -> u64 {
+        self.end_offset.load(Ordering::Acquire)
+    }
+
+    /// Every offset below this is on stable storage.
+    pub fn durable_offset(&self) -> u64 {
+        self.durable_offset.load(Ordering::Acquire)
+    }
+
+    /// Bytes of batches in all segments.
+    pub fn size_bytes(&self) -> u64 {
+        self.segments().iter().map(|s| s.data_bytes()).sum()
+    }
+
+    /// Number of segments.
+    pub fn segment_count(&self) -> usize {
+        self.segments().len()
+    }
+
+    /// Segments currently mapped (for the open-segments budget).
+    pub(crate) fn mapped_segments(&self) -> Vec<Arc<Segment>> {
+        self.segments()
+            .iter()
+            .filter(|s| s.is_mapped())
+            .cloned()
+            .collect()
+    }
+
+    pub(crate) fn segments(&self) -> Arc<Vec<Arc<Segment>>> {
+        Arc::clone(&self.segments.read().expect("segments lock"))
+    }
+
+    fn name(&self) -> String {
+        format!("{}-{}", self.topic, self.partition)
+    }
+
+    /// Appends one record batch (exactly as the producer encoded it) after validating its length,
+    /// CRC and records; stamps the next offset into its header. Not durable until synced.
+    ///
+    /// # Errors
+    /// [`StorageError::InvalidBatch`] (nothing written), [`StorageError::StorageFull`] (nothing
+    /// written), [`StorageError::Poisoned`] after a failed sync, or an I/O error.
+    pub fn append(&self, batch: &[u8]) -> Result<AppendInfo> {
+        let header = validate_for_append(batch, self.config.batch_bytes_max as usize)?;
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(StorageError::Poisoned(self.name()));
+        }
+        self.shared.disk.check()?;
+        let now = self.shared.now_ms();
+        let len = batch.len() as u64;
+        let count = header.record_count as u64;
+        let mut ap = self.appender.lock().expect("append lock");
+        let base = self.end_offset.load(Ordering::Acquire);
+        let mut active = Arc::clone(self.segments().last().expect("at least one segment"));
+        if self.needs_roll(&active, len, count, now) {
+            active = self.roll(&mut ap, now)?;
+        }
+        let end_pos = active.len() + len;
+        if end_pos > ap.allocated {
+            let step = ap.prealloc_step;
+            let target = end_pos.max(ap.allocated + step).min(active.capacity());
+            active.allocate(target)?;
+            ap.allocated = target;
+            ap.prealloc_step = (step * 2).min(self.shared.config.preallocate_bytes_max);
+            self.shared.disk.refresh();
+        }
+        let map = active.mapping()?;
+        self.shared.note_mapped(&active);
+        let rel = (base - active.base_offset) as u32;
+        let pos = active.len();
+        let interval = self.shared.config.index_interval_bytes;
+        let entries_max = self.shared.config.index_entries_max();
+        let indexed = active.with_index_mut(|idx| {
+            idx.on_batch(
+                rel,
+                pos as u32,
+                len as u32,
+                header.max_timestamp,
+                interval,
+                entries_max,
+            )
+        });
+        debug_assert!(indexed, "needs_roll checks for a full index");
+        active.write_batch(&map, batch, base);
+        active.publish(pos + len, base + count, header.max_timestamp);
+        self.end_offset.store(base + count, Ordering::Release);
+        let _ = self.dirty_since_ms.compare_exchange(
+            0,
+            now.max(1),
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        );
+        drop(ap);
+        Ok(AppendInfo {
+            base_offset: base,
+            next_offset: base + count,
+            append_time_ms: now,
+            log_start_offset: self.log_start_offset(),
+        })
+    }
+
+    fn needs_roll(&self, active: &Segment, len: u64, count: u64, now: i64) -> bool {
+        if active.is_empty() {
+            return false;
+        }
+        let entries_max = self.shared.config.index_entries_max();
+        active.len() + len > self.config.segment_bytes
+            || now.saturating_sub(active.created_ms) >= self.config.segment_ms as i64
+            || active.with_index_mut(|idx| idx.is_full(entries_max))
+            || active.next_offset() + count - active.base_offset > u64::from(u32::MAX)
+    }
+
+    /// Seals the active segment and starts a new one at the log end. The flusher persists the
+    /// sealed segment's indexes and trims it.
+    fn roll(&self, ap: &mut Appender, now: i64) -> Result<Arc<Segment>> {
+        let base = self.end_offset.load(Ordering::Acquire);
+        let cfg = &self.shared.config;
+        let (seg, allocated) = Segment::create(
+            &self.dir,
+            base,
+            Self::capacity(&self.config),
+            cfg.preallocate_bytes_min,
+            now,
+        )?;
+        let seg = Arc::new(seg);
+        self.shared.note_mapped(&seg);
+        let mut segments = self.segments.write().expect("segments lock");
+        let mut next = Vec::clone(&segments);
+        if let Some(old) = next.last() {
+            old.seal();
+            ap.pending_seal.push(Arc::clone(old));
+        }
+        next.push(Arc::clone(&seg));
+        *segments = Arc::new(next);
+        ap.allocated = allocated;
+        ap.prealloc_step = cfg.preallocate_bytes_min * 2;
+        ap.dir_dirty = true;
+        tracing::debug!(partition = %self.name(), base_offset = base, "rolled to a new segment");
+        Ok(seg)
+    }
+
+    /// Reads whole batches from `offset`, up to `max_bytes` (the first batch is always whole).
+    /// Reading at the log end returns nothing.
+    ///
+    /// # Errors
+    /// [`StorageError::OffsetOutOfRange`] below the log start or above the log end.
+    pub fn read(&self, offset: u64, max_bytes: u64) -> Result<ReadResult> {
+        let end = self.log_end_offset();
+        let start = self.log_start_offset();
+        let out_of_range = || StorageError::OffsetOutOfRange {
+            offset,
+            log_start: start,
+            log_end: end,
+        };
+        if offset < start || offset > end {
+            return Err(out_of_range());
+        }
+        let mut result = ReadResult {
+            chunks: Vec::new(),
+            log_start_offset: start,
+            log_end_offset: end,
+        };
+        if offset == end {
+            return Ok(result);
+        }
+        let segments = self.segments();
+        let i = segments
+            .partition_point(|s| s.base_offset <= offset)
+            .saturating_sub(1);
+        let interval = self.shared.config.index_interval_bytes;
+        let entries_max = self.shared.config.index_entries_max();
+        for seg in &segments[i..] {
+            if seg.next_offset() <= offset {
+                continue;
+            }
+            self.shared.touch(seg);
+            match seg.read(offset, max_bytes, end, interval, entries_max) {
+                Ok(Some(bytes)) => {
+                    result.chunks.push(bytes);
+                    break;
+                }
+                Ok(None) => continue,
+                // Retention may delete a segment between our snapshot and opening it.
+                Err(e) if self.log_start_offset() > offset => {
+                    tracing::debug!(error = %e, "segment deleted under a reader");
+                    return Err(StorageError::OffsetOutOfRange {
+                        offset,
+                        log_start: self.log_start_offset(),
+                        log_end: self.log_end_offset(),
+                    });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(result)
+    }
+
+    /// The first offset whose record timestamp is `>= timestamp`, with that timestamp; `None` if
+    /// no record is that late.
+    ///
+    /// # Errors
+    /// I/O errors reading segments.
+    pub fn offset_for_timestamp(&self, timestamp: i64) -> Result<Option<(u64, i64)>> {
+        let end = self.log_end_offset();
+        let interval = self.shared.config.index_interval_bytes;
+        let entries_max = self.shared.config.index_entries_max();
+        for seg in self.segments().iter() {
+            if seg.max_timestamp().is_none_or(|m| m < timestamp) {
+                continue;
+            }
+            if let Some(found) = seg.find_timestamp(timestamp, end, interval, entries_max)? {
+                return Ok(Some(found));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Makes everything appended so far durable: finishes pending seals, fsyncs the directory if
+    /// a segment was created, msyncs the active segment. Returns the new durable offset.
+    ///
+    /// A failure poisons the partition: after a failed fsync the kernel may have dropped dirty
+    /// pages, so nothing written since the last good sync can be trusted to be on disk.
+    ///
+    /// # Errors
+    /// The sync failure, or [`StorageError::Poisoned`] if an earlier sync failed.
+    pub fn sync(&self) -> Result<u64> {
+        let _serial = self.sync_lock.lock().expect("sync lock");
+        if self.poisoned.load(Ordering::Acquire) {
+            return Err(StorageError::Poisoned(self.name()));
+        }
+        let target = self.log_end_offset();
+        let (pending, dir_dirty, active) = {
+            let mut ap = self.appender.lock().expect("append lock");
+            if self.durable_offset() >= target && ap.pending_seal.is_empty() && !ap.dir_dirty {
+                return Ok(self.durable_offset());
+            }
+            let active = Arc::clone(self.segments().last().expect("at least one segment"));
+            (
+                std::mem::take(&mut ap.pending_seal),
+                std::mem::take(&mut ap.dir_dirty),
+                active,
+            )
+        };
+        let started = std::time::Instant::now();
+        let interval = self.shared.config.index_interval_bytes;
+        let entries_max = self.shared.config.index_entries_max();
+        let result = (|| {
+            for seg in &pending {
+                seg.finish_seal(interval, entries_max)?;
+            }
+            if dir_dirty {
+                sync_dir(&self.dir)?;
+            }
+            active.sync()
+        })();
+        metrics::histogram!("cairn_flush_duration_seconds").record(started.elapsed().as_secs_f64());
+        if let Err(e) = result {
+            self.poisoned.store(true, Ordering::Release);
+            metrics::counter!("cairn_storage_errors_total", "kind" => "fsync").increment(1);
+            tracing::error!(partition = %self.name(), error = %e, "sync failed; partition is read-only until restart");
+            return Err(e);
+        }
+        self.durable_offset.fetch_max(target, Ordering::AcqRel);
+        let now = self.shared.now_ms().max(1);
+        let still_dirty = self.log_end_offset() > target;
+        self.dirty_since_ms
+            .store(if still_dirty { now } else { 0 }, Ordering::Release);
+        Ok(target)
+    }
+
+    /// Whether unsynced data is older than the topic's `flush_interval_ms` at `now_ms`.
+    pub(crate) fn flush_due(&self, now_ms: i64) -> bool {
+        let since = self.dirty_since_ms.load(Ordering::Acquire);
+        since != 0 && now_ms - since >= self.config.flush_interval_ms as i64
+    }
+
+    /// Deletes sealed segments past the topic's retention (by their newest record's timestamp,
+    /// or beyond `retention_bytes`), oldest first. If the active segment alone breaches
+    /// retention, rolls it so it can go next time. Never blocks appends for long: only the
+    /// segment list swap takes a lock.
+    ///
+    /// # Errors
+    /// I/O errors deleting files or rolling.
+    pub fn apply_retention(&self, now_ms: i64) -> Result<RetentionOutcome> {
+        let segments = self.segments();
+        let total: u64 = segments.iter().map(|s| s.data_bytes()).sum();
+        let expired = |s: &Segment| {
+            self.config.retention_ms.is_some_and(|r| {
+                s.max_timestamp()
+                    .is_some_and(|t| t.saturating_add(r.get() as i64) < now_ms)
+            })
+        };
+        let mut remaining = total;
+        let mut doomed = 0;
+        for seg in &segments[..segments.len() - 1] {
+            let over_size = self
+                .config
+                .retention_bytes
+                .is_some_and(|r| remaining > r.get());
+            if !(expired(seg) || over_size) || !seg.is_seal_finished() {
+                break;
+            }
+            remaining -= seg.data_bytes();
+            doomed += 1;
+        }
+        let mut outcome = RetentionOutcome::default();
+        if doomed > 0 {
+            let removed: Vec<Arc<Segment>> = {
+                let mut list = self.segments.write().expect("segments lock");
+                let next: Vec<_> = list[doomed..].to_vec();
+                let removed = list[..doomed].to_vec();
+                self.log_start.store(next[0].base_offset, Ordering::Release);
+                *list = Arc::new(next);
+                removed
+            };
+            for seg in removed {
+                outcome.segments += 1;
+                outcome.bytes += seg.data_bytes();
+                seg.evict();
+                seg.delete_files()?;
+            }
+            sync_dir(&self.dir)?;
+            tracing::info!(partition = %self.name(), segments = outcome.segments, bytes = outcome.bytes,
+                log_start_offset = self.log_start_offset(), "retention deleted segments");
+        }
+        let segments = self.segments();
+        let active = segments.last().expect("at least one segment");
+        let active_breaches = !active.is_empty()
+            && (expired(active)
+                || self
+                    .config
+                    .retention_bytes
+                    .is_some_and(|r| active.data_bytes() > r.get()));
+        if active_breaches {
+            let mut ap = self.appender.lock().expect("append lock");
+            let current = Arc::clone(self.segments().last().expect("at least one segment"));
+            if Arc::ptr_eq(&current, active) {
+                self.roll(&mut ap, now_ms)?;
+            }
+        }
+        Ok(outcome)
+    }
+
+    /// Clean shutdown of this partition: sync everything, persist the active segment's indexes
+    /// and trim its preallocated tail. Returns the log end offset, which becomes its recovery point.
+    ///
+    /// # Errors
+    /// Sync or I/O failures.
+    pub(crate) fn close(&self) -> Result<u64> {
+        self.sync()?;
+        let _ap = self.appender.lock().expect("append lock");
+        let active = Arc::clone(self.segments().last().expect("at least one segment"));
+        let interval = self.shared.config.index_interval_bytes;
+        let entries_max = self.shared.config.index_entries_max();
+        active.seal();
+        active.finish_seal(interval, entries_max)?;
+        Ok(self.log_end_offset())
+    }
+
+    /// Unmaps every segment and deletes the partition's directory (topic deletion).
+    pub(crate) fn destroy(&self) -> Result<()> {
+        let _ap = self.appender.lock().expect("append lock");
+        self.poisoned.store(true, Ordering::Release);
+        for seg in self.segments().iter() {
+            seg.evict();
+        }
+        match std::fs::remove_dir_all(&self.dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(StorageError::io("delete directory", &self.dir, e)),
+        }
+    }
+}

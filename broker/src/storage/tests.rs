@@ -1,0 +1,641 @@
+//! Storage engine tests: no runtime, no sockets.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use cairn_protocol::record_batch::{BatchSplitter, RecordBatchBuilder};
+use cairn_protocol::Header;
+use proptest::prelude::*;
+
+use super::*;
+
+fn batch(first_value: u64, count: usize, value_len: usize, ts: i64) -> Bytes {
+    let mut b = RecordBatchBuilder::new();
+    for i in 0..count {
+        let v = format!(
+            "{:0width$}",
+            first_value + i as u64,
+            width = value_len.max(8)
+        );
+        b.push(
+            ts + i as i64,
+            Some(format!("k{}", (first_value + i as u64) % 7).as_bytes()),
+            Some(v.as_bytes()),
+            &[],
+        );
+    }
+    b.build()
+}
+
+fn small_config() -> StorageConfig {
+    StorageConfig {
+        segment_bytes: 16 * 1024,
+        index_interval_bytes: 512,
+        batch_bytes_max: 8 * 1024,
+        disk_free_bytes_min: 0,
+        preallocate_bytes_min: 4096,
+        preallocate_bytes_max: 8192,
+        ..StorageConfig::default()
+    }
+}
+
+struct TestClock(Arc<AtomicI64>);
+
+impl TestClock {
+    fn new(start: i64) -> (TestClock, Clock) {
+        let t = Arc::new(AtomicI64::new(start));
+        let c = Arc::clone(&t);
+        (TestClock(t), Arc::new(move || c.load(Ordering::Relaxed)))
+    }
+    fn set(&self, v: i64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+}
+
+fn open(dir: &Path, config: StorageConfig) -> (LogStore, RecoveryReport) {
+    LogStore::open(dir, config, system_clock()).unwrap()
+}
+
+/// Reads every record of a partition from `from`, returning (offset, value).
+fn read_all(p: &PartitionLog, from: u64) -> Vec<(u64, Bytes)> {
+    let mut out = Vec::new();
+    let mut next = from;
+    loop {
+        let r = p.read(next, 4096).unwrap();
+        if r.is_empty() {
+            return out;
+        }
+        for chunk in r.chunks {
+            for b in BatchSplitter::new(chunk) {
+                for rec in b.unwrap().records() {
+                    let rec = rec.unwrap();
+                    if rec.offset as u64 >= next {
+                        out.push((rec.offset as u64, rec.value.unwrap()));
+                    }
+                }
+            }
+        }
+        next = out.last().map_or(next, |(o, _)| o + 1);
+    }
+}
+
+#[test]
+fn appends_get_dense_offsets_and_read_back_across_segment_rolls() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path(), small_config());
+    let t = store
+        .create_topic("t", 1, store.config().topic_defaults())
+        .unwrap();
+    let p = &t.partitions[0];
+    let mut next = 0;
+    for i in 0..200u64 {
+        let info = p.append(&batch(next, 5, 40, 1000 + i as i64)).unwrap();
+        assert_eq!(info.base_offset, next);
+        next = info.next_offset;
+    }
+    assert_eq!(p.log_end_offset(), 1000);
+    assert!(
+        p.segment_count() >= 4,
+        "16 KiB segments must roll: {}",
+        p.segment_count()
+    );
+    let all = read_all(p, 0);
+    assert_eq!(all.len(), 1000);
+    for (i, (o, v)) in all.iter().enumerate() {
+        assert_eq!(*o, i as u64);
+        assert_eq!(&v[..], format!("{:040}", i).as_bytes());
+    }
+    // An offset inside a batch returns that batch.
+    let r = p.read(502, 1).unwrap();
+    let b = BatchSplitter::new(r.chunks[0].clone())
+        .next()
+        .unwrap()
+        .unwrap();
+    assert_eq!(b.header().base_offset, 500);
+}
+
+#[test]
+fn reading_below_log_start_or_past_the_end_returns_offset_out_of_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path(), small_config());
+    let p = store
+        .create_topic("t", 1, store.config().topic_defaults())
+        .unwrap()
+        .partitions[0]
+        .clone();
+    p.append(&batch(0, 3, 10, 1)).unwrap();
+    assert!(
+        p.read(3, 100).unwrap().is_empty(),
+        "reading at the end is empty, not an error"
+    );
+    match p.read(4, 100) {
+        Err(StorageError::OffsetOutOfRange {
+            log_start: 0,
+            log_end: 3,
+            ..
+        }) => {}
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn corrupt_and_oversized_batches_are_rejected_and_nothing_is_appended() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path(), small_config());
+    let p = store
+        .create_topic("t", 1, store.config().topic_defaults())
+        .unwrap()
+        .partitions[0]
+        .clone();
+    let mut bad = batch(0, 2, 10, 1).to_vec();
+    let n = bad.len();
+    bad[n - 1] ^= 0xff;
+    assert!(matches!(p.append(&bad), Err(StorageError::InvalidBatch(_))));
+    assert!(
+        matches!(
+            p.append(&batch(0, 100, 100, 1)),
+            Err(StorageError::InvalidBatch(_))
+        ),
+        "over 8 KiB"
+    );
+    assert_eq!(p.log_end_offset(), 0);
+    p.append(&batch(0, 2, 10, 1)).unwrap();
+    assert_eq!(read_all(&p, 0).len(), 2);
+}
+
+#[test]
+fn a_clean_reopen_needs_no_scan_and_keeps_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (store, _) = open(dir.path(), small_config());
+        let p = store
+            .create_topic("t", 2, store.config().topic_defaults())
+            .unwrap()
+            .partitions[1]
+            .clone();
+        for i in 0..100 {
+            p.append(&batch(i * 3, 3, 30, 1)).unwrap();
+        }
+        store.close().unwrap();
+    }
+    let (store, report) = open(dir.path(), small_config());
+    assert!(report.clean);
+    assert_eq!(report.scanned_segments, 0, "{report:?}");
+    let p = store.partition("t", 1).unwrap();
+    assert_eq!(p.log_end_offset(), 300);
+    assert_eq!(read_all(&p, 0).len(), 300);
+    let info = p.append(&batch(300, 3, 30, 1)).unwrap();
+    assert_eq!(info.base_offset, 300);
+    assert_eq!(read_all(&p, 0).len(), 303);
+}
+
+#[test]
+fn an_unclean_reopen_scans_and_keeps_every_complete_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (store, _) = open(dir.path(), small_config());
+        let p = store
+            .create_topic("t", 1, store.config().topic_defaults())
+            .unwrap()
+            .partitions[0]
+            .clone();
+        for i in 0..50 {
+            p.append(&batch(i * 2, 2, 20, 1)).unwrap();
+        }
+        drop(store); // no close(): as if killed
+    }
+    let (store, report) = open(dir.path(), small_config());
+    assert!(!report.clean);
+    assert!(report.scanned_segments >= 1);
+    assert_eq!(report.truncated_bytes, 0);
+    let p = store.partition("t", 0).unwrap();
+    assert_eq!(p.log_end_offset(), 100);
+    assert_eq!(read_all(&p, 0).len(), 100);
+}
+
+fn active_log(dir: &Path) -> std::path::PathBuf {
+    let mut logs: Vec<_> = std::fs::read_dir(dir.join("t-0"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    logs.sort();
+    logs.pop().unwrap()
+}
+
+#[test]
+fn cutting_the_last_batch_at_every_byte_keeps_every_earlier_batch() {
+    let config = StorageConfig {
+        segment_bytes: 1 << 20,
+        ..small_config()
+    };
+    let template = tempfile::tempdir().unwrap();
+    let (last_start, last_len) = {
+        let (store, _) = open(template.path(), config.clone());
+        let p = store
+            .create_topic("t", 1, store.config().topic_defaults())
+            .unwrap()
+            .partitions[0]
+            .clone();
+        for i in 0..4 {
+            p.append(&batch(i * 2, 2, 20, 1)).unwrap();
+        }
+        let before = p.segments().last().unwrap().len();
+        p.append(&batch(8, 3, 25, 1)).unwrap();
+        let after = p.segments().last().unwrap().len();
+        drop(store);
+        (before, after - before)
+    };
+    let template_log = std::fs::read(active_log(template.path())).unwrap();
+    for cut in 0..last_len {
+        let dir = tempfile::tempdir().unwrap();
+        copy_dir(template.path(), dir.path());
+        let mut data = template_log.clone();
+        // Everything from the cut point on is lost (as zeros, like unwritten preallocated space).
+        data[(last_start + cut) as usize..].fill(0);
+        std::fs::write(active_log(dir.path()), &data).unwrap();
+        let (store, report) = open(dir.path(), config.clone());
+        let p = store.partition("t", 0).unwrap();
+        // Zeroing bytes that were already zero (the batch's tail) leaves it intact.
+        let lost = &template_log[(last_start + cut) as usize..(last_start + last_len) as usize];
+        let want = if lost.iter().all(|b| *b == 0) { 11 } else { 8 };
+        assert_eq!(p.log_end_offset(), want, "cut at byte {cut}");
+        assert_eq!(read_all(&p, 0).len() as u64, want, "cut at byte {cut}");
+        let torn_bytes_left = data[last_start as usize..(last_start + cut) as usize]
+            .iter()
+            .any(|b| *b != 0);
+        assert_eq!(
+            report.truncated_bytes > 0,
+            torn_bytes_left && want == 8,
+            "cut at byte {cut}: {report:?}"
+        );
+        // The log accepts appends again at the cut.
+        assert_eq!(p.append(&batch(want, 1, 10, 1)).unwrap().base_offset, want);
+    }
+}
+
+#[test]
+fn a_flipped_byte_in_the_tail_cuts_the_log_at_that_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = StorageConfig {
+        segment_bytes: 1 << 20,
+        ..small_config()
+    };
+    let positions = {
+        let (store, _) = open(dir.path(), config.clone());
+        let p = store
+            .create_topic("t", 1, store.config().topic_defaults())
+            .unwrap()
+            .partitions[0]
+            .clone();
+        let mut positions = Vec::new();
+        for i in 0..10 {
+            positions.push(p.segments().last().unwrap().len());
+            p.append(&batch(i * 2, 2, 20, 1)).unwrap();
+        }
+        positions
+    };
+    let log = active_log(dir.path());
+    let mut data = std::fs::read(&log).unwrap();
+    data[positions[6] as usize + 70] ^= 0x40;
+    std::fs::write(&log, &data).unwrap();
+    let (store, report) = open(dir.path(), config);
+    let p = store.partition("t", 0).unwrap();
+    assert_eq!(p.log_end_offset(), 12);
+    assert!(report.truncated_bytes > 0);
+    assert_eq!(read_all(&p, 0).len(), 12);
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let target = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            std::fs::create_dir_all(&target).unwrap();
+            copy_dir(&e.path(), &target);
+        } else if e.file_name() != ".lock" {
+            std::fs::copy(e.path(), target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn damaged_index_files_are_rebuilt_and_reads_stay_correct() {
+    for damage in ["delete", "truncate", "zero", "past_end"] {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (store, _) = open(dir.path(), small_config());
+            let p = store
+                .create_topic("t", 1, store.config().topic_defaults())
+                .unwrap()
+                .partitions[0]
+                .clone();
+            for i in 0..300 {
+                p.append(&batch(i * 2, 2, 30, 1)).unwrap();
+            }
+            store.close().unwrap();
+        }
+        let index = dir.path().join("t-0").join(format!("{:020}.index", 0));
+        match damage {
+            "delete" => std::fs::remove_file(&index).unwrap(),
+            "truncate" => {
+                let l = std::fs::metadata(&index).unwrap().len();
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&index)
+                    .unwrap()
+                    .set_len(l - 3)
+                    .unwrap();
+            }
+            "zero" => {
+                let mut d = std::fs::read(&index).unwrap();
+                d[16..].fill(0);
+                std::fs::write(&index, d).unwrap();
+            }
+            _ => {
+                let mut d = std::fs::read(&index).unwrap();
+                let n = d.len();
+                d[n - 4..].copy_from_slice(&u32::MAX.to_be_bytes());
+                std::fs::write(&index, d).unwrap();
+            }
+        }
+        let (store, _) = open(dir.path(), small_config());
+        let p = store.partition("t", 0).unwrap();
+        let all = read_all(&p, 0);
+        assert_eq!(all.len(), 600, "{damage}");
+        assert!(
+            all.iter().enumerate().all(|(i, (o, _))| *o == i as u64),
+            "{damage}"
+        );
+        let (o, _) = read_all(&p, 37)[0].clone();
+        assert_eq!(o, 37, "{damage}");
+    }
+}
+
+#[test]
+fn retention_deletes_old_segments_by_time_and_size_and_moves_the_log_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let (clock, c) = TestClock::new(1_000_000);
+    let (store, _) = LogStore::open(dir.path(), small_config(), c).unwrap();
+    let mut cfg = store.config().topic_defaults();
+    cfg.retention_ms = std::num::NonZeroU64::new(10_000);
+    let p = store.create_topic("t", 1, cfg).unwrap().partitions[0].clone();
+    for i in 0..200u64 {
+        p.append(&batch(i * 5, 5, 40, 1_000_000 + i as i64 * 100))
+            .unwrap();
+        p.sync().unwrap(); // finishes seals so retention may delete them
+    }
+    let segments = p.segment_count();
+    assert_eq!(store.apply_retention().segments, 0, "nothing is old yet");
+    clock.set(1_000_000 + 100 * 100 + 10_001);
+    let out = store.apply_retention();
+    assert!(
+        out.segments > 0 && out.segments < segments,
+        "{out:?} of {segments}"
+    );
+    let start = p.log_start_offset();
+    assert!(start > 0);
+    assert!(matches!(
+        p.read(start - 1, 100),
+        Err(StorageError::OffsetOutOfRange { .. })
+    ));
+    assert_eq!(read_all(&p, start).len() as u64, 1000 - start);
+    // Everything old: all sealed segments go, the active one is rolled for next time.
+    clock.set(10_000_000);
+    store.apply_retention();
+    p.sync().unwrap();
+    store.apply_retention();
+    assert_eq!(p.log_start_offset(), p.log_end_offset());
+    assert_eq!(p.size_bytes(), 0);
+    let info = p.append(&batch(0, 1, 10, 10_000_000)).unwrap();
+    assert_eq!(info.base_offset, 1000);
+
+    let mut by_size = store.config().topic_defaults();
+    by_size.retention_bytes = std::num::NonZeroU64::new(40 * 1024);
+    let q = store.create_topic("s", 1, by_size).unwrap().partitions[0].clone();
+    for i in 0..400u64 {
+        q.append(&batch(i * 5, 5, 40, 1)).unwrap();
+    }
+    q.sync().unwrap();
+    store.apply_retention();
+    assert!(
+        q.size_bytes() <= 40 * 1024 + 16 * 1024,
+        "{}",
+        q.size_bytes()
+    );
+    assert!(q.log_start_offset() > 0);
+}
+
+#[test]
+fn below_the_free_space_floor_appends_fail_with_storage_full_and_reads_keep_working() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = StorageConfig {
+        disk_free_bytes_min: 1 << 20,
+        ..small_config()
+    };
+    let (store, _) = open(dir.path(), config);
+    let p = store
+        .create_topic("t", 1, store.config().topic_defaults())
+        .unwrap()
+        .partitions[0]
+        .clone();
+    p.append(&batch(0, 2, 10, 1)).unwrap();
+    store.disk().set_free_bytes_override(Some(1000));
+    assert!(matches!(
+        p.append(&batch(2, 2, 10, 1)),
+        Err(StorageError::StorageFull { .. })
+    ));
+    assert_eq!(read_all(&p, 0).len(), 2);
+    store.disk().set_free_bytes_override(None);
+    assert_eq!(p.append(&batch(2, 2, 10, 1)).unwrap().base_offset, 2);
+}
+
+#[test]
+fn lookup_by_timestamp_finds_the_first_record_at_or_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path(), small_config());
+    let p = store
+        .create_topic("t", 1, store.config().topic_defaults())
+        .unwrap()
+        .partitions[0]
+        .clone();
+    for i in 0..300u64 {
+        // Records i*3.. get timestamps 10*(i*3+j).
+        p.append(&batch(i * 3, 3, 30, 10 * (i as i64 * 3))).unwrap();
+    }
+    assert_eq!(p.offset_for_timestamp(0).unwrap(), Some((0, 0)));
+    // Each batch's records have timestamps ts, ts+1, ts+2 (builder adds i).
+    assert_eq!(p.offset_for_timestamp(301).unwrap(), Some((31, 301)));
+    assert_eq!(p.offset_for_timestamp(303).unwrap(), Some((33, 330)));
+    assert_eq!(p.offset_for_timestamp(5_000).unwrap(), Some((501, 5010)));
+    assert_eq!(p.offset_for_timestamp(1_000_000).unwrap(), None);
+}
+
+#[test]
+fn many_partitions_stay_within_the_mapped_segment_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = StorageConfig {
+        open_segments_max: 64,
+        ..small_config()
+    };
+    let (store, _) = open(dir.path(), config);
+    store
+        .create_topic("t", 500, store.config().topic_defaults())
+        .unwrap();
+    let mapped = |s: &LogStore| -> usize {
+        s.topics()
+            .iter()
+            .flat_map(|t| t.partitions.iter())
+            .map(|p| p.mapped_segments().len())
+            .sum()
+    };
+    assert!(mapped(&store) <= 64, "{}", mapped(&store));
+    // Evicted partitions reopen lazily for appends and reads.
+    for i in 0..500 {
+        let p = store.partition("t", i).unwrap();
+        p.append(&batch(0, 1, 10, 1)).unwrap();
+    }
+    store.enforce_segment_budget();
+    assert!(mapped(&store) <= 64);
+    for i in (0..500).step_by(50) {
+        assert_eq!(read_all(&store.partition("t", i).unwrap(), 0).len(), 1);
+    }
+}
+
+#[test]
+fn topics_survive_a_restart_and_deletion_removes_data() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (store, _) = open(dir.path(), small_config());
+        store
+            .create_topic("keep", 2, store.config().topic_defaults())
+            .unwrap();
+        store
+            .create_topic("drop", 1, store.config().topic_defaults())
+            .unwrap();
+        assert!(matches!(
+            store.create_topic("keep", 1, store.config().topic_defaults()),
+            Err(StorageError::TopicExists(_))
+        ));
+        assert!(matches!(
+            store.create_topic("a/b", 1, store.config().topic_defaults()),
+            Err(StorageError::InvalidTopicName(_))
+        ));
+        store.delete_topic("drop").unwrap();
+        assert!(!dir.path().join("drop-0").exists());
+        store.close().unwrap();
+    }
+    let (store, _) = open(dir.path(), small_config());
+    let names: Vec<_> = store.topics().iter().map(|t| t.name.clone()).collect();
+    assert_eq!(names, vec!["keep".to_string()]);
+    assert_eq!(store.topic("keep").unwrap().partitions.len(), 2);
+}
+
+#[test]
+fn a_second_store_on_the_same_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_store, _) = open(dir.path(), small_config());
+    assert!(LogStore::open(dir.path(), small_config(), system_clock()).is_err());
+}
+
+#[test]
+fn acks_all_waiters_are_answered_after_a_group_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path(), small_config());
+    let p = store
+        .create_topic("t", 1, store.config().topic_defaults())
+        .unwrap()
+        .partitions[0]
+        .clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    for i in 0..20 {
+        let info = p.append(&batch(i, 1, 10, 1)).unwrap();
+        let tx = tx.clone();
+        store.sync_async(
+            Arc::clone(&p),
+            info.next_offset,
+            Box::new(move |r| tx.send(r.is_ok()).unwrap()),
+        );
+    }
+    for _ in 0..20 {
+        assert!(rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap());
+    }
+    assert_eq!(p.durable_offset(), 20);
+}
+
+#[test]
+fn headers_and_null_values_survive_storage_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path(), small_config());
+    let p = store
+        .create_topic("t", 1, store.config().topic_defaults())
+        .unwrap()
+        .partitions[0]
+        .clone();
+    let mut b = RecordBatchBuilder::new();
+    b.push(
+        5,
+        None,
+        None,
+        &[Header {
+            key: "h".into(),
+            value: Some(Bytes::from_static(b"v")),
+        }],
+    );
+    let original = b.build();
+    p.append(&original).unwrap();
+    let r = p.read(0, 1 << 20).unwrap();
+    assert_eq!(
+        &r.chunks[0][8..],
+        &original[8..],
+        "stored bytes are the produced bytes, base offset aside"
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_appends_and_reads_return_exactly_what_was_appended(
+        batches in proptest::collection::vec((1usize..6, 0usize..600, 0i64..100_000), 1..60),
+        reads in proptest::collection::vec(0u64..400, 1..20),
+        reopen_clean in any::<bool>(),
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let config = StorageConfig { segment_bytes: 8192, ..small_config() };
+        let mut expected: Vec<(i64, Vec<u8>)> = Vec::new();
+        {
+            let (store, _) = open(dir.path(), config.clone());
+            let p = store.create_topic("t", 1, store.config().topic_defaults()).unwrap().partitions[0].clone();
+            for (count, size, ts) in &batches {
+                let mut b = RecordBatchBuilder::new();
+                for j in 0..*count {
+                    let v = vec![(expected.len() % 251) as u8; *size];
+                    b.push(ts + j as i64, None, Some(&v), &[]);
+                    expected.push((ts + j as i64, v));
+                }
+                p.append(&b.build()).unwrap();
+            }
+            if reopen_clean { store.close().unwrap(); }
+        }
+        let (store, _) = open(dir.path(), config);
+        let p = store.partition("t", 0).unwrap();
+        prop_assert_eq!(p.log_end_offset(), expected.len() as u64);
+        for r in reads {
+            let from = r % (expected.len() as u64 + 1);
+            let got = read_all(&p, from);
+            prop_assert_eq!(got.len() as u64, expected.len() as u64 - from);
+            for (o, v) in got {
+                prop_assert_eq!(&v[..], &expected[o as usize].1[..]);
+            }
+        }
+        // Timestamp lookups agree with a linear search.
+        for (ts, _) in expected.iter().step_by(7) {
+            let want = expected.iter().position(|(t, _)| t >= ts).map(|o| o as u64);
+            let got = p.offset_for_timestamp(*ts).unwrap().map(|(o, _)| o);
+            prop_assert_eq!(got, want);
+        }
+    }
+}
