@@ -2,5 +2,86 @@
 //! length-framed TCP protocol, with Prometheus metrics.
 //!
 //! - [`storage`]: the synchronous storage engine (segments, indexes, recovery, retention).
+//! - [`server`]: the TCP server, connections and request dispatch.
+//! - [`groups`]: consumer group membership and committed offsets.
+//! - [`metrics`]: Prometheus metrics and the health endpoints.
+//! - [`config`]: the configuration file and its defaults.
 
+pub mod config;
+pub mod groups;
+mod handlers;
+pub mod metrics;
+pub mod server;
 pub mod storage;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::BrokerConfig;
+use crate::groups::Coordinator;
+use crate::server::Broker;
+use crate::storage::{system_clock, LogStore};
+
+/// Runs a broker until `shutdown` is cancelled, then shuts down gracefully: stops accepting,
+/// finishes in-flight requests (bounded by `shutdown_timeout_ms`), syncs and checkpoints every
+/// log so that the next start needs no recovery scan.
+///
+/// Prints one line to stdout once both listeners are bound:
+/// `cairn-broker listening on ADDR metrics on ADDR`.
+///
+/// # Errors
+/// Configuration, bind, or storage failures at start; a failed clean close at the end.
+pub async fn run(config: BrokerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    config.validate()?;
+    let prometheus = metrics::install().context("installing the metrics recorder")?;
+    let metrics_listener =
+        metrics::bind(config.metrics_listen).await.with_context(|| format!("binding metrics_listen {}", config.metrics_listen))?;
+    let listener = server::bind(config.listen).await.with_context(|| format!("binding listen {}", config.listen))?;
+
+    let dir = config.data_dir.clone();
+    let storage_config = config.storage.clone();
+    let (store, report) = tokio::task::spawn_blocking(move || LogStore::open(&dir, storage_config, system_clock()))
+        .await?
+        .with_context(|| format!("opening data directory {}", config.data_dir.display()))?;
+    tracing::info!(
+        clean = report.clean,
+        partitions = report.partitions,
+        scanned_segments = report.scanned_segments,
+        truncated_bytes = report.truncated_bytes,
+        took_ms = report.duration.as_millis() as u64,
+        "storage recovered"
+    );
+    let groups = Coordinator::open(&store, config.groups.clone()).context("opening committed offsets")?;
+    let broker = Arc::new(Broker::new(config, store, groups, shutdown.clone()));
+
+    let local = listener.local_addr()?;
+    let metrics_local = metrics_listener.local_addr()?;
+    tokio::spawn(metrics::serve_http(metrics_listener, prometheus, Arc::clone(&broker)));
+    tokio::spawn(metrics::refresh_gauges(Arc::clone(&broker)));
+    tokio::spawn(group_ticker(Arc::clone(&broker)));
+    println!("cairn-broker listening on {local} metrics on {metrics_local}");
+    tracing::info!(listen = %local, metrics = %metrics_local, "accepting clients");
+
+    server::serve(Arc::clone(&broker), listener).await;
+
+    tracing::info!("closing logs");
+    let closer = Arc::clone(&broker);
+    tokio::task::spawn_blocking(move || closer.store.close()).await?.context("closing the log store")?;
+    tracing::info!("shutdown complete");
+    Ok(())
+}
+
+async fn group_ticker(broker: Arc<Broker>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = broker.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let counts = handlers::groups::partition_counts(&broker);
+        broker.groups.tick(&counts);
+    }
+}

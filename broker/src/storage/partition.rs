@@ -510,6 +510,51 @@ impl PartitionLog {
         Ok(outcome)
     }
 
+    /// Seals the active segment now (if it holds data) and returns the base offset of the new one.
+    ///
+    /// # Errors
+    /// I/O errors creating the new segment.
+    pub fn roll_now(&self) -> Result<u64> {
+        let mut ap = self.appender.lock().expect("append lock");
+        let active = Arc::clone(self.segments().last().expect("at least one segment"));
+        if !active.is_empty() {
+            self.roll(&mut ap, self.shared.now_ms())?;
+        }
+        Ok(self.log_end_offset())
+    }
+
+    /// Deletes every segment that ends at or before `offset` (whole segments only; their seals
+    /// must be finished, so call [`PartitionLog::sync`] first) and moves the log start.
+    ///
+    /// # Errors
+    /// I/O errors deleting files.
+    pub fn delete_segments_below(&self, offset: u64) -> Result<RetentionOutcome> {
+        let removed: Vec<Arc<Segment>> = {
+            let mut list = self.segments.write().expect("segments lock");
+            let doomed = list[..list.len() - 1]
+                .iter()
+                .take_while(|s| s.next_offset() <= offset && s.is_seal_finished())
+                .count();
+            if doomed == 0 {
+                return Ok(RetentionOutcome::default());
+            }
+            let next: Vec<_> = list[doomed..].to_vec();
+            let removed = list[..doomed].to_vec();
+            self.log_start.store(next[0].base_offset, Ordering::Release);
+            *list = Arc::new(next);
+            removed
+        };
+        let mut outcome = RetentionOutcome::default();
+        for seg in removed {
+            outcome.segments += 1;
+            outcome.bytes += seg.data_bytes();
+            seg.evict();
+            seg.delete_files()?;
+        }
+        sync_dir(&self.dir)?;
+        Ok(outcome)
+    }
+
     /// Clean shutdown of this partition: sync everything, persist the active segment's indexes
     /// and trim its preallocated tail. Returns the log end offset, which becomes its recovery point.
     ///

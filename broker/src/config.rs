@@ -1,0 +1,164 @@
+//! Broker configuration: a TOML file (unknown keys rejected) overlaid by command-line flags.
+//!
+//! Every key has a default; `cairn-broker --print-config` prints the effective configuration.
+//! `ops/config/cairn.example.toml` documents every key.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::groups::GroupConfig;
+use crate::storage::StorageConfig;
+
+/// The whole broker configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerConfig {
+    /// Client listener. Default `127.0.0.1:7070`.
+    pub listen: SocketAddr,
+    /// HTTP listener for `/metrics`, `/healthz`, `/readyz`. Default `127.0.0.1:9464`.
+    pub metrics_listen: SocketAddr,
+    /// Data directory. Default `./cairn-data`.
+    pub data_dir: PathBuf,
+    /// Largest request frame accepted; a larger length prefix closes the connection. Default 16 MiB.
+    pub frame_bytes_max: u32,
+    /// Concurrent client connections; more are refused (closed at once). Default 10,000.
+    pub connections_max: usize,
+    /// Requests read ahead per connection before the broker stops reading that socket. Default 256.
+    pub connection_in_flight_max: usize,
+    /// A connection with no request for this long is closed. Default 600,000 ms.
+    pub idle_timeout_ms: u64,
+    /// Create unknown topics on first produce or metadata request. Default false.
+    pub auto_create_topics: bool,
+    /// Partitions of auto-created topics. Default 1.
+    pub default_partitions: u32,
+    /// Most partitions one topic may have. Default 10,000.
+    pub partitions_max: u32,
+    /// Longest graceful shutdown before in-flight work is abandoned. Default 10,000 ms.
+    pub shutdown_timeout_ms: u64,
+    /// Most fetches parked waiting for data at once; past it, fetches answer immediately. Default 10,000.
+    pub parked_fetches_max: usize,
+    /// Upper bound on the record bytes of one fetch response. Default 50 MiB.
+    pub fetch_bytes_max: u32,
+    /// Per-partition metric series beyond this many aggregate per topic. Default 10,000.
+    pub metrics_partition_series_max: usize,
+    /// Storage settings.
+    pub storage: StorageConfig,
+    /// Consumer group settings.
+    pub groups: GroupConfig,
+}
+
+impl Default for BrokerConfig {
+    fn default() -> Self {
+        BrokerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            data_dir: PathBuf::from("./cairn-data"),
+            frame_bytes_max: 16 * 1024 * 1024,
+            connections_max: 10_000,
+            connection_in_flight_max: 256,
+            idle_timeout_ms: 600_000,
+            auto_create_topics: false,
+            default_partitions: 1,
+            partitions_max: 10_000,
+            shutdown_timeout_ms: 10_000,
+            parked_fetches_max: 10_000,
+            fetch_bytes_max: 50 * 1024 * 1024,
+            metrics_partition_series_max: 10_000,
+            storage: StorageConfig::default(),
+            groups: GroupConfig::default(),
+        }
+    }
+}
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema (unknown keys included).
+    #[error("invalid config file {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The cause, with line and column.
+        source: Box<toml::de::Error>,
+    },
+    /// A value is out of range.
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+impl BrokerConfig {
+    /// Loads a TOML file.
+    ///
+    /// # Errors
+    /// [`ConfigError`] when it cannot be read or parsed.
+    pub fn from_file(path: &Path) -> Result<BrokerConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source: Box::new(source) })
+    }
+
+    /// Checks every range once at start.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the bad key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        if self.frame_bytes_max < 1024 {
+            return bad("frame_bytes_max must be at least 1024");
+        }
+        if self.connections_max == 0 || self.connection_in_flight_max == 0 {
+            return bad("connections_max and connection_in_flight_max must be positive");
+        }
+        if self.default_partitions == 0 || self.default_partitions > self.partitions_max {
+            return bad("default_partitions must be 1..=partitions_max");
+        }
+        if u64::from(self.storage.batch_bytes_max) + 1024 > u64::from(self.frame_bytes_max) {
+            return bad("storage.batch_bytes_max must be smaller than frame_bytes_max");
+        }
+        self.storage.validate().map_err(|e| ConfigError::Invalid(format!("storage: {e}")))?;
+        self.groups.validate().map_err(ConfigError::Invalid)
+    }
+
+    /// The configuration as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render config: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "listen = \"127.0.0.1:1\"\nflush_intervall_ms = 5\n").unwrap();
+        let err = BrokerConfig::from_file(&p).unwrap_err().to_string();
+        assert!(err.contains("flush_intervall_ms"), "{err}");
+    }
+
+    #[test]
+    fn the_example_config_parses_and_matches_the_defaults() {
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/config/cairn.example.toml");
+        let c = BrokerConfig::from_file(&example).unwrap();
+        c.validate().unwrap();
+        assert_eq!(c, BrokerConfig::default());
+    }
+
+    #[test]
+    fn printed_config_parses_back() {
+        let c = BrokerConfig::default();
+        let back: BrokerConfig = toml::from_str(&c.to_toml()).unwrap();
+        assert_eq!(back, c);
+    }
+}

@@ -1,0 +1,652 @@
+//! The group coordinator: membership, generations, assignment, and committed offsets.
+//!
+//! Protocol (eager rebalancing, assignment computed by the broker):
+//! 1. A member joins (JoinGroup). A new member, a changed subscription, a member leaving or a
+//!    session expiring starts a rebalance: the group enters `rebalancing` and every fetch or
+//!    heartbeat on behalf of the group answers `REBALANCE_IN_PROGRESS`.
+//! 2. Every member rejoins. When all have (or the rebalance timeout passes, which removes the
+//!    stragglers), the generation is bumped, partitions are assigned and each pending join gets
+//!    its member's partitions.
+//! 3. Fetches and commits carry the generation; a stale one gets `ILLEGAL_GENERATION`, and a
+//!    fetch for a partition the member does not own gets `NOT_ASSIGNED`. So two live members never
+//!    read the same partition in the same generation.
+//!
+//! Static members (`group_instance_id`) keep their member id across restarts: rejoining a stable
+//! group with an unchanged subscription returns the current assignment without a rebalance.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+
+use cairn_protocol::messages::groups::{
+    GroupDescription, GroupListing, JoinGroupRequest, JoinGroupResponse, MemberDescription, PartitionLag, TopicPartitions,
+};
+use cairn_protocol::ErrorCode;
+
+use super::assignor::{assign, Assignment};
+use super::offsets_store::{self, Committed, OffsetKey};
+use super::GroupConfig;
+use crate::storage::{LogStore, PartitionLog, StorageError};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Empty,
+    Rebalancing,
+    Stable,
+}
+
+impl State {
+    fn name(self) -> &'static str {
+        match self {
+            State::Empty => "empty",
+            State::Rebalancing => "rebalancing",
+            State::Stable => "stable",
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Member {
+    instance_id: Option<String>,
+    client_id: String,
+    topics: Vec<String>,
+    session_timeout: Duration,
+    rebalance_timeout: Duration,
+    last_seen: Instant,
+    /// Has (re)joined during the current rebalance.
+    joined: bool,
+}
+
+#[derive(Debug)]
+struct Group {
+    state: State,
+    generation: i32,
+    members: BTreeMap<String, Member>,
+    assignment: Assignment,
+    rebalance_deadline: Option<Instant>,
+    changed: Arc<Notify>,
+}
+
+impl Group {
+    fn new() -> Group {
+        Group {
+            state: State::Empty,
+            generation: 0,
+            members: BTreeMap::new(),
+            assignment: Assignment::new(),
+            rebalance_deadline: None,
+            changed: Arc::new(Notify::new()),
+        }
+    }
+
+    fn start_rebalance(&mut self, now: Instant, max: Duration) {
+        if self.state != State::Rebalancing {
+            let timeout = self.members.values().map(|m| m.rebalance_timeout).max().unwrap_or(max).min(max);
+            self.state = State::Rebalancing;
+            self.rebalance_deadline = Some(now + timeout);
+            for m in self.members.values_mut() {
+                m.joined = false;
+            }
+            self.changed.notify_waiters();
+        }
+    }
+
+    fn owns(&self, member: &str, topic: &str, partition: u32) -> bool {
+        self.assignment.get(member).is_some_and(|tps| tps.iter().any(|(t, p)| t == topic && *p == partition))
+    }
+}
+
+struct Inner {
+    groups: HashMap<String, Group>,
+    committed: BTreeMap<OffsetKey, Committed>,
+}
+
+/// The consumer group coordinator of this broker.
+pub struct Coordinator {
+    config: GroupConfig,
+    inner: Mutex<Inner>,
+    offsets_log: Arc<PartitionLog>,
+    /// Serialises appends to the offsets log with the in-memory update, so both see the same order.
+    commit_lock: Mutex<()>,
+    next_member: AtomicU64,
+}
+
+impl std::fmt::Debug for Coordinator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coordinator").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+/// A commit that was appended and must become durable before it is acknowledged.
+pub(crate) struct PendingCommit {
+    pub(crate) log: Arc<PartitionLog>,
+    pub(crate) offset: u64,
+}
+
+impl Coordinator {
+    /// Opens the coordinator: creates or replays `__consumer_offsets`.
+    ///
+    /// # Errors
+    /// Storage failures reading or creating the offsets log.
+    pub fn open(store: &LogStore, config: GroupConfig) -> Result<Coordinator, StorageError> {
+        let (offsets_log, committed) = offsets_store::open(store)?;
+        tracing::info!(committed = committed.len(), "loaded committed offsets");
+        Ok(Coordinator {
+            config,
+            inner: Mutex::new(Inner { groups: HashMap::new(), committed }),
+            offsets_log,
+            commit_lock: Mutex::new(()),
+            next_member: AtomicU64::new(1),
+        })
+    }
+
+    fn new_member_id(&self, client_id: &str) -> String {
+        let n = self.next_member.fetch_add(1, Ordering::Relaxed);
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let prefix: String = client_id.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(32).collect();
+        format!("{}-{:x}-{n}", if prefix.is_empty() { "member" } else { &prefix }, nanos & 0xffff_ffff)
+    }
+
+    /// Handles a join: registers the member and waits for the rebalance it takes part in.
+    pub async fn join(&self, req: JoinGroupRequest, client_id: String, partitions: HashMap<String, u32>) -> JoinGroupResponse {
+        let fail = |error, member_id: String| JoinGroupResponse {
+            error,
+            generation_id: -1,
+            member_id,
+            heartbeat_interval_ms: 0,
+            assignment: Vec::new(),
+        };
+        if req.group_id.is_empty() || req.group_id.len() > 249 {
+            return fail(ErrorCode::InvalidGroupId, req.member_id);
+        }
+        let c = &self.config;
+        if req.session_timeout_ms < c.session_timeout_ms_min || req.session_timeout_ms > c.session_timeout_ms_max {
+            return fail(ErrorCode::InvalidSessionTimeout, req.member_id);
+        }
+        let session_timeout = Duration::from_millis(u64::from(req.session_timeout_ms));
+        let rebalance_timeout = Duration::from_millis(u64::from(req.rebalance_timeout_ms.clamp(1, c.rebalance_timeout_ms_max)));
+        let max_rebalance = Duration::from_millis(u64::from(c.rebalance_timeout_ms_max));
+        let member_id;
+        {
+            let mut inner = self.inner.lock().expect("groups lock");
+            if !inner.groups.contains_key(&req.group_id) && inner.groups.len() >= c.groups_max {
+                return fail(ErrorCode::ResourceLimit, req.member_id);
+            }
+            let group = inner.groups.entry(req.group_id.clone()).or_insert_with(Group::new);
+            let now = Instant::now();
+            // Static members get their old id back.
+            let existing = match &req.group_instance_id {
+                Some(inst) => group.members.iter().find(|(_, m)| m.instance_id.as_ref() == Some(inst)).map(|(id, _)| id.clone()),
+                None if !req.member_id.is_empty() => {
+                    if !group.members.contains_key(&req.member_id) {
+                        return fail(ErrorCode::UnknownMemberId, req.member_id);
+                    }
+                    Some(req.member_id.clone())
+                }
+                None => None,
+            };
+            match existing {
+                Some(id) => {
+                    let m = group.members.get_mut(&id).expect("member present");
+                    let changed = m.topics != req.topics;
+                    m.topics = req.topics.clone();
+                    m.last_seen = now;
+                    m.session_timeout = session_timeout;
+                    m.rebalance_timeout = rebalance_timeout;
+                    m.client_id = client_id;
+                    if group.state == State::Stable && !changed {
+                        // Nothing changed: hand back the current assignment, no rebalance.
+                        return self.joined_response(group, &id, ErrorCode::None);
+                    }
+                    if changed {
+                        group.start_rebalance(now, max_rebalance);
+                    }
+                    group.members.get_mut(&id).expect("member present").joined = true;
+                    member_id = id;
+                }
+                None => {
+                    if group.members.len() >= c.members_per_group_max {
+                        return fail(ErrorCode::ResourceLimit, String::new());
+                    }
+                    let id = self.new_member_id(&client_id);
+                    group.members.insert(
+                        id.clone(),
+                        Member {
+                            instance_id: req.group_instance_id.clone(),
+                            client_id,
+                            topics: req.topics.clone(),
+                            session_timeout,
+                            rebalance_timeout,
+                            last_seen: now,
+                            joined: true,
+                        },
+                    );
+                    let was_rebalancing = group.state == State::Rebalancing;
+                    group.start_rebalance(now, max_rebalance);
+                    if !was_rebalancing {
+                        // start_rebalance cleared every flag; the newcomer has joined.
+                        group.members.get_mut(&id).expect("member present").joined = true;
+                    }
+                    member_id = id;
+                }
+            }
+            tracing::info!(group = %req.group_id, member = %member_id, generation = group.generation, "member joined; rebalancing");
+            Self::maybe_complete(group, &partitions, now);
+        }
+        // Wait for the rebalance to complete (bounded by its deadline, enforced by the reaper).
+        loop {
+            let notify = {
+                let mut inner = self.inner.lock().expect("groups lock");
+                let Some(group) = inner.groups.get_mut(&req.group_id) else {
+                    return fail(ErrorCode::UnknownMemberId, member_id);
+                };
+                if !group.members.contains_key(&member_id) {
+                    return fail(ErrorCode::UnknownMemberId, member_id);
+                }
+                if group.state == State::Stable {
+                    return self.joined_response(group, &member_id, ErrorCode::None);
+                }
+                if let Some(m) = group.members.get_mut(&member_id) {
+                    // Re-arm after a rebalance restarted while we waited.
+                    m.joined = true;
+                    m.last_seen = Instant::now();
+                }
+                Self::maybe_complete(group, &partitions, Instant::now());
+                if group.state == State::Stable {
+                    return self.joined_response(group, &member_id, ErrorCode::None);
+                }
+                Arc::clone(&group.changed)
+            };
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            // Re-check after arming, then wait (the reaper also wakes us at the deadline).
+            let stable = {
+                let inner = self.inner.lock().expect("groups lock");
+                inner.groups.get(&req.group_id).is_some_and(|g| g.state == State::Stable)
+            };
+            if !stable {
+                let _ = tokio::time::timeout(Duration::from_millis(500), notified).await;
+            }
+        }
+    }
+
+    fn joined_response(&self, group: &Group, member_id: &str, error: ErrorCode) -> JoinGroupResponse {
+        let session = group.members.get(member_id).map_or(Duration::from_secs(10), |m| m.session_timeout);
+        JoinGroupResponse {
+            error,
+            generation_id: group.generation,
+            member_id: member_id.to_owned(),
+            heartbeat_interval_ms: (session.as_millis() / 3).max(100) as u32,
+            assignment: to_topic_partitions(group.assignment.get(member_id).map(Vec::as_slice).unwrap_or(&[])),
+        }
+    }
+
+    /// Completes the rebalance if every member has rejoined or the deadline passed.
+    fn maybe_complete(group: &mut Group, partitions: &HashMap<String, u32>, now: Instant) {
+        if group.state != State::Rebalancing {
+            return;
+        }
+        let all_joined = group.members.values().all(|m| m.joined);
+        let expired = group.rebalance_deadline.is_some_and(|d| now >= d);
+        if !all_joined && !expired {
+            return;
+        }
+        if expired && !all_joined {
+            let stragglers: Vec<String> = group.members.iter().filter(|(_, m)| !m.joined).map(|(id, _)| id.clone()).collect();
+            for id in stragglers {
+                tracing::warn!(member = %id, "removed from group: did not rejoin within the rebalance timeout");
+                group.members.remove(&id);
+            }
+        }
+        let subscriptions: BTreeMap<String, Vec<String>> =
+            group.members.iter().map(|(id, m)| (id.clone(), m.topics.clone())).collect();
+        group.assignment = assign(&subscriptions, partitions, &group.assignment);
+        group.generation += 1;
+        group.state = if group.members.is_empty() { State::Empty } else { State::Stable };
+        group.rebalance_deadline = None;
+        for m in group.members.values_mut() {
+            m.joined = false;
+            m.last_seen = now;
+        }
+        tracing::info!(generation = group.generation, members = group.members.len(), "rebalance complete");
+        group.changed.notify_waiters();
+    }
+
+    /// Expires members whose session lapsed and completes rebalances past their deadline.
+    /// Called periodically by the broker.
+    pub fn tick(&self, partitions: &HashMap<String, u32>) {
+        let now = Instant::now();
+        let max = Duration::from_millis(u64::from(self.config.rebalance_timeout_ms_max));
+        let mut inner = self.inner.lock().expect("groups lock");
+        for (name, group) in inner.groups.iter_mut() {
+            let expired: Vec<String> = group
+                .members
+                .iter()
+                .filter(|(_, m)| !(group.state == State::Rebalancing && m.joined) && now.duration_since(m.last_seen) > m.session_timeout)
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in &expired {
+                tracing::warn!(group = %name, member = %id, "member session expired; rebalancing");
+                group.members.remove(id);
+            }
+            if !expired.is_empty() {
+                if group.members.is_empty() {
+                    group.state = State::Empty;
+                    group.assignment.clear();
+                    group.generation += 1;
+                    group.changed.notify_waiters();
+                } else {
+                    group.start_rebalance(now, max);
+                }
+            }
+            Self::maybe_complete(group, partitions, now);
+        }
+        // Forget membership state of groups nobody belongs to (their commits stay).
+        inner.groups.retain(|_, g| !g.members.is_empty());
+    }
+
+    /// Heartbeat: keeps the member alive and tells it whether to rejoin.
+    pub fn heartbeat(&self, group_id: &str, member_id: &str, generation: i32) -> ErrorCode {
+        let mut inner = self.inner.lock().expect("groups lock");
+        let Some(group) = inner.groups.get_mut(group_id) else { return ErrorCode::UnknownMemberId };
+        let state = group.state;
+        let current = group.generation;
+        let Some(m) = group.members.get_mut(member_id) else { return ErrorCode::UnknownMemberId };
+        m.last_seen = Instant::now();
+        if state == State::Rebalancing {
+            return ErrorCode::RebalanceInProgress;
+        }
+        if generation != current {
+            return ErrorCode::IllegalGeneration;
+        }
+        ErrorCode::None
+    }
+
+    /// A clean leave: the member's partitions move at once.
+    pub fn leave(&self, group_id: &str, member_id: &str) -> ErrorCode {
+        let max = Duration::from_millis(u64::from(self.config.rebalance_timeout_ms_max));
+        let mut inner = self.inner.lock().expect("groups lock");
+        let Some(group) = inner.groups.get_mut(group_id) else { return ErrorCode::UnknownMemberId };
+        if group.members.remove(member_id).is_none() {
+            return ErrorCode::UnknownMemberId;
+        }
+        tracing::info!(group = %group_id, member = %member_id, "member left");
+        group.assignment.remove(member_id);
+        if group.members.is_empty() {
+            group.state = State::Empty;
+            group.assignment.clear();
+            group.generation += 1;
+            group.changed.notify_waiters();
+        } else {
+            group.start_rebalance(Instant::now(), max);
+        }
+        ErrorCode::None
+    }
+
+    /// Whether a member may fetch a partition now.
+    pub fn check_fetch(&self, group_id: &str, member_id: &str, generation: i32, topic: &str, partition: u32) -> ErrorCode {
+        let inner = self.inner.lock().expect("groups lock");
+        let Some(group) = inner.groups.get(group_id) else { return ErrorCode::UnknownMemberId };
+        if !group.members.contains_key(member_id) {
+            return ErrorCode::UnknownMemberId;
+        }
+        if group.state == State::Rebalancing {
+            return ErrorCode::RebalanceInProgress;
+        }
+        if generation != group.generation {
+            return ErrorCode::IllegalGeneration;
+        }
+        if !group.owns(member_id, topic, partition) {
+            return ErrorCode::NotAssigned;
+        }
+        ErrorCode::None
+    }
+
+    fn check_commit(&self, inner: &Inner, group_id: &str, member_id: &str, generation: i32, topic: &str, partition: u32) -> ErrorCode {
+        let group = inner.groups.get(group_id);
+        if generation == -1 && member_id.is_empty() {
+            // A commit outside membership is only allowed while no member owns anything.
+            return match group {
+                Some(g) if !g.members.is_empty() => ErrorCode::UnknownMemberId,
+                _ => ErrorCode::None,
+            };
+        }
+        let Some(group) = group else { return ErrorCode::UnknownMemberId };
+        if !group.members.contains_key(member_id) {
+            return ErrorCode::UnknownMemberId;
+        }
+        if generation != group.generation {
+            return ErrorCode::IllegalGeneration;
+        }
+        if !group.owns(member_id, topic, partition) {
+            return ErrorCode::NotAssigned;
+        }
+        ErrorCode::None
+    }
+
+    /// Validates and appends commits. Returns per-partition codes and, if anything was appended,
+    /// what must become durable before the acknowledgement.
+    pub(crate) fn commit(
+        &self,
+        group_id: &str,
+        member_id: &str,
+        generation: i32,
+        entries: Vec<(String, u32, i64, Option<String>)>,
+        now_ms: i64,
+    ) -> Result<(Vec<ErrorCode>, Option<PendingCommit>), StorageError> {
+        if group_id.is_empty() || group_id.len() > 249 {
+            return Ok((vec![ErrorCode::InvalidGroupId; entries.len()], None));
+        }
+        let _serial = self.commit_lock.lock().expect("commit lock");
+        let mut codes = Vec::with_capacity(entries.len());
+        let mut accepted = Vec::new();
+        {
+            let inner = self.inner.lock().expect("groups lock");
+            for (topic, partition, offset, metadata) in &entries {
+                let mut code = self.check_commit(&inner, group_id, member_id, generation, topic, *partition);
+                if code.is_ok() && metadata.as_ref().is_some_and(|m| m.len() > self.config.offset_metadata_bytes_max) {
+                    code = ErrorCode::OffsetMetadataTooLarge;
+                }
+                if code.is_ok() && *offset < 0 {
+                    code = ErrorCode::InvalidRequest;
+                }
+                if code.is_ok() {
+                    accepted.push((
+                        (group_id.to_owned(), topic.clone(), *partition),
+                        Some(Committed { offset: *offset, commit_timestamp_ms: now_ms, metadata: metadata.clone() }),
+                    ));
+                }
+                codes.push(code);
+            }
+        }
+        if accepted.is_empty() {
+            return Ok((codes, None));
+        }
+        let info = self.offsets_log.append(&offsets_store::encode_batch(&accepted, now_ms))?;
+        let mut inner = self.inner.lock().expect("groups lock");
+        for (key, value) in accepted {
+            if let Some(v) = value {
+                inner.committed.insert(key, v);
+            }
+        }
+        Ok((codes, Some(PendingCommit { log: Arc::clone(&self.offsets_log), offset: info.next_offset })))
+    }
+
+    /// Committed offsets of a group: for the given partitions, or everything it committed.
+    pub fn committed(&self, group_id: &str, wanted: Option<Vec<(String, u32)>>) -> Vec<(String, u32, Option<(i64, Option<String>, i64)>)> {
+        let inner = self.inner.lock().expect("groups lock");
+        let lookup = |t: &str, p: u32| {
+            inner
+                .committed
+                .get(&(group_id.to_owned(), t.to_owned(), p))
+                .map(|c| (c.offset, c.metadata.clone(), c.commit_timestamp_ms))
+        };
+        match wanted {
+            Some(list) => list.into_iter().map(|(t, p)| {
+                let c = lookup(&t, p);
+                (t, p, c)
+            }).collect(),
+            None => inner
+                .committed
+                .range((group_id.to_owned(), String::new(), 0)..)
+                .take_while(|((g, _, _), _)| g == group_id)
+                .map(|((_, t, p), c)| (t.clone(), *p, Some((c.offset, c.metadata.clone(), c.commit_timestamp_ms))))
+                .collect(),
+        }
+    }
+
+    /// Drops committed offsets of a deleted topic (memory and log).
+    pub fn forget_topic(&self, topic: &str) {
+        let _serial = self.commit_lock.lock().expect("commit lock");
+        let doomed: Vec<(OffsetKey, Option<Committed>)> = {
+            let inner = self.inner.lock().expect("groups lock");
+            inner.committed.keys().filter(|(_, t, _)| t == topic).map(|k| (k.clone(), None)).collect()
+        };
+        if doomed.is_empty() {
+            return;
+        }
+        let now = crate::storage::system_clock()();
+        if let Err(e) = self.offsets_log.append(&offsets_store::encode_batch(&doomed, now)) {
+            tracing::error!(topic, error = %e, "could not record removal of a deleted topic's offsets");
+            return;
+        }
+        let mut inner = self.inner.lock().expect("groups lock");
+        for (k, _) in doomed {
+            inner.committed.remove(&k);
+        }
+    }
+
+    /// Every group with members or commits.
+    pub fn list(&self) -> Vec<GroupListing> {
+        let inner = self.inner.lock().expect("groups lock");
+        let mut names: BTreeSet<String> = inner.groups.keys().cloned().collect();
+        names.extend(inner.committed.keys().map(|(g, _, _)| g.clone()));
+        names
+            .into_iter()
+            .map(|g| {
+                let (state, members) = inner.groups.get(&g).map_or((State::Empty, 0), |gr| (gr.state, gr.members.len()));
+                GroupListing { group_id: g, state: state.name().to_owned(), members: members as u32 }
+            })
+            .collect()
+    }
+
+    /// Members, assignment, committed offsets and lag of a group.
+    pub fn describe(&self, group_id: &str, store: &LogStore) -> GroupDescription {
+        let inner = self.inner.lock().expect("groups lock");
+        let group = inner.groups.get(group_id);
+        let mut partitions: BTreeSet<(String, u32)> = inner
+            .committed
+            .range((group_id.to_owned(), String::new(), 0)..)
+            .take_while(|((g, _, _), _)| g == group_id)
+            .map(|((_, t, p), _)| (t.clone(), *p))
+            .collect();
+        if let Some(g) = group {
+            for m in g.members.values() {
+                for t in &m.topics {
+                    if let Some(topic) = store.topic(t) {
+                        partitions.extend((0..topic.partitions.len() as u32).map(|p| (t.clone(), p)));
+                    }
+                }
+            }
+        }
+        if group.is_none() && partitions.is_empty() {
+            return GroupDescription {
+                error: ErrorCode::GroupIdNotFound,
+                group_id: group_id.to_owned(),
+                state: "dead".into(),
+                generation_id: -1,
+                members: Vec::new(),
+                offsets: Vec::new(),
+            };
+        }
+        let offsets = partitions
+            .into_iter()
+            .map(|(topic, partition)| {
+                let committed = inner.committed.get(&(group_id.to_owned(), topic.clone(), partition)).map_or(-1, |c| c.offset);
+                let end = store.partition(&topic, partition).map_or(-1, |p| p.log_end_offset() as i64);
+                let lag = if committed < 0 || end < 0 { -1 } else { (end - committed).max(0) };
+                PartitionLag { topic, partition, committed_offset: committed, log_end_offset: end, lag }
+            })
+            .collect();
+        GroupDescription {
+            error: ErrorCode::None,
+            group_id: group_id.to_owned(),
+            state: group.map_or(State::Empty, |g| g.state).name().to_owned(),
+            generation_id: group.map_or(0, |g| g.generation),
+            members: group
+                .map(|g| {
+                    g.members
+                        .iter()
+                        .map(|(id, m)| MemberDescription {
+                            member_id: id.clone(),
+                            group_instance_id: m.instance_id.clone(),
+                            client_id: m.client_id.clone(),
+                            assignment: to_topic_partitions(g.assignment.get(id).map(Vec::as_slice).unwrap_or(&[])),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+            offsets,
+        }
+    }
+
+    /// Publishes committed offset, lag and member gauges (at most `series_max` partition series).
+    pub fn publish_metrics(&self, store: &LogStore, series_max: usize) {
+        let inner = self.inner.lock().expect("groups lock");
+        for (i, ((group, topic, partition), c)) in inner.committed.iter().enumerate() {
+            if i >= series_max {
+                break;
+            }
+            let Some(log) = store.partition(topic, *partition) else { continue };
+            let labels = [("group", group.clone()), ("topic", topic.clone()), ("partition", partition.to_string())];
+            metrics::gauge!("cairn_consumer_group_committed_offset", &labels).set(c.offset as f64);
+            let lag = (log.log_end_offset() as i64 - c.offset).max(0);
+            metrics::gauge!("cairn_consumer_group_lag", &labels).set(lag as f64);
+        }
+        let mut names: BTreeSet<&String> = inner.groups.keys().collect();
+        names.extend(inner.committed.keys().map(|(g, _, _)| g));
+        for g in names {
+            let members = inner.groups.get(g).map_or(0, |gr| gr.members.len());
+            metrics::gauge!("cairn_consumer_group_members", "group" => g.clone()).set(members as f64);
+        }
+    }
+
+    /// Keeps the offsets log from growing without bound: past `snapshot_bytes`, rewrites the
+    /// current state into a fresh segment and deletes every earlier segment.
+    ///
+    /// # Errors
+    /// Storage failures; the old segments are kept then.
+    pub fn compact_offsets(&self, snapshot_bytes: u64) -> Result<bool, StorageError> {
+        if self.offsets_log.size_bytes() < snapshot_bytes {
+            return Ok(false);
+        }
+        let _serial = self.commit_lock.lock().expect("commit lock");
+        let state: Vec<(OffsetKey, Option<Committed>)> = {
+            let inner = self.inner.lock().expect("groups lock");
+            inner.committed.iter().map(|(k, v)| (k.clone(), Some(v.clone()))).collect()
+        };
+        let start = self.offsets_log.roll_now()?;
+        for chunk in state.chunks(1000) {
+            self.offsets_log.append(&offsets_store::encode_batch(chunk, crate::storage::system_clock()()))?;
+        }
+        self.offsets_log.sync()?;
+        let removed = self.offsets_log.delete_segments_below(start)?;
+        tracing::info!(entries = state.len(), segments = removed.segments, bytes = removed.bytes, "compacted committed offsets");
+        Ok(true)
+    }
+}
+
+fn to_topic_partitions(tps: &[(String, u32)]) -> Vec<TopicPartitions> {
+    let mut out: Vec<TopicPartitions> = Vec::new();
+    for (t, p) in tps {
+        match out.last_mut() {
+            Some(last) if &last.topic == t => last.partitions.push(*p),
+            _ => out.push(TopicPartitions { topic: t.clone(), partitions: vec![*p] }),
+        }
+    }
+    out
+}

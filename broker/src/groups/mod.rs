@@ -1,0 +1,61 @@
+//! Consumer groups: membership with server-side partition assignment, and committed offsets.
+
+mod assignor;
+mod coordinator;
+mod offsets_store;
+
+use serde::{Deserialize, Serialize};
+
+pub use coordinator::Coordinator;
+pub use offsets_store::OFFSETS_TOPIC;
+
+/// Consumer group settings (`[groups]` in the config file).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GroupConfig {
+    /// Smallest session timeout a member may ask for. Default 1,000 ms.
+    pub session_timeout_ms_min: u32,
+    /// Largest session timeout a member may ask for. Default 300,000 ms.
+    pub session_timeout_ms_max: u32,
+    /// Largest rebalance timeout a member may ask for. Default 300,000 ms.
+    pub rebalance_timeout_ms_max: u32,
+    /// Longest metadata string stored with a committed offset. Default 4,096 bytes.
+    pub offset_metadata_bytes_max: usize,
+    /// Most groups the broker tracks. Default 10,000.
+    pub groups_max: usize,
+    /// Most members per group. Default 1,000.
+    pub members_per_group_max: usize,
+    /// When the committed-offsets log grows past this, it is rewritten as a snapshot and the old
+    /// segments are deleted. Default 64 MiB.
+    pub offsets_snapshot_bytes: u64,
+}
+
+impl Default for GroupConfig {
+    fn default() -> Self {
+        GroupConfig {
+            session_timeout_ms_min: 1_000,
+            session_timeout_ms_max: 300_000,
+            rebalance_timeout_ms_max: 300_000,
+            offset_metadata_bytes_max: 4096,
+            groups_max: 10_000,
+            members_per_group_max: 1_000,
+            offsets_snapshot_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+impl GroupConfig {
+    /// Checks ranges.
+    ///
+    /// # Errors
+    /// A message naming the bad key.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.session_timeout_ms_min == 0 || self.session_timeout_ms_min > self.session_timeout_ms_max {
+            return Err("groups.session_timeout_ms_min must be 1..=session_timeout_ms_max".into());
+        }
+        if self.groups_max == 0 || self.members_per_group_max == 0 {
+            return Err("groups.groups_max and groups.members_per_group_max must be positive".into());
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,166 @@
+//! Committed offsets, stored durably in the internal topic `__consumer_offsets`.
+//!
+//! Each commit appends one record per partition and is acknowledged only after an fsync.
+//!
+//! ```text
+//! key:   version u8 (1) | group_len u16 | group | topic_len u16 | topic | partition u32   (BE)
+//! value: offset i64 | commit_timestamp_ms i64 | metadata_len u16 (0xFFFF = null) | metadata
+//!        a null value deletes the entry (a deleted topic's offsets)
+//! ```
+//!
+//! On start the log is replayed (last record per key wins). When the log grows past
+//! `offsets_snapshot_bytes`, the current state is rewritten at the end of the log in a fresh
+//! segment and every earlier segment is deleted, so the log stays proportional to the number of
+//! committed partitions, not to the number of commits.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use cairn_protocol::record_batch::{BatchSplitter, RecordBatchBuilder};
+
+use crate::storage::{LogStore, PartitionLog, StorageError, TopicConfig};
+
+/// Name of the internal topic.
+pub const OFFSETS_TOPIC: &str = "__consumer_offsets";
+
+/// `(group, topic, partition)`.
+pub(crate) type OffsetKey = (String, String, u32);
+
+/// One committed offset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Committed {
+    pub(crate) offset: i64,
+    pub(crate) commit_timestamp_ms: i64,
+    pub(crate) metadata: Option<String>,
+}
+
+/// Opens (creating) the offsets topic and replays it.
+pub(crate) fn open(store: &LogStore) -> Result<(Arc<PartitionLog>, BTreeMap<OffsetKey, Committed>), StorageError> {
+    let log = match store.partition(OFFSETS_TOPIC, 0) {
+        Some(p) => p,
+        None => {
+            let mut config: TopicConfig = store.config().topic_defaults();
+            config.retention_ms = None;
+            config.retention_bytes = None;
+            config.segment_bytes = 64 * 1024 * 1024;
+            store.create_topic(OFFSETS_TOPIC, 1, config)?.partitions[0].clone()
+        }
+    };
+    let mut state = BTreeMap::new();
+    let mut next = log.log_start_offset();
+    while next < log.log_end_offset() {
+        let read = log.read(next, 4 * 1024 * 1024)?;
+        if read.is_empty() {
+            break;
+        }
+        for chunk in read.chunks {
+            for batch in BatchSplitter::new(chunk) {
+                let batch = batch?;
+                for record in batch.records() {
+                    let record = record?;
+                    next = record.offset as u64 + 1;
+                    let Some(key) = record.key.as_deref().and_then(decode_key) else {
+                        tracing::warn!(offset = record.offset, "skipping unreadable committed-offset record");
+                        continue;
+                    };
+                    match record.value.as_deref().map(decode_value) {
+                        None => {
+                            state.remove(&key);
+                        }
+                        Some(Some(v)) => {
+                            state.insert(key, v);
+                        }
+                        Some(None) => tracing::warn!(offset = record.offset, "skipping unreadable committed-offset value"),
+                    }
+                }
+            }
+        }
+    }
+    Ok((log, state))
+}
+
+/// Encodes commits (a `None` value deletes) as one record batch.
+pub(crate) fn encode_batch(entries: &[(OffsetKey, Option<Committed>)], now_ms: i64) -> Bytes {
+    let mut b = RecordBatchBuilder::with_capacity(64 * entries.len());
+    for (key, value) in entries {
+        let k = encode_key(key);
+        let v = value.as_ref().map(encode_value);
+        b.push(now_ms, Some(&k), v.as_deref(), &[]);
+    }
+    b.build()
+}
+
+fn encode_key((group, topic, partition): &OffsetKey) -> Bytes {
+    let mut k = BytesMut::with_capacity(9 + group.len() + topic.len());
+    k.put_u8(1);
+    k.put_u16(group.len() as u16);
+    k.put_slice(group.as_bytes());
+    k.put_u16(topic.len() as u16);
+    k.put_slice(topic.as_bytes());
+    k.put_u32(*partition);
+    k.freeze()
+}
+
+fn encode_value(c: &Committed) -> Bytes {
+    let meta = c.metadata.as_deref();
+    let mut v = BytesMut::with_capacity(18 + meta.map_or(0, str::len));
+    v.put_i64(c.offset);
+    v.put_i64(c.commit_timestamp_ms);
+    match meta {
+        None => v.put_u16(u16::MAX),
+        Some(m) => {
+            v.put_u16(m.len() as u16);
+            v.put_slice(m.as_bytes());
+        }
+    }
+    v.freeze()
+}
+
+fn take<'a>(b: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+    if b.len() < n {
+        return None;
+    }
+    let (head, rest) = b.split_at(n);
+    *b = rest;
+    Some(head)
+}
+
+fn take_str(b: &mut &[u8]) -> Option<String> {
+    let len = u16::from_be_bytes(take(b, 2)?.try_into().ok()?) as usize;
+    String::from_utf8(take(b, len)?.to_vec()).ok()
+}
+
+fn decode_key(mut b: &[u8]) -> Option<OffsetKey> {
+    if take(&mut b, 1)? != [1] {
+        return None;
+    }
+    let group = take_str(&mut b)?;
+    let topic = take_str(&mut b)?;
+    let partition = u32::from_be_bytes(take(&mut b, 4)?.try_into().ok()?);
+    b.is_empty().then_some((group, topic, partition))
+}
+
+fn decode_value(mut b: &[u8]) -> Option<Committed> {
+    let offset = i64::from_be_bytes(take(&mut b, 8)?.try_into().ok()?);
+    let commit_timestamp_ms = i64::from_be_bytes(take(&mut b, 8)?.try_into().ok()?);
+    let len = u16::from_be_bytes(take(&mut b, 2)?.try_into().ok()?);
+    let metadata = if len == u16::MAX { None } else { Some(String::from_utf8(take(&mut b, len as usize)?.to_vec()).ok()?) };
+    b.is_empty().then_some(Committed { offset, commit_timestamp_ms, metadata })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_and_values_round_trip() {
+        let key = ("g".to_string(), "t-1".to_string(), 7);
+        assert_eq!(decode_key(&encode_key(&key)), Some(key));
+        for metadata in [None, Some(String::new()), Some("note".to_string())] {
+            let c = Committed { offset: 42, commit_timestamp_ms: 5, metadata };
+            assert_eq!(decode_value(&encode_value(&c)), Some(c));
+        }
+        assert_eq!(decode_value(&[1, 2, 3]), None);
+    }
+}

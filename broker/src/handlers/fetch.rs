@@ -1,0 +1,149 @@
+//! Fetch: read whole batches, zero-copy; park until `min_bytes` arrive or `max_wait_ms` passes.
+
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cairn_protocol::messages::fetch::{FetchPartitionResponse, FetchRequest, FetchResponse, FetchTopicResponse};
+use cairn_protocol::ErrorCode;
+
+use super::{count_records, first_error, storage_error_code, Ctx, Reply};
+use crate::server::Broker;
+use crate::storage::StorageError;
+
+pub(crate) fn fetch(ctx: Ctx, req: FetchRequest) -> Reply {
+    let (response, bytes) = read_once(&ctx.broker, &req);
+    let error = first_error(response.topics.iter().flat_map(|t| t.partitions.iter().map(|p| p.error)));
+    let broker = &ctx.broker;
+    let satisfied = bytes >= req.min_bytes as usize || req.max_wait_ms == 0 || error.is_some();
+    if satisfied {
+        record(broker, &response);
+        return ctx.reply(&response, error);
+    }
+    // Park, unless too many fetches are parked already: then answer now (empty), never queue.
+    if broker.parked_fetches.fetch_add(1, Ordering::AcqRel) >= broker.config.parked_fetches_max {
+        broker.parked_fetches.fetch_sub(1, Ordering::AcqRel);
+        metrics::counter!("cairn_parked_fetches_refused_total").increment(1);
+        record(broker, &response);
+        return ctx.reply(&response, None);
+    }
+    let broker = Arc::clone(&ctx.broker);
+    ctx.reply_later(async move {
+        let response = park(&broker, &req).await;
+        broker.parked_fetches.fetch_sub(1, Ordering::AcqRel);
+        record(&broker, &response);
+        let error = first_error(response.topics.iter().flat_map(|t| t.partitions.iter().map(|p| p.error)));
+        (response, error)
+    })
+}
+
+/// Waits on the partitions' notifiers until enough bytes are readable, the deadline passes, or
+/// the broker shuts down. Every wake re-reads; there is no polling.
+async fn park(broker: &Broker, req: &FetchRequest) -> FetchResponse {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(u64::from(req.max_wait_ms));
+    let notifiers: Vec<_> = req
+        .topics
+        .iter()
+        .flat_map(|t| t.partitions.iter().map(move |p| broker.notifier(&t.name, p.partition)))
+        .collect();
+    loop {
+        let mut waits: Vec<Pin<Box<tokio::sync::futures::Notified<'_>>>> =
+            notifiers.iter().map(|n| Box::pin(n.notified())).collect();
+        for w in &mut waits {
+            w.as_mut().enable();
+        }
+        let (response, bytes) = read_once(broker, req);
+        let has_error = response.topics.iter().any(|t| t.partitions.iter().any(|p| !p.error.is_ok()));
+        if bytes >= req.min_bytes as usize || has_error {
+            return response;
+        }
+        tokio::select! {
+            _ = futures::future::select_all(waits) => {}
+            _ = tokio::time::sleep_until(deadline) => return read_once(broker, req).0,
+            _ = broker.shutdown.cancelled() => return read_once(broker, req).0,
+        }
+    }
+}
+
+/// Reads every requested partition once. Returns the response and its record bytes.
+fn read_once(broker: &Broker, req: &FetchRequest) -> (FetchResponse, usize) {
+    let mut budget = req.max_bytes.min(broker.config.fetch_bytes_max) as u64;
+    let mut total = 0usize;
+    let mut topics = Vec::with_capacity(req.topics.len());
+    for t in &req.topics {
+        let topic = broker.store.topic(&t.name);
+        let mut partitions = Vec::with_capacity(t.partitions.len());
+        for p in &t.partitions {
+            let Some(log) = topic.as_ref().and_then(|topic| topic.partitions.get(p.partition as usize)) else {
+                partitions.push(FetchPartitionResponse::empty(p.partition, ErrorCode::UnknownTopicOrPartition, -1, -1));
+                continue;
+            };
+            if let Some(g) = &req.group {
+                let code = broker.groups.check_fetch(&g.group_id, &g.member_id, g.generation_id, &t.name, p.partition);
+                if !code.is_ok() {
+                    partitions.push(FetchPartitionResponse::empty(
+                        p.partition,
+                        code,
+                        log.log_start_offset() as i64,
+                        log.log_end_offset() as i64,
+                    ));
+                    continue;
+                }
+            }
+            let start = log.log_start_offset() as i64;
+            let end = log.log_end_offset() as i64;
+            if p.fetch_offset < 0 {
+                partitions.push(FetchPartitionResponse::empty(p.partition, ErrorCode::OffsetOutOfRange, start, end));
+                continue;
+            }
+            // Budget spent: later partitions get nothing this time (but no error).
+            let max = if total == 0 { u64::from(p.partition_max_bytes) } else { u64::from(p.partition_max_bytes).min(budget) };
+            if max == 0 {
+                partitions.push(FetchPartitionResponse::empty(p.partition, ErrorCode::None, start, end));
+                continue;
+            }
+            match log.read(p.fetch_offset as u64, max) {
+                Ok(r) => {
+                    let n = r.len();
+                    total += n;
+                    budget = budget.saturating_sub(n as u64);
+                    partitions.push(FetchPartitionResponse {
+                        partition: p.partition,
+                        error: ErrorCode::None,
+                        log_start_offset: r.log_start_offset as i64,
+                        log_end_offset: r.log_end_offset as i64,
+                        records: r.chunks,
+                    });
+                }
+                Err(e) => {
+                    if !matches!(e, StorageError::OffsetOutOfRange { .. }) {
+                        metrics::counter!("cairn_storage_errors_total", "kind" => e.kind()).increment(1);
+                        tracing::warn!(topic = %t.name, partition = p.partition, error = %e, "fetch read failed");
+                    }
+                    partitions.push(FetchPartitionResponse::empty(
+                        p.partition,
+                        storage_error_code(&e),
+                        log.log_start_offset() as i64,
+                        log.log_end_offset() as i64,
+                    ));
+                }
+            }
+        }
+        topics.push(FetchTopicResponse { name: t.name.clone(), partitions });
+    }
+    (FetchResponse { topics }, total)
+}
+
+fn record(broker: &Broker, response: &FetchResponse) {
+    for t in &response.topics {
+        let bytes: usize = t.partitions.iter().map(FetchPartitionResponse::records_len).sum();
+        if bytes == 0 {
+            continue;
+        }
+        let records: u64 = t.partitions.iter().map(|p| count_records(&p.records)).sum();
+        let m = broker.topic_metrics(&t.name);
+        m.fetch_bytes.increment(bytes as u64);
+        m.fetch_records.increment(records);
+    }
+}

@@ -1,0 +1,232 @@
+//! Prometheus metrics and the HTTP endpoints `/metrics`, `/healthz` and `/readyz`.
+//!
+//! Hot paths record through handles registered once (no allocation, no map lookup); per-partition
+//! gauges are refreshed by a background task, with the number of per-partition series capped by
+//! `metrics_partition_series_max` (past the cap, series aggregate per topic with
+//! `partition="all"`).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::Bytes as HttpBytes;
+use hyper::{Request, Response, StatusCode};
+use metrics::{Counter, Histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+
+use cairn_protocol::ApiKey;
+
+use crate::server::Broker;
+
+/// Histogram buckets of `cairn_request_duration_seconds`: 50 µs to 10 s.
+pub const REQUEST_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+/// Histogram buckets of `cairn_flush_duration_seconds`.
+pub const FLUSH_BUCKETS: &[f64] = &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
+
+/// Installs the global recorder and returns the handle that renders `/metrics`.
+///
+/// # Errors
+/// When a recorder is already installed.
+pub fn install() -> anyhow::Result<PrometheusHandle> {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full("cairn_request_duration_seconds".into()), REQUEST_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full("cairn_flush_duration_seconds".into()), FLUSH_BUCKETS)?
+        .install_recorder()?;
+    metrics::gauge!("cairn_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    describe();
+    Ok(handle)
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!("cairn_produce_records_total", "Records appended, per topic");
+    describe_counter!("cairn_produce_bytes_total", Unit::Bytes, "Record batch bytes appended, per topic");
+    describe_counter!("cairn_fetch_records_total", "Records returned by fetches, per topic");
+    describe_counter!("cairn_fetch_bytes_total", Unit::Bytes, "Record batch bytes returned by fetches, per topic");
+    describe_counter!("cairn_requests_total", "Requests handled, by API and result (ok or an error name)");
+    describe_histogram!("cairn_request_duration_seconds", Unit::Seconds, "Time from request decoded to response ready");
+    describe_gauge!("cairn_partition_log_end_offset", "Offset the next record will get");
+    describe_gauge!("cairn_partition_log_start_offset", "First offset still in the log");
+    describe_gauge!("cairn_partition_size_bytes", Unit::Bytes, "Bytes of record batches in the partition");
+    describe_gauge!("cairn_partition_segments", "Segments in the partition");
+    describe_gauge!("cairn_consumer_group_committed_offset", "Committed offset (next to consume)");
+    describe_gauge!("cairn_consumer_group_lag", "Log end offset minus committed offset");
+    describe_gauge!("cairn_consumer_group_members", "Live members of the group");
+    describe_gauge!("cairn_connections", "Open client connections");
+    describe_histogram!("cairn_flush_duration_seconds", Unit::Seconds, "Duration of one partition sync (msync/fsync)");
+    describe_counter!("cairn_recovery_truncated_bytes_total", Unit::Bytes, "Torn or corrupt bytes cut by recovery");
+    describe_counter!("cairn_storage_errors_total", "Storage errors by kind");
+    describe_gauge!("cairn_disk_free_bytes", Unit::Bytes, "Free bytes on the data disk");
+    describe_gauge!("cairn_build_info", "Build information");
+}
+
+/// Pre-registered per-API handles for the request hot path.
+#[derive(Debug)]
+pub struct RequestMetrics {
+    ok: Vec<Counter>,
+    duration: Vec<Histogram>,
+}
+
+impl Default for RequestMetrics {
+    fn default() -> Self {
+        RequestMetrics {
+            ok: ApiKey::ALL.iter().map(|k| metrics::counter!("cairn_requests_total", "api" => k.name(), "result" => "ok")).collect(),
+            duration: ApiKey::ALL.iter().map(|k| metrics::histogram!("cairn_request_duration_seconds", "api" => k.name())).collect(),
+        }
+    }
+}
+
+impl RequestMetrics {
+    /// Records one request's outcome and duration. `error` is `None` for success.
+    pub fn record(&self, api: ApiKey, error: Option<&'static str>, elapsed: Duration) {
+        let i = api as usize;
+        match error {
+            None => self.ok[i].increment(1),
+            Some(name) => metrics::counter!("cairn_requests_total", "api" => api.name(), "result" => name).increment(1),
+        }
+        self.duration[i].record(elapsed.as_secs_f64());
+    }
+}
+
+/// Per-topic throughput counters.
+#[derive(Debug, Clone)]
+pub struct TopicMetrics {
+    /// `cairn_produce_records_total{topic}`.
+    pub produce_records: Counter,
+    /// `cairn_produce_bytes_total{topic}`.
+    pub produce_bytes: Counter,
+    /// `cairn_fetch_records_total{topic}`.
+    pub fetch_records: Counter,
+    /// `cairn_fetch_bytes_total{topic}`.
+    pub fetch_bytes: Counter,
+}
+
+impl TopicMetrics {
+    /// Registers the handles for `topic`.
+    pub fn new(topic: &str) -> TopicMetrics {
+        let t = topic.to_owned();
+        TopicMetrics {
+            produce_records: metrics::counter!("cairn_produce_records_total", "topic" => t.clone()),
+            produce_bytes: metrics::counter!("cairn_produce_bytes_total", "topic" => t.clone()),
+            fetch_records: metrics::counter!("cairn_fetch_records_total", "topic" => t.clone()),
+            fetch_bytes: metrics::counter!("cairn_fetch_bytes_total", "topic" => t),
+        }
+    }
+}
+
+/// Refreshes partition and group gauges every second until shutdown.
+pub async fn refresh_gauges(broker: Arc<Broker>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = broker.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        publish_partition_gauges(&broker);
+        broker.groups.publish_metrics(&broker.store, broker.config.metrics_partition_series_max);
+        metrics::gauge!("cairn_connections").set(broker.connections.load(Ordering::Relaxed) as f64);
+    }
+}
+
+fn publish_partition_gauges(broker: &Broker) {
+    let cap = broker.config.metrics_partition_series_max;
+    let mut series = 0usize;
+    for topic in broker.store.topics() {
+        let per_partition = series + topic.partitions.len() <= cap;
+        let (mut end, mut start, mut size, mut segs) = (0u64, 0u64, 0u64, 0usize);
+        for p in &topic.partitions {
+            if per_partition {
+                let part = p.partition().to_string();
+                let labels = [("topic", topic.name.clone()), ("partition", part)];
+                metrics::gauge!("cairn_partition_log_end_offset", &labels).set(p.log_end_offset() as f64);
+                metrics::gauge!("cairn_partition_log_start_offset", &labels).set(p.log_start_offset() as f64);
+                metrics::gauge!("cairn_partition_size_bytes", &labels).set(p.size_bytes() as f64);
+                metrics::gauge!("cairn_partition_segments", &labels).set(p.segment_count() as f64);
+            } else {
+                end += p.log_end_offset();
+                start += p.log_start_offset();
+                size += p.size_bytes();
+                segs += p.segment_count();
+            }
+        }
+        if per_partition {
+            series += topic.partitions.len();
+        } else {
+            let labels = [("topic", topic.name.clone()), ("partition", "all".to_owned())];
+            metrics::gauge!("cairn_partition_log_end_offset", &labels).set(end as f64);
+            metrics::gauge!("cairn_partition_log_start_offset", &labels).set(start as f64);
+            metrics::gauge!("cairn_partition_size_bytes", &labels).set(size as f64);
+            metrics::gauge!("cairn_partition_segments", &labels).set(segs as f64);
+        }
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until shutdown.
+pub async fn serve_http(listener: TcpListener, handle: PrometheusHandle, broker: Arc<Broker>) {
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = broker.shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "metrics listener accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let handle = handle.clone();
+        let broker = Arc::clone(&broker);
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                let handle = handle.clone();
+                let broker = Arc::clone(&broker);
+                async move { Ok::<_, Infallible>(route(&req, &handle, &broker)) }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(io, service);
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "metrics connection ended");
+            }
+        });
+    }
+}
+
+fn route(req: &Request<hyper::body::Incoming>, handle: &PrometheusHandle, broker: &Broker) -> Response<Full<HttpBytes>> {
+    let text = |status: StatusCode, body: String, ctype: &'static str| {
+        Response::builder()
+            .status(status)
+            .header("content-type", ctype)
+            .body(Full::new(HttpBytes::from(body)))
+            .unwrap_or_else(|_| Response::new(Full::new(HttpBytes::new())))
+    };
+    match req.uri().path() {
+        "/metrics" => text(StatusCode::OK, handle.render(), "text/plain; version=0.0.4"),
+        "/healthz" => text(StatusCode::OK, "ok\n".into(), "text/plain"),
+        "/readyz" => {
+            if broker.ready.load(Ordering::Acquire) && !broker.shutdown.is_cancelled() {
+                text(StatusCode::OK, "ready\n".into(), "text/plain")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into(), "text/plain")
+            }
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found: try /metrics, /healthz or /readyz\n".into(), "text/plain"),
+    }
+}
+
+/// Binds the metrics listener.
+///
+/// # Errors
+/// When the address cannot be bound.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}

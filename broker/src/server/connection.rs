@@ -1,0 +1,149 @@
+//! One client connection: a reader that decodes and dispatches requests, and a writer that sends
+//! responses in request order with vectored writes.
+//!
+//! The two halves are joined by a bounded queue of pending responses
+//! (`connection_in_flight_max`): when a client pipelines faster than the broker answers, or
+//! stops reading its socket, the queue fills and the reader stops reading — backpressure through
+//! TCP instead of buffering without bound.
+
+use std::io::IoSlice;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use futures::StreamExt;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::codec::FramedRead;
+
+use cairn_protocol::{FrameCodec, FrameError};
+
+use super::dispatch::{dispatch, Reply};
+use super::Broker;
+
+/// A response that is ready now or will be later.
+pub(crate) enum Pending {
+    Ready(Vec<Bytes>),
+    Later(oneshot::Receiver<Vec<Bytes>>),
+}
+
+/// Most buffers handed to one `writev`.
+const IOV_MAX: usize = 512;
+/// Stop gathering more ready responses into one write past this many bytes.
+const WRITE_GATHER_BYTES: usize = 4 * 1024 * 1024;
+
+pub(crate) async fn run(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(%peer, error = %e, "set_nodelay failed");
+    }
+    let (rd, wr) = stream.into_split();
+    let mut frames = FramedRead::with_capacity(rd, FrameCodec::new(broker.config.frame_bytes_max), 64 * 1024);
+    let (tx, rx) = mpsc::channel::<Pending>(broker.config.connection_in_flight_max);
+    let writer = tokio::spawn(write_loop(wr, rx, peer));
+    let idle = Duration::from_millis(broker.config.idle_timeout_ms);
+    tracing::debug!(%peer, "connection opened");
+    loop {
+        let next = tokio::select! {
+            _ = broker.shutdown.cancelled() => break,
+            r = tokio::time::timeout(idle, frames.next()) => r,
+        };
+        let frame = match next {
+            Err(_) => {
+                tracing::info!(%peer, idle_ms = broker.config.idle_timeout_ms, "closing idle connection");
+                break;
+            }
+            Ok(None) => break,
+            Ok(Some(Err(FrameError::TooLarge { len, max }))) => {
+                tracing::warn!(%peer, len, max, "closing connection: frame exceeds frame_bytes_max");
+                metrics::counter!("cairn_requests_total", "api" => "unknown", "result" => "FRAME_TOO_LARGE").increment(1);
+                break;
+            }
+            Ok(Some(Err(FrameError::Io(e)))) => {
+                tracing::debug!(%peer, error = %e, "connection read failed");
+                break;
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        match dispatch(&broker, frame, peer) {
+            Reply::Now(chunks) => {
+                if tx.send(Pending::Ready(chunks)).await.is_err() {
+                    break;
+                }
+            }
+            Reply::Later(rx) => {
+                if tx.send(Pending::Later(rx)).await.is_err() {
+                    break;
+                }
+            }
+            Reply::Nothing => {}
+            Reply::Close => break,
+        }
+    }
+    drop(tx);
+    // The writer drains every response already owed, then closes the socket.
+    if let Ok(Err(e)) = writer.await {
+        tracing::debug!(%peer, error = %e, "connection write failed");
+    }
+    tracing::debug!(%peer, "connection closed");
+}
+
+async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Pending>, peer: SocketAddr) -> std::io::Result<()> {
+    let mut out: Vec<Bytes> = Vec::with_capacity(64);
+    while let Some(first) = rx.recv().await {
+        let mut gathered = resolve(first, &mut out).await;
+        // Gather more responses that are already ready into the same write.
+        while gathered < WRITE_GATHER_BYTES && out.len() < IOV_MAX {
+            match rx.try_recv() {
+                Ok(p) => gathered += resolve(p, &mut out).await,
+                Err(_) => break,
+            }
+        }
+        write_all_vectored(&mut wr, &mut out).await?;
+    }
+    let _ = wr.shutdown().await;
+    tracing::trace!(%peer, "writer finished");
+    Ok(())
+}
+
+/// Appends a response's chunks to `out`, waiting for it if needed; returns its size.
+async fn resolve(p: Pending, out: &mut Vec<Bytes>) -> usize {
+    let chunks = match p {
+        Pending::Ready(c) => c,
+        // A handler that dropped its sender owes no response (it already logged why).
+        Pending::Later(rx) => rx.await.unwrap_or_default(),
+    };
+    let n = chunks.iter().map(Bytes::len).sum();
+    out.extend(chunks);
+    n
+}
+
+/// Writes every chunk with as few `writev` calls as the kernel allows.
+async fn write_all_vectored(wr: &mut OwnedWriteHalf, bufs: &mut Vec<Bytes>) -> std::io::Result<()> {
+    let mut start = 0;
+    while start < bufs.len() {
+        let end = (start + IOV_MAX).min(bufs.len());
+        let slices: Vec<IoSlice<'_>> = bufs[start..end].iter().map(|b| IoSlice::new(b)).collect();
+        let mut written = wr.write_vectored(&slices).await?;
+        if written == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while written > 0 && start < bufs.len() {
+            let len = bufs[start].len();
+            if written >= len {
+                written -= len;
+                start += 1;
+            } else {
+                bufs[start].advance(written);
+                written = 0;
+            }
+        }
+        while start < bufs.len() && bufs[start].is_empty() {
+            start += 1;
+        }
+    }
+    bufs.clear();
+    Ok(())
+}

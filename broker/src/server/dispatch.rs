@@ -1,0 +1,73 @@
+//! Decodes a request frame and routes it to its handler.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+
+use cairn_protocol::api::encode_error_response;
+use cairn_protocol::messages::api_versions::ApiVersionsResponse;
+use cairn_protocol::{decode_request, encode_response, AnyRequest, DecodeError, ErrorCode, HeaderError};
+
+use super::Broker;
+use crate::handlers;
+
+/// What the connection should do with a request.
+pub(crate) enum Reply {
+    /// Send this response now (in order).
+    Now(Vec<Bytes>),
+    /// Send the response when the handler delivers it (still in order).
+    Later(oneshot::Receiver<Vec<Bytes>>),
+    /// No response (produce with acks = none).
+    Nothing,
+    /// Close the connection (the frame could not even be attributed).
+    Close,
+}
+
+pub(crate) fn dispatch(broker: &Arc<Broker>, frame: Bytes, peer: SocketAddr) -> Reply {
+    let started = Instant::now();
+    let (header, request) = match decode_request(frame) {
+        Ok(r) => r,
+        Err(HeaderError::Unreadable(e)) => {
+            tracing::warn!(%peer, error = %e, "closing connection: request header unreadable");
+            return Reply::Close;
+        }
+        Err(HeaderError::Invalid { correlation_id, error }) => {
+            let code = match error {
+                DecodeError::UnknownApiKey(_) | DecodeError::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,
+                _ => ErrorCode::InvalidRequest,
+            };
+            tracing::info!(%peer, correlation_id, error = %error, "rejecting request");
+            metrics::counter!("cairn_requests_total", "api" => "unknown", "result" => code.name()).increment(1);
+            return Reply::Now(encode_error_response(correlation_id, code, &error.to_string()));
+        }
+    };
+    let corr = header.correlation_id;
+    let api = request.api_key();
+    if broker.shutdown.is_cancelled() {
+        broker.requests.record(api, Some(ErrorCode::ShuttingDown.name()), started.elapsed());
+        return Reply::Now(encode_error_response(corr, ErrorCode::ShuttingDown, "the broker is shutting down"));
+    }
+    let ctx = handlers::Ctx { broker: Arc::clone(broker), corr, started, api, client_id: header.client_id };
+    match request {
+        AnyRequest::ApiVersions(_) => {
+            ctx.done(None);
+            Reply::Now(encode_response(corr, &ApiVersionsResponse::supported(env!("CARGO_PKG_VERSION"))))
+        }
+        AnyRequest::Metadata(r) => handlers::topics::metadata(ctx, r),
+        AnyRequest::CreateTopics(r) => handlers::topics::create_topics(ctx, r),
+        AnyRequest::DeleteTopics(r) => handlers::topics::delete_topics(ctx, r),
+        AnyRequest::Produce(r) => handlers::produce::produce(ctx, r),
+        AnyRequest::Fetch(r) => handlers::fetch::fetch(ctx, r),
+        AnyRequest::ListOffsets(r) => handlers::list_offsets::list_offsets(ctx, r),
+        AnyRequest::OffsetCommit(r) => handlers::groups::offset_commit(ctx, r),
+        AnyRequest::OffsetFetch(r) => handlers::groups::offset_fetch(ctx, r),
+        AnyRequest::JoinGroup(r) => handlers::groups::join_group(ctx, r),
+        AnyRequest::Heartbeat(r) => handlers::groups::heartbeat(ctx, r),
+        AnyRequest::LeaveGroup(r) => handlers::groups::leave_group(ctx, r),
+        AnyRequest::ListGroups(_) => handlers::groups::list_groups(ctx),
+        AnyRequest::DescribeGroups(r) => handlers::groups::describe_groups(ctx, r),
+    }
+}

@@ -1,0 +1,141 @@
+//! The TCP server: shared broker state, the accept loop, connections and graceful shutdown.
+
+mod connection;
+mod dispatch;
+
+pub(crate) use dispatch::Reply;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::BrokerConfig;
+use crate::groups::Coordinator;
+use crate::metrics::{RequestMetrics, TopicMetrics};
+use crate::storage::LogStore;
+
+/// State shared by every connection.
+#[derive(Debug)]
+pub struct Broker {
+    /// Effective configuration.
+    pub config: BrokerConfig,
+    /// The log store.
+    pub store: LogStore,
+    /// Consumer group coordinator.
+    pub groups: Coordinator,
+    /// Cancelled when shutdown begins.
+    pub shutdown: CancellationToken,
+    /// Set once recovery is done and the listener accepts clients.
+    pub ready: AtomicBool,
+    /// Open client connections.
+    pub connections: AtomicUsize,
+    pub(crate) parked_fetches: AtomicUsize,
+    pub(crate) requests: RequestMetrics,
+    notifiers: RwLock<HashMap<(String, u32), Arc<Notify>>>,
+    topic_metrics: RwLock<HashMap<String, TopicMetrics>>,
+}
+
+impl Broker {
+    /// Wraps an opened store.
+    pub fn new(config: BrokerConfig, store: LogStore, groups: Coordinator, shutdown: CancellationToken) -> Broker {
+        Broker {
+            config,
+            store,
+            groups,
+            shutdown,
+            ready: AtomicBool::new(false),
+            connections: AtomicUsize::new(0),
+            parked_fetches: AtomicUsize::new(0),
+            requests: RequestMetrics::default(),
+            notifiers: RwLock::new(HashMap::new()),
+            topic_metrics: RwLock::new(HashMap::new()),
+        }
+    }
+
+    /// The notifier woken whenever `topic`/`partition` gets new data.
+    pub(crate) fn notifier(&self, topic: &str, partition: u32) -> Arc<Notify> {
+        let key = (topic.to_owned(), partition);
+        if let Some(n) = self.notifiers.read().expect("notifiers lock").get(&key) {
+            return Arc::clone(n);
+        }
+        Arc::clone(self.notifiers.write().expect("notifiers lock").entry(key).or_default())
+    }
+
+    /// Wakes fetches parked on a partition.
+    pub(crate) fn notify_append(&self, topic: &str, partition: u32) {
+        let key = (topic.to_owned(), partition);
+        if let Some(n) = self.notifiers.read().expect("notifiers lock").get(&key) {
+            n.notify_waiters();
+        }
+    }
+
+    /// Throughput counters of a topic.
+    pub(crate) fn topic_metrics(&self, topic: &str) -> TopicMetrics {
+        if let Some(m) = self.topic_metrics.read().expect("topic metrics lock").get(topic) {
+            return m.clone();
+        }
+        self.topic_metrics
+            .write()
+            .expect("topic metrics lock")
+            .entry(topic.to_owned())
+            .or_insert_with(|| TopicMetrics::new(topic))
+            .clone()
+    }
+}
+
+/// Accepts connections until shutdown, then waits (bounded by `shutdown_timeout_ms`) for the
+/// open connections to finish their in-flight requests.
+pub async fn serve(broker: Arc<Broker>, listener: TcpListener) {
+    let tracker = TaskTracker::new();
+    let slots = Arc::new(Semaphore::new(broker.config.connections_max));
+    broker.ready.store(true, Ordering::Release);
+    loop {
+        let accepted = tokio::select! {
+            _ = broker.shutdown.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                // Out of file descriptors and similar: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+            tracing::warn!(%peer, limit = broker.config.connections_max, "connection refused: connections_max reached");
+            metrics::counter!("cairn_connections_refused_total").increment(1);
+            drop(stream);
+            continue;
+        };
+        let broker = Arc::clone(&broker);
+        tracker.spawn(async move {
+            broker.connections.fetch_add(1, Ordering::Relaxed);
+            connection::run(Arc::clone(&broker), stream, peer).await;
+            broker.connections.fetch_sub(1, Ordering::Relaxed);
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tracker.close();
+    let grace = Duration::from_millis(broker.config.shutdown_timeout_ms);
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!(open = tracker.len(), "shutdown timeout: abandoning connections still open");
+    }
+}
+
+/// Binds the client listener.
+///
+/// # Errors
+/// When the address cannot be bound.
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}

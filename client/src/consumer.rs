@@ -1,0 +1,627 @@
+//! The consumer: explicit assignment or group membership, seeking, long-poll fetching with the
+//! next fetch already in flight, commits, and a `Stream` of records.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::Stream;
+use tokio::task::JoinHandle;
+
+use cairn_protocol::messages::fetch::{FetchGroup, FetchPartition, FetchRequest, FetchResponse, FetchTopic};
+use cairn_protocol::messages::groups::{HeartbeatRequest, JoinGroupRequest, LeaveGroupRequest};
+use cairn_protocol::messages::list_offsets::{
+    ListOffsetsPartition, ListOffsetsRequest, ListOffsetsTopic, EARLIEST_TIMESTAMP, LATEST_TIMESTAMP,
+};
+use cairn_protocol::messages::metadata::MetadataRequest;
+use cairn_protocol::messages::offsets::{
+    OffsetCommitPartition, OffsetCommitRequest, OffsetCommitTopic, OffsetFetchRequest, OffsetFetchTopic,
+};
+use cairn_protocol::record_batch::BatchSplitter;
+use cairn_protocol::{ErrorCode, Header};
+
+use crate::connection::{Connection, ConnectionConfig};
+use crate::error::{Error, Result};
+
+/// Where to start reading a partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offset {
+    /// The first offset still in the log.
+    Earliest,
+    /// The log end: only records produced from now on.
+    Latest,
+    /// An exact offset.
+    At(i64),
+    /// The first record with a timestamp at or after this (ms since the epoch).
+    Timestamp(i64),
+}
+
+/// Consumer settings.
+#[derive(Debug, Clone)]
+pub struct ConsumerConfig {
+    /// Broker connection.
+    pub connection: ConnectionConfig,
+    /// Consumer group for [`Consumer::subscribe`] and commits.
+    pub group: Option<String>,
+    /// Static membership id: a restarting member gets its partitions back without a rebalance.
+    pub group_instance_id: Option<String>,
+    /// A member silent for this long is removed from the group. Default 10 s.
+    pub session_timeout: Duration,
+    /// How long a rebalance waits for members to rejoin. Default 30 s.
+    pub rebalance_timeout: Duration,
+    /// Where to start when the group has no committed offset (or the offset is out of range).
+    /// Default [`Offset::Earliest`]: an agent must not miss state changes.
+    pub auto_offset_reset: Offset,
+    /// Commit returned positions periodically and on close. Default true.
+    pub auto_commit: bool,
+    /// Auto-commit period. Default 5 s.
+    pub auto_commit_interval: Duration,
+    /// Longest a fetch is parked at the broker waiting for data. Default 500 ms.
+    pub fetch_max_wait: Duration,
+    /// Bytes a fetch waits for. Default 1.
+    pub fetch_min_bytes: u32,
+    /// Upper bound on a fetch response's records. Default 50 MiB.
+    pub fetch_max_bytes: u32,
+    /// Upper bound per partition per fetch. Default 1 MiB.
+    pub partition_fetch_max_bytes: u32,
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        ConsumerConfig {
+            connection: ConnectionConfig::default(),
+            group: None,
+            group_instance_id: None,
+            session_timeout: Duration::from_secs(10),
+            rebalance_timeout: Duration::from_secs(30),
+            auto_offset_reset: Offset::Earliest,
+            auto_commit: true,
+            auto_commit_interval: Duration::from_secs(5),
+            fetch_max_wait: Duration::from_millis(500),
+            fetch_min_bytes: 1,
+            fetch_max_bytes: 50 * 1024 * 1024,
+            partition_fetch_max_bytes: 1024 * 1024,
+        }
+    }
+}
+
+/// A consumed record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerRecord {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: u32,
+    /// Offset.
+    pub offset: i64,
+    /// Timestamp, ms since the epoch.
+    pub timestamp: i64,
+    /// Key.
+    pub key: Option<Bytes>,
+    /// Value.
+    pub value: Option<Bytes>,
+    /// Headers.
+    pub headers: Vec<Header>,
+}
+
+type TopicPartition = (String, u32);
+
+#[derive(Debug, Clone, Copy)]
+enum Position {
+    Resolve(Offset),
+    At(i64),
+}
+
+#[derive(Debug)]
+struct Membership {
+    group: String,
+    member_id: String,
+    generation: i32,
+    topics: Vec<String>,
+    rejoin: Arc<AtomicBool>,
+    heartbeat: Option<JoinHandle<()>>,
+}
+
+/// A consumer. Not `Clone`: one owner polls it.
+///
+/// ```no_run
+/// # async fn demo() -> cairn_client::Result<()> {
+/// use cairn_client::{Consumer, ConsumerConfig, Offset};
+/// let mut consumer = Consumer::connect(ConsumerConfig::default()).await?;
+/// consumer.assign("events", None).await?;
+/// consumer.seek_all(Offset::Earliest);
+/// let records = consumer.poll(std::time::Duration::from_secs(1)).await?;
+/// for r in records {
+///     println!("{}@{}: {:?}", r.partition, r.offset, r.value);
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Debug)]
+pub struct Consumer {
+    config: ConsumerConfig,
+    conn: Connection,
+    positions: BTreeMap<TopicPartition, Position>,
+    /// Next offset after the last record handed out, per partition: what a commit stores.
+    returned: BTreeMap<TopicPartition, i64>,
+    buffer: VecDeque<ConsumerRecord>,
+    in_flight: Option<(JoinHandle<Result<FetchResponse>>, BTreeMap<TopicPartition, i64>)>,
+    membership: Option<Membership>,
+    last_commit: Instant,
+}
+
+impl Consumer {
+    /// Connects.
+    ///
+    /// # Errors
+    /// An unreachable broker.
+    pub async fn connect(config: ConsumerConfig) -> Result<Consumer> {
+        let conn = Connection::connect(config.connection.clone()).await?;
+        Ok(Consumer {
+            config,
+            conn,
+            positions: BTreeMap::new(),
+            returned: BTreeMap::new(),
+            buffer: VecDeque::new(),
+            in_flight: None,
+            membership: None,
+            last_commit: Instant::now(),
+        })
+    }
+
+    async fn partitions_of(&self, topic: &str) -> Result<u32> {
+        let resp = self.conn.request(&MetadataRequest { topics: Some(vec![topic.to_owned()]) }).await?;
+        match resp.topics.into_iter().next() {
+            Some(t) if t.error.is_ok() => Ok(t.partitions.len() as u32),
+            _ => Err(Error::UnknownTopic(topic.to_owned())),
+        }
+    }
+
+    /// Reads `partitions` of `topic` (all of them when `None`), starting at
+    /// `auto_offset_reset` unless [`Consumer::seek`] says otherwise.
+    ///
+    /// # Errors
+    /// Unknown topic or partition.
+    pub async fn assign(&mut self, topic: &str, partitions: Option<Vec<u32>>) -> Result<()> {
+        let count = self.partitions_of(topic).await?;
+        let list = partitions.unwrap_or_else(|| (0..count).collect());
+        for p in list {
+            if p >= count {
+                return Err(Error::InvalidArgument(format!("partition {p} does not exist: {topic} has {count}")));
+            }
+            self.positions.insert((topic.to_owned(), p), Position::Resolve(self.config.auto_offset_reset));
+        }
+        self.cancel_fetch();
+        Ok(())
+    }
+
+    /// Joins the configured group subscribed to `topics`; the broker assigns partitions.
+    ///
+    /// # Errors
+    /// No group configured, or the join failed.
+    pub async fn subscribe(&mut self, topics: &[&str]) -> Result<()> {
+        let group = self.config.group.clone().ok_or_else(|| Error::InvalidArgument("subscribe needs a group".into()))?;
+        for t in topics {
+            self.partitions_of(t).await?;
+        }
+        self.membership = Some(Membership {
+            group,
+            member_id: String::new(),
+            generation: -1,
+            topics: topics.iter().map(|t| t.to_string()).collect(),
+            rejoin: Arc::new(AtomicBool::new(true)),
+            heartbeat: None,
+        });
+        self.rejoin().await
+    }
+
+    /// The partitions currently assigned.
+    pub fn assignment(&self) -> Vec<(String, u32)> {
+        self.positions.keys().cloned().collect()
+    }
+
+    /// Moves the position of one assigned partition.
+    pub fn seek(&mut self, topic: &str, partition: u32, to: Offset) {
+        let key = (topic.to_owned(), partition);
+        if self.positions.contains_key(&key) {
+            self.positions.insert(key.clone(), Position::Resolve(to));
+            self.buffer.retain(|r| !(r.topic == topic && r.partition == partition));
+            self.cancel_fetch();
+        }
+    }
+
+    /// Moves the position of every assigned partition.
+    pub fn seek_all(&mut self, to: Offset) {
+        for p in self.positions.values_mut() {
+            *p = Position::Resolve(to);
+        }
+        self.buffer.clear();
+        self.cancel_fetch();
+    }
+
+    /// The next offset to be fetched for each partition (after resolving seeks).
+    pub fn positions(&self) -> BTreeMap<(String, u32), Option<i64>> {
+        self.positions
+            .iter()
+            .map(|(k, p)| (k.clone(), match p { Position::At(o) => Some(*o), Position::Resolve(_) => None }))
+            .collect()
+    }
+
+    fn cancel_fetch(&mut self) {
+        if let Some((h, _)) = self.in_flight.take() {
+            h.abort();
+        }
+    }
+
+    async fn rejoin(&mut self) -> Result<()> {
+        let Some(m) = self.membership.as_mut() else { return Ok(()) };
+        if let Some(h) = m.heartbeat.take() {
+            h.abort();
+        }
+        let group = m.group.clone();
+        let req = JoinGroupRequest {
+            group_id: group.clone(),
+            member_id: m.member_id.clone(),
+            group_instance_id: self.config.group_instance_id.clone(),
+            session_timeout_ms: self.config.session_timeout.as_millis() as u32,
+            rebalance_timeout_ms: self.config.rebalance_timeout.as_millis() as u32,
+            topics: m.topics.clone(),
+        };
+        let resp = self.conn.request_with(&req, self.config.rebalance_timeout).await?;
+        let m = self.membership.as_mut().expect("membership present");
+        match resp.error {
+            ErrorCode::None => {}
+            ErrorCode::UnknownMemberId => {
+                m.member_id.clear();
+                return Err(Error::broker(ErrorCode::UnknownMemberId, Some("rejoin as a new member".into())));
+            }
+            code => return Err(Error::broker(code, None)),
+        }
+        m.member_id = resp.member_id.clone();
+        m.generation = resp.generation_id;
+        m.rejoin.store(false, Ordering::Release);
+        tracing::info!(group = %group, member = %m.member_id, generation = m.generation, "joined group");
+        // Heartbeats run on their own connection so that long fetches never delay them.
+        let hb_conn = Connection::new(self.config.connection.clone());
+        let flag = Arc::clone(&m.rejoin);
+        let interval = Duration::from_millis(u64::from(resp.heartbeat_interval_ms.max(100)));
+        let hb = HeartbeatRequest { group_id: group.clone(), member_id: m.member_id.clone(), generation_id: m.generation };
+        m.heartbeat = Some(tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(interval).await;
+                match hb_conn.request(&hb).await {
+                    Ok(r) if r.error.is_ok() => {}
+                    Ok(r) => {
+                        tracing::info!(error = %r.error, "heartbeat: rejoining the group");
+                        flag.store(true, Ordering::Release);
+                        return;
+                    }
+                    Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+                }
+            }
+        }));
+        // New assignment: committed offsets, else auto_offset_reset.
+        self.cancel_fetch();
+        self.buffer.clear();
+        self.positions.clear();
+        self.returned.clear();
+        let assigned: Vec<(String, u32)> =
+            resp.assignment.iter().flat_map(|tp| tp.partitions.iter().map(move |p| (tp.topic.clone(), *p))).collect();
+        if assigned.is_empty() {
+            return Ok(());
+        }
+        let committed = self.committed_offsets(&group, &assigned).await?;
+        for tp in assigned {
+            let pos = match committed.get(&tp) {
+                Some(o) if *o >= 0 => Position::At(*o),
+                _ => {
+                    tracing::info!(group = %group, topic = %tp.0, partition = tp.1, reset = ?self.config.auto_offset_reset,
+                        "no committed offset; starting from auto_offset_reset");
+                    Position::Resolve(self.config.auto_offset_reset)
+                }
+            };
+            self.positions.insert(tp, pos);
+        }
+        Ok(())
+    }
+
+    async fn committed_offsets(&self, group: &str, tps: &[(String, u32)]) -> Result<BTreeMap<TopicPartition, i64>> {
+        let mut topics: Vec<OffsetFetchTopic> = Vec::new();
+        for (t, p) in tps {
+            match topics.iter_mut().find(|x| &x.name == t) {
+                Some(x) => x.partitions.push(*p),
+                None => topics.push(OffsetFetchTopic { name: t.clone(), partitions: vec![*p] }),
+            }
+        }
+        let resp = self.conn.request(&OffsetFetchRequest { group_id: group.to_owned(), topics: Some(topics) }).await?;
+        Ok(resp.topics.into_iter().flat_map(|t| t.partitions.into_iter().map(move |p| ((t.name.clone(), p.partition), p.offset))).collect())
+    }
+
+    async fn resolve_positions(&mut self) -> Result<()> {
+        let pending: Vec<(TopicPartition, Offset)> = self
+            .positions
+            .iter()
+            .filter_map(|(k, p)| match p {
+                Position::Resolve(o) => Some((k.clone(), *o)),
+                Position::At(_) => None,
+            })
+            .collect();
+        for ((topic, partition), offset) in pending {
+            let at = match offset {
+                Offset::At(o) => o,
+                Offset::Earliest | Offset::Latest | Offset::Timestamp(_) => {
+                    let timestamp = match offset {
+                        Offset::Earliest => EARLIEST_TIMESTAMP,
+                        Offset::Latest => LATEST_TIMESTAMP,
+                        Offset::Timestamp(t) => t,
+                        Offset::At(_) => unreachable!("handled above"),
+                    };
+                    let req = ListOffsetsRequest {
+                        topics: vec![ListOffsetsTopic { name: topic.clone(), partitions: vec![ListOffsetsPartition { partition, timestamp }] }],
+                    };
+                    let resp = self.conn.request(&req).await?;
+                    let p = resp.topics.into_iter().flat_map(|t| t.partitions).next();
+                    match p {
+                        Some(p) if p.error.is_ok() => p.offset,
+                        Some(p) => return Err(Error::broker(p.error, Some(format!("{topic}-{partition}")))),
+                        None => return Err(Error::UnknownTopic(topic)),
+                    }
+                }
+            };
+            self.positions.insert((topic, partition), Position::At(at));
+        }
+        Ok(())
+    }
+
+    fn start_fetch(&mut self) {
+        if self.in_flight.is_some() || self.positions.is_empty() {
+            return;
+        }
+        let mut offsets = BTreeMap::new();
+        let mut topics: Vec<FetchTopic> = Vec::new();
+        for ((t, p), pos) in &self.positions {
+            let Position::At(o) = pos else { continue };
+            offsets.insert((t.clone(), *p), *o);
+            let fp = FetchPartition { partition: *p, fetch_offset: *o, partition_max_bytes: self.config.partition_fetch_max_bytes };
+            match topics.iter_mut().find(|x| &x.name == t) {
+                Some(x) => x.partitions.push(fp),
+                None => topics.push(FetchTopic { name: t.clone(), partitions: vec![fp] }),
+            }
+        }
+        let group = self.membership.as_ref().map(|m| FetchGroup {
+            group_id: m.group.clone(),
+            member_id: m.member_id.clone(),
+            generation_id: m.generation,
+        });
+        let req = FetchRequest {
+            max_wait_ms: self.config.fetch_max_wait.as_millis() as u32,
+            min_bytes: self.config.fetch_min_bytes,
+            max_bytes: self.config.fetch_max_bytes,
+            group,
+            topics,
+        };
+        let conn = self.conn.clone();
+        let extra = self.config.fetch_max_wait;
+        self.in_flight = Some((tokio::spawn(async move { conn.request_with(&req, extra).await }), offsets));
+    }
+
+    /// Returns the records available now, or waits up to `timeout` for some. The next fetch is
+    /// sent before this returns, so the following call usually finds data waiting.
+    ///
+    /// # Errors
+    /// Connection errors after the broker stays unreachable, group errors, or broker errors.
+    pub async fn poll(&mut self, timeout: Duration) -> Result<Vec<ConsumerRecord>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.membership.as_ref().is_some_and(|m| m.rejoin.load(Ordering::Acquire)) {
+                self.before_rebalance().await;
+                if let Err(e) = self.rejoin().await {
+                    if !e.is_retriable() && e.code() != Some(ErrorCode::UnknownMemberId) && e.code() != Some(ErrorCode::RebalanceInProgress) {
+                        return Err(e);
+                    }
+                    tracing::info!(error = %e, "rejoin failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            }
+            if !self.buffer.is_empty() {
+                let out: Vec<_> = self.buffer.drain(..).collect();
+                for r in &out {
+                    self.returned.insert((r.topic.clone(), r.partition), r.offset + 1);
+                }
+                self.maybe_auto_commit().await;
+                return Ok(out);
+            }
+            self.resolve_positions().await?;
+            self.start_fetch();
+            let Some((handle, _)) = self.in_flight.as_mut() else {
+                // Nothing assigned: wait out the timeout (a group may assign later).
+                let left = deadline.saturating_duration_since(Instant::now());
+                tokio::time::sleep(left.min(Duration::from_millis(100))).await;
+                if Instant::now() >= deadline {
+                    return Ok(Vec::new());
+                }
+                continue;
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            let result = match tokio::time::timeout(left, handle).await {
+                Err(_) => return Ok(Vec::new()),
+                Ok(r) => r,
+            };
+            let (_, offsets) = self.in_flight.take().expect("in flight");
+            let response = match result {
+                Ok(Ok(r)) => r,
+                Ok(Err(e)) if e.is_retriable() => {
+                    tracing::warn!(error = %e, "fetch failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                Ok(Err(e)) => return Err(e),
+                Err(_) => continue,
+            };
+            self.absorb(response, &offsets)?;
+            self.start_fetch();
+            if self.buffer.is_empty() && Instant::now() >= deadline {
+                return Ok(Vec::new());
+            }
+        }
+    }
+
+    fn absorb(&mut self, response: FetchResponse, offsets: &BTreeMap<TopicPartition, i64>) -> Result<()> {
+        for t in response.topics {
+            for p in t.partitions {
+                let key = (t.name.clone(), p.partition);
+                let Some(Position::At(pos)) = self.positions.get(&key).copied() else { continue };
+                if offsets.get(&key) != Some(&pos) {
+                    continue; // a seek happened while this fetch was in flight
+                }
+                match p.error {
+                    ErrorCode::None => {}
+                    ErrorCode::OffsetOutOfRange => {
+                        tracing::warn!(topic = %t.name, partition = p.partition, offset = pos, log_start = p.log_start_offset,
+                            log_end = p.log_end_offset, reset = ?self.config.auto_offset_reset, "offset out of range; resetting");
+                        self.positions.insert(key, Position::Resolve(self.config.auto_offset_reset));
+                        continue;
+                    }
+                    ErrorCode::RebalanceInProgress | ErrorCode::IllegalGeneration | ErrorCode::UnknownMemberId | ErrorCode::NotAssigned
+                        if self.membership.is_some() =>
+                    {
+                        if let Some(m) = &self.membership {
+                            m.rejoin.store(true, Ordering::Release);
+                        }
+                        continue;
+                    }
+                    code => return Err(Error::broker(code, Some(format!("fetch {}-{}", t.name, p.partition)))),
+                }
+                let mut next = pos;
+                for batch in BatchSplitter::new(p.records_bytes()) {
+                    let batch = batch?;
+                    for record in batch.records() {
+                        let record = record?;
+                        if record.offset < next {
+                            continue;
+                        }
+                        next = record.offset + 1;
+                        self.buffer.push_back(ConsumerRecord {
+                            topic: t.name.clone(),
+                            partition: p.partition,
+                            offset: record.offset,
+                            timestamp: record.timestamp,
+                            key: record.key,
+                            value: record.value,
+                            headers: record.headers,
+                        });
+                    }
+                }
+                self.positions.insert(key, Position::At(next));
+            }
+        }
+        Ok(())
+    }
+
+    async fn before_rebalance(&mut self) {
+        if self.config.auto_commit {
+            if let Err(e) = self.commit().await {
+                tracing::info!(error = %e, "commit before rebalance failed; records since the last commit may be redelivered");
+            }
+        }
+        self.cancel_fetch();
+        self.buffer.clear();
+    }
+
+    async fn maybe_auto_commit(&mut self) {
+        if self.config.auto_commit && self.config.group.is_some() && self.last_commit.elapsed() >= self.config.auto_commit_interval {
+            if let Err(e) = self.commit().await {
+                tracing::warn!(error = %e, "auto-commit failed");
+            }
+        }
+    }
+
+    /// Commits, for every partition, the offset after the last record returned by `poll`
+    /// (durable at the broker before this returns).
+    ///
+    /// # Errors
+    /// No group configured, a stale generation (`ILLEGAL_GENERATION`), or connection errors.
+    pub async fn commit(&mut self) -> Result<()> {
+        let returned = self.returned.clone();
+        self.commit_offsets(&returned).await
+    }
+
+    /// Commits explicit offsets (each the next offset to consume) for the configured group.
+    ///
+    /// # Errors
+    /// As [`Consumer::commit`].
+    pub async fn commit_offsets(&mut self, offsets: &BTreeMap<(String, u32), i64>) -> Result<()> {
+        let group = self.config.group.clone().ok_or_else(|| Error::InvalidArgument("commit needs a group".into()))?;
+        self.last_commit = Instant::now();
+        if offsets.is_empty() {
+            return Ok(());
+        }
+        let mut topics: Vec<OffsetCommitTopic> = Vec::new();
+        for ((t, p), o) in offsets {
+            let part = OffsetCommitPartition { partition: *p, offset: *o, metadata: None };
+            match topics.iter_mut().find(|x| &x.name == t) {
+                Some(x) => x.partitions.push(part),
+                None => topics.push(OffsetCommitTopic { name: t.clone(), partitions: vec![part] }),
+            }
+        }
+        let (member_id, generation_id) = match &self.membership {
+            Some(m) => (m.member_id.clone(), m.generation),
+            None => (String::new(), -1),
+        };
+        let resp = self.conn.request(&OffsetCommitRequest { group_id: group, member_id, generation_id, topics }).await?;
+        for t in resp.topics {
+            for (p, code) in t.partitions {
+                if !code.is_ok() {
+                    return Err(Error::broker(code, Some(format!("commit {}-{p}", t.name))));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Commits (with auto-commit), leaves the group so its partitions move at once, and stops.
+    ///
+    /// # Errors
+    /// The commit's error; the group is left regardless.
+    pub async fn close(mut self) -> Result<()> {
+        let committed = if self.config.auto_commit && self.config.group.is_some() { self.commit().await } else { Ok(()) };
+        self.cancel_fetch();
+        if let Some(m) = self.membership.take() {
+            if let Some(h) = m.heartbeat {
+                h.abort();
+            }
+            if !m.member_id.is_empty() {
+                let _ = self.conn.request(&LeaveGroupRequest { group_id: m.group, member_id: m.member_id }).await;
+            }
+        }
+        committed
+    }
+
+    /// Turns the consumer into a `Stream` of records (`while let Some(r) = stream.next().await`).
+    pub fn into_stream(self) -> impl Stream<Item = Result<ConsumerRecord>> {
+        futures::stream::unfold((self, VecDeque::new()), |(mut consumer, mut pending)| async move {
+            loop {
+                if let Some(r) = pending.pop_front() {
+                    return Some((Ok(r), (consumer, pending)));
+                }
+                match consumer.poll(Duration::from_secs(1)).await {
+                    Ok(batch) => pending.extend(batch),
+                    Err(e) => return Some((Err(e), (consumer, pending))),
+                }
+            }
+        })
+    }
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        self.cancel_fetch();
+        if let Some(m) = &mut self.membership {
+            if let Some(h) = m.heartbeat.take() {
+                h.abort();
+            }
+        }
+    }
+}

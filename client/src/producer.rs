@@ -1,0 +1,563 @@
+//! The batching producer.
+//!
+//! `send` puts a record into its partition's open batch and returns at once with a [`Delivery`]
+//! handle; a sender task ships a batch when it is full (`batch_bytes_max`) or old
+//! (`linger`). Memory is bounded: `send` waits while `buffer_bytes_max` bytes are unsent or
+//! unacknowledged. Each partition has at most one batch in flight, so retries (with backoff, up to
+//! `delivery_timeout`) never reorder a partition; different partitions are in flight together.
+
+use std::collections::{HashMap, VecDeque};
+use std::future::{Future, IntoFuture};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{Notify, Semaphore};
+
+use cairn_protocol::messages::metadata::MetadataRequest;
+use cairn_protocol::messages::produce::{ProducePartition, ProduceRequest, ProduceTopic};
+use cairn_protocol::record_batch::BATCH_HEADER_LEN;
+use cairn_protocol::{Acks, ErrorCode, Header, RecordBatchBuilder};
+
+use crate::connection::{Connection, ConnectionConfig};
+use crate::error::{Error, Result};
+use crate::partitioner::partition_for_key;
+
+/// Producer settings.
+#[derive(Debug, Clone)]
+pub struct ProducerConfig {
+    /// Broker connection.
+    pub connection: ConnectionConfig,
+    /// Durability required before a record counts as delivered. Default `leader`.
+    pub acks: Acks,
+    /// Largest batch sent (must not exceed the broker's `batch_bytes_max`). Default 512 KiB.
+    pub batch_bytes_max: usize,
+    /// How long a batch may wait to fill up. Default 5 ms.
+    pub linger: Duration,
+    /// Bytes of records buffered or in flight before `send` waits. Default 64 MiB.
+    pub buffer_bytes_max: usize,
+    /// Give up on a record this long after it was sent. Default 120 s.
+    pub delivery_timeout: Duration,
+    /// First retry delay; doubles up to 1 s. Default 100 ms.
+    pub retry_backoff: Duration,
+    /// Produce requests in flight at once (one batch per partition each). Default 16.
+    pub in_flight_requests_max: usize,
+}
+
+impl Default for ProducerConfig {
+    fn default() -> Self {
+        ProducerConfig {
+            connection: ConnectionConfig::default(),
+            acks: Acks::Leader,
+            batch_bytes_max: 512 * 1024,
+            linger: Duration::from_millis(5),
+            buffer_bytes_max: 64 * 1024 * 1024,
+            delivery_timeout: Duration::from_secs(120),
+            retry_backoff: Duration::from_millis(100),
+            in_flight_requests_max: 16,
+        }
+    }
+}
+
+/// A record to send.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProducerRecord {
+    /// Topic.
+    pub topic: String,
+    /// Explicit partition; otherwise chosen from the key (or sticky round-robin without one).
+    pub partition: Option<u32>,
+    /// Optional key.
+    pub key: Option<Bytes>,
+    /// Optional value.
+    pub value: Option<Bytes>,
+    /// Headers.
+    pub headers: Vec<Header>,
+    /// Create time in ms since the epoch; now if unset.
+    pub timestamp: Option<i64>,
+}
+
+impl ProducerRecord {
+    /// A record with a value.
+    pub fn new(topic: impl Into<String>, value: impl Into<Bytes>) -> ProducerRecord {
+        ProducerRecord { topic: topic.into(), value: Some(value.into()), ..ProducerRecord::default() }
+    }
+    /// Sets the key.
+    pub fn key(mut self, key: impl Into<Bytes>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+    /// Sets an explicit partition.
+    pub fn partition(mut self, partition: u32) -> Self {
+        self.partition = Some(partition);
+        self
+    }
+    /// Adds a header.
+    pub fn header(mut self, key: impl Into<String>, value: impl Into<Bytes>) -> Self {
+        self.headers.push(Header { key: key.into(), value: Some(value.into()) });
+        self
+    }
+    /// Sets the timestamp.
+    pub fn timestamp(mut self, ms: i64) -> Self {
+        self.timestamp = Some(ms);
+        self
+    }
+}
+
+/// Where a delivered record landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordMetadata {
+    /// Partition.
+    pub partition: u32,
+    /// Offset (-1 with `acks = none`: the broker does not say).
+    pub offset: i64,
+}
+
+type Outcome = std::result::Result<i64, (Option<ErrorCode>, String)>;
+
+#[derive(Debug)]
+struct BatchResult {
+    partition: u32,
+    outcome: OnceLock<Outcome>,
+    done: Notify,
+}
+
+impl BatchResult {
+    fn complete(&self, outcome: Outcome) {
+        let _ = self.outcome.set(outcome);
+        self.done.notify_waiters();
+    }
+}
+
+/// The outcome of one `send`: await it (it is `IntoFuture`) for the record's partition and
+/// offset, or drop it if you do not care.
+#[derive(Debug)]
+pub struct Delivery {
+    batch: Arc<BatchResult>,
+    index: u32,
+}
+
+impl Delivery {
+    /// Waits until the record is acknowledged (per the producer's acks) or has failed for good.
+    ///
+    /// # Errors
+    /// The broker's error, or a connection error once the delivery timeout has passed.
+    pub async fn wait(self) -> Result<RecordMetadata> {
+        loop {
+            let notified = self.batch.done.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(outcome) = self.batch.outcome.get() {
+                return match outcome {
+                    Ok(base) => Ok(RecordMetadata {
+                        partition: self.batch.partition,
+                        offset: if *base < 0 { -1 } else { base + i64::from(self.index) },
+                    }),
+                    Err((Some(code), message)) => Err(Error::broker(*code, Some(message.clone()))),
+                    Err((None, message)) => Err(Error::Disconnected { addr: String::new(), detail: message.clone() }),
+                };
+            }
+            notified.await;
+        }
+    }
+}
+
+impl IntoFuture for Delivery {
+    type Output = Result<RecordMetadata>;
+    type IntoFuture = Pin<Box<dyn Future<Output = Result<RecordMetadata>> + Send>>;
+    fn into_future(self) -> Self::IntoFuture {
+        Box::pin(self.wait())
+    }
+}
+
+#[derive(Debug)]
+struct OpenBatch {
+    builder: RecordBatchBuilder,
+    created: Instant,
+    result: Arc<BatchResult>,
+    reserved: usize,
+}
+
+#[derive(Debug)]
+struct SealedBatch {
+    bytes: Bytes,
+    result: Arc<BatchResult>,
+    records: usize,
+    reserved: usize,
+    first_sent: Option<Instant>,
+    attempts: u32,
+    not_before: Instant,
+}
+
+#[derive(Debug, Default)]
+struct PartitionQueue {
+    open: Option<OpenBatch>,
+    ready: VecDeque<SealedBatch>,
+    in_flight: bool,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    queues: HashMap<(String, u32), PartitionQueue>,
+    sticky: HashMap<String, u32>,
+    flushing: usize,
+}
+
+#[derive(Debug)]
+struct Inner {
+    config: ProducerConfig,
+    conn: Connection,
+    state: Mutex<State>,
+    wake: Notify,
+    memory: Arc<Semaphore>,
+    requests: Arc<Semaphore>,
+    partitions: Mutex<HashMap<String, u32>>,
+    outstanding: AtomicUsize,
+    idle: Notify,
+    closed: AtomicBool,
+}
+
+/// A batching, pipelining producer. Cheap to clone; clones share batches and the connection.
+///
+/// ```no_run
+/// # async fn demo() -> cairn_client::Result<()> {
+/// use cairn_client::{Producer, ProducerConfig, ProducerRecord};
+/// let producer = Producer::connect(ProducerConfig::default()).await?;
+/// let delivery = producer.send(ProducerRecord::new("events", "task 17 -> done").key("task-17")).await?;
+/// let meta = delivery.await?;
+/// println!("stored at partition {} offset {}", meta.partition, meta.offset);
+/// producer.close().await?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct Producer {
+    inner: Arc<Inner>,
+}
+
+impl Producer {
+    /// Connects and starts the sender task.
+    ///
+    /// # Errors
+    /// Invalid settings or an unreachable broker.
+    pub async fn connect(config: ProducerConfig) -> Result<Producer> {
+        if config.batch_bytes_max < 1024 || config.buffer_bytes_max < config.batch_bytes_max {
+            return Err(Error::InvalidArgument("batch_bytes_max must be >= 1024 and <= buffer_bytes_max".into()));
+        }
+        let conn = Connection::connect(config.connection.clone()).await?;
+        let inner = Arc::new(Inner {
+            memory: Arc::new(Semaphore::new(config.buffer_bytes_max)),
+            requests: Arc::new(Semaphore::new(config.in_flight_requests_max.max(1))),
+            config,
+            conn,
+            state: Mutex::new(State::default()),
+            wake: Notify::new(),
+            partitions: Mutex::new(HashMap::new()),
+            outstanding: AtomicUsize::new(0),
+            idle: Notify::new(),
+            closed: AtomicBool::new(false),
+        });
+        tokio::spawn(sender(Arc::clone(&inner)));
+        Ok(Producer { inner })
+    }
+
+    async fn partition_count(&self, topic: &str) -> Result<u32> {
+        if let Some(n) = self.inner.partitions.lock().expect("partitions lock").get(topic) {
+            return Ok(*n);
+        }
+        let resp = self.inner.conn.request(&MetadataRequest { topics: Some(vec![topic.to_owned()]) }).await?;
+        let t = resp.topics.into_iter().next().ok_or_else(|| Error::UnknownTopic(topic.to_owned()))?;
+        if !t.error.is_ok() || t.partitions.is_empty() {
+            return Err(Error::UnknownTopic(topic.to_owned()));
+        }
+        let n = t.partitions.len() as u32;
+        self.inner.partitions.lock().expect("partitions lock").insert(topic.to_owned(), n);
+        Ok(n)
+    }
+
+    /// Adds a record to its partition's batch. Waits only when the buffer is full
+    /// (backpressure). The returned [`Delivery`] resolves once the record is acknowledged.
+    ///
+    /// # Errors
+    /// Unknown topic, invalid partition, a record larger than a batch, or a closed producer.
+    pub async fn send(&self, record: ProducerRecord) -> Result<Delivery> {
+        let inner = &self.inner;
+        if inner.closed.load(Ordering::Acquire) {
+            return Err(Error::Closed);
+        }
+        let count = self.partition_count(&record.topic).await?;
+        let timestamp = record.timestamp.unwrap_or_else(now_ms);
+        let key = record.key.as_deref();
+        let value = record.value.as_deref();
+        let size = RecordBatchBuilder::new().record_size(timestamp, key, value, &record.headers) + 8;
+        if size + BATCH_HEADER_LEN > inner.config.batch_bytes_max {
+            return Err(Error::InvalidArgument(format!(
+                "record of {size} bytes does not fit in batch_bytes_max {}",
+                inner.config.batch_bytes_max
+            )));
+        }
+        if let Some(p) = record.partition {
+            if p >= count {
+                return Err(Error::InvalidArgument(format!("partition {p} does not exist: {} has {count}", record.topic)));
+            }
+        }
+        let permit = Arc::clone(&inner.memory).acquire_many_owned(size as u32).await.map_err(|_| Error::Closed)?;
+        permit.forget();
+        let mut state = inner.state.lock().expect("producer state");
+        let partition = match (record.partition, key) {
+            (Some(p), _) => p,
+            (None, Some(k)) => partition_for_key(k, count),
+            (None, None) => *state.sticky.entry(record.topic.clone()).or_insert_with(|| (now_ms() as u32) % count),
+        };
+        let queue = state.queues.entry((record.topic.clone(), partition)).or_default();
+        let mut sealed = false;
+        if queue.open.as_ref().is_some_and(|o| o.builder.size_bytes() + size > inner.config.batch_bytes_max) {
+            seal(queue);
+            sealed = true;
+        }
+        let open = queue.open.get_or_insert_with(|| OpenBatch {
+            builder: RecordBatchBuilder::with_capacity(inner.config.batch_bytes_max.min(64 * 1024)),
+            created: Instant::now(),
+            result: Arc::new(BatchResult { partition, outcome: OnceLock::new(), done: Notify::new() }),
+            reserved: 0,
+        });
+        let first = open.builder.is_empty();
+        let index = open.builder.len() as u32;
+        open.builder.push(timestamp, key, value, &record.headers);
+        open.reserved += size;
+        let delivery = Delivery { batch: Arc::clone(&open.result), index };
+        inner.outstanding.fetch_add(1, Ordering::AcqRel);
+        if open.builder.size_bytes() + 64 >= inner.config.batch_bytes_max {
+            seal(queue);
+            sealed = true;
+        }
+        if sealed && record.partition.is_none() && key.is_none() && count > 1 {
+            state.sticky.insert(record.topic.clone(), (partition + 1) % count);
+        }
+        drop(state);
+        if sealed || first {
+            inner.wake.notify_one();
+        }
+        Ok(delivery)
+    }
+
+    /// Sends everything buffered now and waits until every record sent so far is acknowledged
+    /// or has failed.
+    ///
+    /// # Errors
+    /// None today; reserved for a closed connection.
+    pub async fn flush(&self) -> Result<()> {
+        let inner = &self.inner;
+        inner.state.lock().expect("producer state").flushing += 1;
+        inner.wake.notify_one();
+        loop {
+            let idle = inner.idle.notified();
+            tokio::pin!(idle);
+            idle.as_mut().enable();
+            if inner.outstanding.load(Ordering::Acquire) == 0 {
+                break;
+            }
+            inner.wake.notify_one();
+            let _ = tokio::time::timeout(Duration::from_millis(50), idle).await;
+        }
+        inner.state.lock().expect("producer state").flushing -= 1;
+        Ok(())
+    }
+
+    /// Flushes, then stops the sender. Later sends fail with [`Error::Closed`].
+    ///
+    /// # Errors
+    /// As [`Producer::flush`].
+    pub async fn close(&self) -> Result<()> {
+        self.flush().await?;
+        self.inner.closed.store(true, Ordering::Release);
+        self.inner.wake.notify_one();
+        Ok(())
+    }
+
+    /// Records sent but not yet acknowledged or failed.
+    pub fn outstanding(&self) -> usize {
+        self.inner.outstanding.load(Ordering::Acquire)
+    }
+}
+
+fn seal(queue: &mut PartitionQueue) {
+    if let Some(open) = queue.open.take() {
+        let records = open.builder.len();
+        queue.ready.push_back(SealedBatch {
+            bytes: open.builder.build(),
+            result: open.result,
+            records,
+            reserved: open.reserved,
+            first_sent: None,
+            attempts: 0,
+            not_before: Instant::now(),
+        });
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// Takes at most one sendable batch per partition. Returns them and when to look again.
+fn collect(inner: &Inner) -> (Vec<((String, u32), SealedBatch)>, Option<Instant>) {
+    let now = Instant::now();
+    let mut state = inner.state.lock().expect("producer state");
+    let flushing = state.flushing > 0 || inner.closed.load(Ordering::Acquire);
+    let mut out = Vec::new();
+    let mut next: Option<Instant> = None;
+    let mut budget = inner.conn.config().frame_bytes_max as usize / 2;
+    for (tp, q) in state.queues.iter_mut() {
+        if q.in_flight {
+            continue;
+        }
+        if q.ready.is_empty() {
+            if let Some(open) = &q.open {
+                let due = open.created + inner.config.linger;
+                if flushing || due <= now {
+                    seal(q);
+                } else {
+                    next = Some(next.map_or(due, |n| n.min(due)));
+                }
+            }
+        }
+        let Some(front) = q.ready.front() else { continue };
+        if front.not_before > now {
+            next = Some(next.map_or(front.not_before, |n| n.min(front.not_before)));
+            continue;
+        }
+        if front.bytes.len() > budget && !out.is_empty() {
+            next = Some(now);
+            continue;
+        }
+        let batch = q.ready.pop_front().expect("front exists");
+        budget = budget.saturating_sub(batch.bytes.len());
+        q.in_flight = inner.config.acks != Acks::None;
+        out.push((tp.clone(), batch));
+    }
+    state.queues.retain(|_, q| q.open.is_some() || !q.ready.is_empty() || q.in_flight);
+    (out, next)
+}
+
+async fn sender(inner: Arc<Inner>) {
+    loop {
+        let (batches, next) = collect(&inner);
+        if batches.is_empty() {
+            if inner.closed.load(Ordering::Acquire) && inner.outstanding.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            let wake = inner.wake.notified();
+            match next {
+                Some(at) => {
+                    let _ = tokio::time::timeout_at(at.into(), wake).await;
+                }
+                None => {
+                    let _ = tokio::time::timeout(Duration::from_millis(100), wake).await;
+                }
+            }
+            continue;
+        }
+        let Ok(permit) = Arc::clone(&inner.requests).acquire_owned().await else { return };
+        let inner2 = Arc::clone(&inner);
+        tokio::spawn(async move {
+            send_request(&inner2, batches).await;
+            drop(permit);
+            inner2.wake.notify_one();
+        });
+    }
+}
+
+async fn send_request(inner: &Arc<Inner>, mut batches: Vec<((String, u32), SealedBatch)>) {
+    let now = Instant::now();
+    let mut by_topic: Vec<ProduceTopic> = Vec::new();
+    for ((topic, partition), b) in batches.iter_mut() {
+        b.first_sent.get_or_insert(now);
+        b.attempts += 1;
+        let part = ProducePartition { partition: *partition, records: b.bytes.clone() };
+        match by_topic.iter_mut().find(|t| &t.name == topic) {
+            Some(t) => t.partitions.push(part),
+            None => by_topic.push(ProduceTopic { name: topic.clone(), partitions: vec![part] }),
+        }
+    }
+    let timeout_ms = inner.config.connection.request_timeout.as_millis().min(u128::from(u32::MAX)) as u32;
+    let req = ProduceRequest { acks: inner.config.acks, timeout_ms, topics: by_topic };
+    if inner.config.acks == Acks::None {
+        let result = inner.conn.send_only(&req).await;
+        for (_, b) in batches {
+            let outcome = match &result {
+                Ok(()) => Ok(-1),
+                Err(e) => Err((None, e.to_string())),
+            };
+            finish(inner, b, outcome);
+        }
+        return;
+    }
+    match inner.conn.request(&req).await {
+        Ok(resp) => {
+            let mut results: HashMap<(String, u32), (ErrorCode, Option<String>, i64)> = HashMap::new();
+            for t in resp.topics {
+                for p in t.partitions {
+                    results.insert((t.name.clone(), p.partition), (p.error, p.message, p.base_offset));
+                }
+            }
+            for (tp, b) in batches {
+                let (code, message, base) =
+                    results.remove(&tp).unwrap_or((ErrorCode::Unknown, Some("no result for partition".into()), -1));
+                if code.is_ok() {
+                    release_partition(inner, &tp);
+                    finish(inner, b, Ok(base));
+                } else if code.is_retriable() {
+                    retry(inner, tp, b, (Some(code), message.unwrap_or_else(|| code.message().to_owned())));
+                } else {
+                    if code == ErrorCode::UnknownTopicOrPartition {
+                        inner.partitions.lock().expect("partitions lock").remove(&tp.0);
+                    }
+                    release_partition(inner, &tp);
+                    finish(inner, b, Err((Some(code), message.unwrap_or_else(|| code.message().to_owned()))));
+                }
+            }
+        }
+        Err(e) => {
+            let code = e.code();
+            for (tp, b) in batches {
+                if e.is_retriable() {
+                    retry(inner, tp, b, (code, e.to_string()));
+                } else {
+                    release_partition(inner, &tp);
+                    finish(inner, b, Err((code, e.to_string())));
+                }
+            }
+        }
+    }
+}
+
+fn retry(inner: &Arc<Inner>, tp: (String, u32), mut b: SealedBatch, why: (Option<ErrorCode>, String)) {
+    let elapsed = b.first_sent.map_or(Duration::ZERO, |t| t.elapsed());
+    if elapsed >= inner.config.delivery_timeout {
+        release_partition(inner, &tp);
+        finish(inner, b, Err(why));
+        return;
+    }
+    let backoff = inner.config.retry_backoff.saturating_mul(1 << b.attempts.min(4)).min(Duration::from_secs(1));
+    tracing::debug!(topic = %tp.0, partition = tp.1, attempt = b.attempts, error = %why.1, "retrying batch");
+    b.not_before = Instant::now() + backoff;
+    let mut state = inner.state.lock().expect("producer state");
+    let q = state.queues.entry(tp).or_default();
+    q.ready.push_front(b);
+    q.in_flight = false;
+}
+
+fn release_partition(inner: &Inner, tp: &(String, u32)) {
+    if let Some(q) = inner.state.lock().expect("producer state").queues.get_mut(tp) {
+        q.in_flight = false;
+    }
+}
+
+fn finish(inner: &Inner, b: SealedBatch, outcome: Outcome) {
+    b.result.complete(outcome);
+    inner.memory.add_permits(b.reserved);
+    if inner.outstanding.fetch_sub(b.records, Ordering::AcqRel) == b.records {
+        inner.idle.notify_waiters();
+    }
+}
