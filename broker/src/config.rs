@@ -102,8 +102,14 @@ impl BrokerConfig {
     /// # Errors
     /// [`ConfigError`] when it cannot be read or parsed.
     pub fn from_file(path: &Path) -> Result<BrokerConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source: Box::new(source) })
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(source),
+        })
     }
 
     /// Checks every range once at start.
@@ -124,7 +130,9 @@ impl BrokerConfig {
         if u64::from(self.storage.batch_bytes_max) + 1024 > u64::from(self.frame_bytes_max) {
             return bad("storage.batch_bytes_max must be smaller than frame_bytes_max");
         }
-        self.storage.validate().map_err(|e| ConfigError::Invalid(format!("storage: {e}")))?;
+        self.storage
+            .validate()
+            .map_err(|e| ConfigError::Invalid(format!("storage: {e}")))?;
         self.groups.validate().map_err(ConfigError::Invalid)
     }
 
@@ -149,7 +157,8 @@ mod tests {
 
     #[test]
     fn the_example_config_parses_and_matches_the_defaults() {
-        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/config/cairn.example.toml");
+        let example =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/config/cairn.example.toml");
         let c = BrokerConfig::from_file(&example).unwrap();
         c.validate().unwrap();
         assert_eq!(c, BrokerConfig::default());

@@ -4,8 +4,12 @@ use std::collections::BTreeMap;
 
 use cairn_protocol::messages::create_topics::{CreatableTopic, CreateTopicsRequest};
 use cairn_protocol::messages::delete_topics::DeleteTopicsRequest;
-use cairn_protocol::messages::groups::{DescribeGroupsRequest, GroupDescription, GroupListing, ListGroupsRequest};
-use cairn_protocol::messages::list_offsets::{ListOffsetsPartition, ListOffsetsRequest, ListOffsetsTopic};
+use cairn_protocol::messages::groups::{
+    DescribeGroupsRequest, GroupDescription, GroupListing, ListGroupsRequest,
+};
+use cairn_protocol::messages::list_offsets::{
+    ListOffsetsPartition, ListOffsetsRequest, ListOffsetsTopic,
+};
 use cairn_protocol::messages::metadata::MetadataRequest;
 use cairn_protocol::messages::ConfigEntry;
 use cairn_protocol::ErrorCode;
@@ -36,20 +40,33 @@ pub struct NewTopic {
 impl NewTopic {
     /// A topic with `partitions` partitions and default settings.
     pub fn new(name: impl Into<String>, partitions: u32) -> NewTopic {
-        NewTopic { name: name.into(), partitions, ..NewTopic::default() }
+        NewTopic {
+            name: name.into(),
+            partitions,
+            ..NewTopic::default()
+        }
     }
 
     fn configs(&self) -> Vec<ConfigEntry> {
         let mut out = Vec::new();
         let mut add = |k: &str, v: Option<String>| {
             if let Some(value) = v {
-                out.push(ConfigEntry { key: k.to_owned(), value });
+                out.push(ConfigEntry {
+                    key: k.to_owned(),
+                    value,
+                });
             }
         };
         add("retention_ms", self.retention_ms.map(|v| v.to_string()));
-        add("retention_bytes", self.retention_bytes.map(|v| v.to_string()));
+        add(
+            "retention_bytes",
+            self.retention_bytes.map(|v| v.to_string()),
+        );
         add("segment_bytes", self.segment_bytes.map(|v| v.to_string()));
-        add("flush_interval_ms", self.flush_interval_ms.map(|v| v.to_string()));
+        add(
+            "flush_interval_ms",
+            self.flush_interval_ms.map(|v| v.to_string()),
+        );
         add("cleanup_policy", self.cleanup_policy.clone());
         out
     }
@@ -145,7 +162,9 @@ impl Admin {
     /// # Errors
     /// When the broker is unreachable.
     pub async fn connect(config: ConnectionConfig) -> Result<Admin> {
-        Ok(Admin { conn: Connection::connect(config).await? })
+        Ok(Admin {
+            conn: Connection::connect(config).await?,
+        })
     }
 
     /// Uses an existing connection.
@@ -159,10 +178,18 @@ impl Admin {
     /// [`Error::Broker`] with `TOPIC_ALREADY_EXISTS`, `INVALID_TOPIC_NAME`, `INVALID_CONFIG`, ...
     pub async fn create_topic(&self, topic: NewTopic) -> Result<()> {
         let req = CreateTopicsRequest {
-            topics: vec![CreatableTopic { name: topic.name.clone(), partitions: topic.partitions.max(1), configs: topic.configs() }],
+            topics: vec![CreatableTopic {
+                name: topic.name.clone(),
+                partitions: topic.partitions.max(1),
+                configs: topic.configs(),
+            }],
         };
         let resp = self.conn.request(&req).await?;
-        let r = resp.topics.into_iter().next().ok_or_else(|| Error::broker(ErrorCode::Unknown, Some("empty response".into())))?;
+        let r = resp
+            .topics
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::broker(ErrorCode::Unknown, Some("empty response".into())))?;
         if r.error.is_ok() {
             Ok(())
         } else {
@@ -175,8 +202,17 @@ impl Admin {
     /// # Errors
     /// [`Error::UnknownTopic`] or another broker error.
     pub async fn delete_topic(&self, name: &str) -> Result<()> {
-        let resp = self.conn.request(&DeleteTopicsRequest { topics: vec![name.to_owned()] }).await?;
-        let r = resp.topics.into_iter().next().ok_or_else(|| Error::broker(ErrorCode::Unknown, Some("empty response".into())))?;
+        let resp = self
+            .conn
+            .request(&DeleteTopicsRequest {
+                topics: vec![name.to_owned()],
+            })
+            .await?;
+        let r = resp
+            .topics
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::broker(ErrorCode::Unknown, Some("empty response".into())))?;
         match r.error {
             ErrorCode::None => Ok(()),
             ErrorCode::UnknownTopicOrPartition => Err(Error::UnknownTopic(name.to_owned())),
@@ -190,7 +226,12 @@ impl Admin {
     /// Connection or broker errors.
     pub async fn list_topics(&self) -> Result<Vec<TopicInfo>> {
         let resp = self.conn.request(&MetadataRequest { topics: None }).await?;
-        Ok(resp.topics.into_iter().filter(|t| !t.internal).map(to_info).collect())
+        Ok(resp
+            .topics
+            .into_iter()
+            .filter(|t| !t.internal)
+            .map(to_info)
+            .collect())
     }
 
     /// One topic.
@@ -198,8 +239,17 @@ impl Admin {
     /// # Errors
     /// [`Error::UnknownTopic`] or connection errors.
     pub async fn describe_topic(&self, name: &str) -> Result<TopicInfo> {
-        let resp = self.conn.request(&MetadataRequest { topics: Some(vec![name.to_owned()]) }).await?;
-        let t = resp.topics.into_iter().next().ok_or_else(|| Error::UnknownTopic(name.to_owned()))?;
+        let resp = self
+            .conn
+            .request(&MetadataRequest {
+                topics: Some(vec![name.to_owned()]),
+            })
+            .await?;
+        let t = resp
+            .topics
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::UnknownTopic(name.to_owned()))?;
         match t.error {
             ErrorCode::None => Ok(to_info(t)),
             ErrorCode::UnknownTopicOrPartition => Err(Error::UnknownTopic(name.to_owned())),
@@ -212,11 +262,22 @@ impl Admin {
     ///
     /// # Errors
     /// Unknown topic or connection errors.
-    pub async fn offsets_for_timestamp(&self, topic: &str, partitions: &[u32], timestamp_ms: i64) -> Result<Vec<(u32, i64)>> {
+    pub async fn offsets_for_timestamp(
+        &self,
+        topic: &str,
+        partitions: &[u32],
+        timestamp_ms: i64,
+    ) -> Result<Vec<(u32, i64)>> {
         let req = ListOffsetsRequest {
             topics: vec![ListOffsetsTopic {
                 name: topic.to_owned(),
-                partitions: partitions.iter().map(|p| ListOffsetsPartition { partition: *p, timestamp: timestamp_ms }).collect(),
+                partitions: partitions
+                    .iter()
+                    .map(|p| ListOffsetsPartition {
+                        partition: *p,
+                        timestamp: timestamp_ms,
+                    })
+                    .collect(),
             }],
         };
         let resp = self.conn.request(&req).await?;
@@ -225,7 +286,9 @@ impl Admin {
             for p in t.partitions {
                 match p.error {
                     ErrorCode::None => out.push((p.partition, p.offset)),
-                    ErrorCode::UnknownTopicOrPartition => return Err(Error::UnknownTopic(topic.to_owned())),
+                    ErrorCode::UnknownTopicOrPartition => {
+                        return Err(Error::UnknownTopic(topic.to_owned()))
+                    }
                     code => return Err(Error::broker(code, None)),
                 }
             }
@@ -246,9 +309,17 @@ impl Admin {
     /// # Errors
     /// `GROUP_ID_NOT_FOUND` or connection errors.
     pub async fn describe_group(&self, group: &str) -> Result<GroupInfo> {
-        let resp = self.conn.request(&DescribeGroupsRequest { groups: vec![group.to_owned()] }).await?;
-        let g: GroupDescription =
-            resp.groups.into_iter().next().ok_or_else(|| Error::broker(ErrorCode::Unknown, Some("empty response".into())))?;
+        let resp = self
+            .conn
+            .request(&DescribeGroupsRequest {
+                groups: vec![group.to_owned()],
+            })
+            .await?;
+        let g: GroupDescription = resp
+            .groups
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::broker(ErrorCode::Unknown, Some("empty response".into())))?;
         if !g.error.is_ok() {
             return Err(Error::broker(g.error, Some(format!("group {group}"))));
         }
@@ -263,7 +334,11 @@ impl Admin {
                     member_id: m.member_id,
                     instance_id: m.group_instance_id,
                     client_id: m.client_id,
-                    assignment: m.assignment.into_iter().map(|tp| (tp.topic, tp.partitions)).collect(),
+                    assignment: m
+                        .assignment
+                        .into_iter()
+                        .map(|tp| (tp.topic, tp.partitions))
+                        .collect(),
                 })
                 .collect(),
             partitions: g
@@ -289,7 +364,11 @@ fn to_info(t: cairn_protocol::messages::metadata::TopicMetadata) -> TopicInfo {
         partitions: t
             .partitions
             .into_iter()
-            .map(|p| PartitionInfo { partition: p.partition, start_offset: p.log_start_offset, end_offset: p.log_end_offset })
+            .map(|p| PartitionInfo {
+                partition: p.partition,
+                start_offset: p.log_start_offset,
+                end_offset: p.log_end_offset,
+            })
             .collect(),
     }
 }

@@ -57,14 +57,20 @@ mod tests {
         assert_eq!(murmur2(b"foobar"), -790_332_482);
         assert_eq!(murmur2(b"a-little-bit-long-string"), -985_981_536);
         assert_eq!(murmur2(b"a-little-bit-longer-string"), -1_486_304_829);
-        assert_eq!(murmur2(b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8"), -58_897_971);
+        assert_eq!(
+            murmur2(b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8"),
+            -58_897_971
+        );
         assert_eq!(murmur2(b"abc"), 479_470_107);
     }
 
     #[test]
     fn the_same_key_always_maps_to_the_same_partition() {
         for n in 1..20 {
-            assert_eq!(partition_for_key(b"task-17", n), partition_for_key(b"task-17", n));
+            assert_eq!(
+                partition_for_key(b"task-17", n),
+                partition_for_key(b"task-17", n)
+            );
             assert!(partition_for_key(b"task-17", n) < n);
         }
     }

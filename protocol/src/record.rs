@@ -135,13 +135,19 @@ impl<'a> RecordCursor<'a> {
     }
 }
 
+/// A byte range `start..end` within the batch.
+pub(crate) type Span = (usize, usize);
+
+/// Positions of one header: key range and optional value range.
+pub(crate) type HeaderSpan = (usize, usize, Option<Span>);
+
 /// Positions of one record's parts within the batch, as found by [`scan_record`].
 pub(crate) struct RecordSpan {
     pub(crate) timestamp_delta: i64,
     pub(crate) offset_delta: i32,
     pub(crate) key: Option<(usize, usize)>,
     pub(crate) value: Option<(usize, usize)>,
-    pub(crate) headers: Vec<(usize, usize, Option<(usize, usize)>)>,
+    pub(crate) headers: Vec<HeaderSpan>,
 }
 
 /// Reads one record starting at `cur.pos`, checking every length against the record's own length

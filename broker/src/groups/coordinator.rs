@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use cairn_protocol::messages::groups::{
-    GroupDescription, GroupListing, JoinGroupRequest, JoinGroupResponse, MemberDescription, PartitionLag, TopicPartitions,
+    GroupDescription, GroupListing, JoinGroupRequest, JoinGroupResponse, MemberDescription,
+    PartitionLag, TopicPartitions,
 };
 use cairn_protocol::ErrorCode;
 
@@ -84,7 +85,13 @@ impl Group {
 
     fn start_rebalance(&mut self, now: Instant, max: Duration) {
         if self.state != State::Rebalancing {
-            let timeout = self.members.values().map(|m| m.rebalance_timeout).max().unwrap_or(max).min(max);
+            let timeout = self
+                .members
+                .values()
+                .map(|m| m.rebalance_timeout)
+                .max()
+                .unwrap_or(max)
+                .min(max);
             self.state = State::Rebalancing;
             self.rebalance_deadline = Some(now + timeout);
             for m in self.members.values_mut() {
@@ -95,7 +102,9 @@ impl Group {
     }
 
     fn owns(&self, member: &str, topic: &str, partition: u32) -> bool {
-        self.assignment.get(member).is_some_and(|tps| tps.iter().any(|(t, p)| t == topic && *p == partition))
+        self.assignment
+            .get(member)
+            .is_some_and(|tps| tps.iter().any(|(t, p)| t == topic && *p == partition))
     }
 }
 
@@ -116,9 +125,14 @@ pub struct Coordinator {
 
 impl std::fmt::Debug for Coordinator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Coordinator").field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("Coordinator")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
+
+/// `(topic, partition, Some((offset, metadata, commit_timestamp_ms)))`, `None` when nothing is committed.
+pub type CommittedEntry = (String, u32, Option<(i64, Option<String>, i64)>);
 
 /// A commit that was appended and must become durable before it is acknowledged.
 pub(crate) struct PendingCommit {
@@ -136,7 +150,10 @@ impl Coordinator {
         tracing::info!(committed = committed.len(), "loaded committed offsets");
         Ok(Coordinator {
             config,
-            inner: Mutex::new(Inner { groups: HashMap::new(), committed }),
+            inner: Mutex::new(Inner {
+                groups: HashMap::new(),
+                committed,
+            }),
             offsets_log,
             commit_lock: Mutex::new(()),
             next_member: AtomicU64::new(1),
@@ -145,13 +162,29 @@ impl Coordinator {
 
     fn new_member_id(&self, client_id: &str) -> String {
         let n = self.next_member.fetch_add(1, Ordering::Relaxed);
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-        let prefix: String = client_id.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(32).collect();
-        format!("{}-{:x}-{n}", if prefix.is_empty() { "member" } else { &prefix }, nanos & 0xffff_ffff)
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let prefix: String = client_id
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+            .take(32)
+            .collect();
+        format!(
+            "{}-{:x}-{n}",
+            if prefix.is_empty() { "member" } else { &prefix },
+            nanos & 0xffff_ffff
+        )
     }
 
     /// Handles a join: registers the member and waits for the rebalance it takes part in.
-    pub async fn join(&self, req: JoinGroupRequest, client_id: String, partitions: HashMap<String, u32>) -> JoinGroupResponse {
+    pub async fn join(
+        &self,
+        req: JoinGroupRequest,
+        client_id: String,
+        partitions: HashMap<String, u32>,
+    ) -> JoinGroupResponse {
         let fail = |error, member_id: String| JoinGroupResponse {
             error,
             generation_id: -1,
@@ -163,11 +196,16 @@ impl Coordinator {
             return fail(ErrorCode::InvalidGroupId, req.member_id);
         }
         let c = &self.config;
-        if req.session_timeout_ms < c.session_timeout_ms_min || req.session_timeout_ms > c.session_timeout_ms_max {
+        if req.session_timeout_ms < c.session_timeout_ms_min
+            || req.session_timeout_ms > c.session_timeout_ms_max
+        {
             return fail(ErrorCode::InvalidSessionTimeout, req.member_id);
         }
         let session_timeout = Duration::from_millis(u64::from(req.session_timeout_ms));
-        let rebalance_timeout = Duration::from_millis(u64::from(req.rebalance_timeout_ms.clamp(1, c.rebalance_timeout_ms_max)));
+        let rebalance_timeout = Duration::from_millis(u64::from(
+            req.rebalance_timeout_ms
+                .clamp(1, c.rebalance_timeout_ms_max),
+        ));
         let max_rebalance = Duration::from_millis(u64::from(c.rebalance_timeout_ms_max));
         let member_id;
         {
@@ -175,11 +213,18 @@ impl Coordinator {
             if !inner.groups.contains_key(&req.group_id) && inner.groups.len() >= c.groups_max {
                 return fail(ErrorCode::ResourceLimit, req.member_id);
             }
-            let group = inner.groups.entry(req.group_id.clone()).or_insert_with(Group::new);
+            let group = inner
+                .groups
+                .entry(req.group_id.clone())
+                .or_insert_with(Group::new);
             let now = Instant::now();
             // Static members get their old id back.
             let existing = match &req.group_instance_id {
-                Some(inst) => group.members.iter().find(|(_, m)| m.instance_id.as_ref() == Some(inst)).map(|(id, _)| id.clone()),
+                Some(inst) => group
+                    .members
+                    .iter()
+                    .find(|(_, m)| m.instance_id.as_ref() == Some(inst))
+                    .map(|(id, _)| id.clone()),
                 None if !req.member_id.is_empty() => {
                     if !group.members.contains_key(&req.member_id) {
                         return fail(ErrorCode::UnknownMemberId, req.member_id);
@@ -266,7 +311,10 @@ impl Coordinator {
             // Re-check after arming, then wait (the reaper also wakes us at the deadline).
             let stable = {
                 let inner = self.inner.lock().expect("groups lock");
-                inner.groups.get(&req.group_id).is_some_and(|g| g.state == State::Stable)
+                inner
+                    .groups
+                    .get(&req.group_id)
+                    .is_some_and(|g| g.state == State::Stable)
             };
             if !stable {
                 let _ = tokio::time::timeout(Duration::from_millis(500), notified).await;
@@ -274,14 +322,28 @@ impl Coordinator {
         }
     }
 
-    fn joined_response(&self, group: &Group, member_id: &str, error: ErrorCode) -> JoinGroupResponse {
-        let session = group.members.get(member_id).map_or(Duration::from_secs(10), |m| m.session_timeout);
+    fn joined_response(
+        &self,
+        group: &Group,
+        member_id: &str,
+        error: ErrorCode,
+    ) -> JoinGroupResponse {
+        let session = group
+            .members
+            .get(member_id)
+            .map_or(Duration::from_secs(10), |m| m.session_timeout);
         JoinGroupResponse {
             error,
             generation_id: group.generation,
             member_id: member_id.to_owned(),
             heartbeat_interval_ms: (session.as_millis() / 3).max(100) as u32,
-            assignment: to_topic_partitions(group.assignment.get(member_id).map(Vec::as_slice).unwrap_or(&[])),
+            assignment: to_topic_partitions(
+                group
+                    .assignment
+                    .get(member_id)
+                    .map(Vec::as_slice)
+                    .unwrap_or(&[]),
+            ),
         }
     }
 
@@ -296,23 +358,39 @@ impl Coordinator {
             return;
         }
         if expired && !all_joined {
-            let stragglers: Vec<String> = group.members.iter().filter(|(_, m)| !m.joined).map(|(id, _)| id.clone()).collect();
+            let stragglers: Vec<String> = group
+                .members
+                .iter()
+                .filter(|(_, m)| !m.joined)
+                .map(|(id, _)| id.clone())
+                .collect();
             for id in stragglers {
                 tracing::warn!(member = %id, "removed from group: did not rejoin within the rebalance timeout");
                 group.members.remove(&id);
             }
         }
-        let subscriptions: BTreeMap<String, Vec<String>> =
-            group.members.iter().map(|(id, m)| (id.clone(), m.topics.clone())).collect();
+        let subscriptions: BTreeMap<String, Vec<String>> = group
+            .members
+            .iter()
+            .map(|(id, m)| (id.clone(), m.topics.clone()))
+            .collect();
         group.assignment = assign(&subscriptions, partitions, &group.assignment);
         group.generation += 1;
-        group.state = if group.members.is_empty() { State::Empty } else { State::Stable };
+        group.state = if group.members.is_empty() {
+            State::Empty
+        } else {
+            State::Stable
+        };
         group.rebalance_deadline = None;
         for m in group.members.values_mut() {
             m.joined = false;
             m.last_seen = now;
         }
-        tracing::info!(generation = group.generation, members = group.members.len(), "rebalance complete");
+        tracing::info!(
+            generation = group.generation,
+            members = group.members.len(),
+            "rebalance complete"
+        );
         group.changed.notify_waiters();
     }
 
@@ -326,7 +404,10 @@ impl Coordinator {
             let expired: Vec<String> = group
                 .members
                 .iter()
-                .filter(|(_, m)| !(group.state == State::Rebalancing && m.joined) && now.duration_since(m.last_seen) > m.session_timeout)
+                .filter(|(_, m)| {
+                    !(group.state == State::Rebalancing && m.joined)
+                        && now.duration_since(m.last_seen) > m.session_timeout
+                })
                 .map(|(id, _)| id.clone())
                 .collect();
             for id in &expired {
@@ -352,10 +433,14 @@ impl Coordinator {
     /// Heartbeat: keeps the member alive and tells it whether to rejoin.
     pub fn heartbeat(&self, group_id: &str, member_id: &str, generation: i32) -> ErrorCode {
         let mut inner = self.inner.lock().expect("groups lock");
-        let Some(group) = inner.groups.get_mut(group_id) else { return ErrorCode::UnknownMemberId };
+        let Some(group) = inner.groups.get_mut(group_id) else {
+            return ErrorCode::UnknownMemberId;
+        };
         let state = group.state;
         let current = group.generation;
-        let Some(m) = group.members.get_mut(member_id) else { return ErrorCode::UnknownMemberId };
+        let Some(m) = group.members.get_mut(member_id) else {
+            return ErrorCode::UnknownMemberId;
+        };
         m.last_seen = Instant::now();
         if state == State::Rebalancing {
             return ErrorCode::RebalanceInProgress;
@@ -370,7 +455,9 @@ impl Coordinator {
     pub fn leave(&self, group_id: &str, member_id: &str) -> ErrorCode {
         let max = Duration::from_millis(u64::from(self.config.rebalance_timeout_ms_max));
         let mut inner = self.inner.lock().expect("groups lock");
-        let Some(group) = inner.groups.get_mut(group_id) else { return ErrorCode::UnknownMemberId };
+        let Some(group) = inner.groups.get_mut(group_id) else {
+            return ErrorCode::UnknownMemberId;
+        };
         if group.members.remove(member_id).is_none() {
             return ErrorCode::UnknownMemberId;
         }
@@ -388,9 +475,18 @@ impl Coordinator {
     }
 
     /// Whether a member may fetch a partition now.
-    pub fn check_fetch(&self, group_id: &str, member_id: &str, generation: i32, topic: &str, partition: u32) -> ErrorCode {
+    pub fn check_fetch(
+        &self,
+        group_id: &str,
+        member_id: &str,
+        generation: i32,
+        topic: &str,
+        partition: u32,
+    ) -> ErrorCode {
         let inner = self.inner.lock().expect("groups lock");
-        let Some(group) = inner.groups.get(group_id) else { return ErrorCode::UnknownMemberId };
+        let Some(group) = inner.groups.get(group_id) else {
+            return ErrorCode::UnknownMemberId;
+        };
         if !group.members.contains_key(member_id) {
             return ErrorCode::UnknownMemberId;
         }
@@ -406,7 +502,15 @@ impl Coordinator {
         ErrorCode::None
     }
 
-    fn check_commit(&self, inner: &Inner, group_id: &str, member_id: &str, generation: i32, topic: &str, partition: u32) -> ErrorCode {
+    fn check_commit(
+        &self,
+        inner: &Inner,
+        group_id: &str,
+        member_id: &str,
+        generation: i32,
+        topic: &str,
+        partition: u32,
+    ) -> ErrorCode {
         let group = inner.groups.get(group_id);
         if generation == -1 && member_id.is_empty() {
             // A commit outside membership is only allowed while no member owns anything.
@@ -415,7 +519,9 @@ impl Coordinator {
                 _ => ErrorCode::None,
             };
         }
-        let Some(group) = group else { return ErrorCode::UnknownMemberId };
+        let Some(group) = group else {
+            return ErrorCode::UnknownMemberId;
+        };
         if !group.members.contains_key(member_id) {
             return ErrorCode::UnknownMemberId;
         }
@@ -447,8 +553,13 @@ impl Coordinator {
         {
             let inner = self.inner.lock().expect("groups lock");
             for (topic, partition, offset, metadata) in &entries {
-                let mut code = self.check_commit(&inner, group_id, member_id, generation, topic, *partition);
-                if code.is_ok() && metadata.as_ref().is_some_and(|m| m.len() > self.config.offset_metadata_bytes_max) {
+                let mut code =
+                    self.check_commit(&inner, group_id, member_id, generation, topic, *partition);
+                if code.is_ok()
+                    && metadata
+                        .as_ref()
+                        .is_some_and(|m| m.len() > self.config.offset_metadata_bytes_max)
+                {
                     code = ErrorCode::OffsetMetadataTooLarge;
                 }
                 if code.is_ok() && *offset < 0 {
@@ -457,7 +568,11 @@ impl Coordinator {
                 if code.is_ok() {
                     accepted.push((
                         (group_id.to_owned(), topic.clone(), *partition),
-                        Some(Committed { offset: *offset, commit_timestamp_ms: now_ms, metadata: metadata.clone() }),
+                        Some(Committed {
+                            offset: *offset,
+                            commit_timestamp_ms: now_ms,
+                            metadata: metadata.clone(),
+                        }),
                     ));
                 }
                 codes.push(code);
@@ -466,18 +581,30 @@ impl Coordinator {
         if accepted.is_empty() {
             return Ok((codes, None));
         }
-        let info = self.offsets_log.append(&offsets_store::encode_batch(&accepted, now_ms))?;
+        let info = self
+            .offsets_log
+            .append(&offsets_store::encode_batch(&accepted, now_ms))?;
         let mut inner = self.inner.lock().expect("groups lock");
         for (key, value) in accepted {
             if let Some(v) = value {
                 inner.committed.insert(key, v);
             }
         }
-        Ok((codes, Some(PendingCommit { log: Arc::clone(&self.offsets_log), offset: info.next_offset })))
+        Ok((
+            codes,
+            Some(PendingCommit {
+                log: Arc::clone(&self.offsets_log),
+                offset: info.next_offset,
+            }),
+        ))
     }
 
     /// Committed offsets of a group: for the given partitions, or everything it committed.
-    pub fn committed(&self, group_id: &str, wanted: Option<Vec<(String, u32)>>) -> Vec<(String, u32, Option<(i64, Option<String>, i64)>)> {
+    pub fn committed(
+        &self,
+        group_id: &str,
+        wanted: Option<Vec<(String, u32)>>,
+    ) -> Vec<CommittedEntry> {
         let inner = self.inner.lock().expect("groups lock");
         let lookup = |t: &str, p: u32| {
             inner
@@ -486,15 +613,24 @@ impl Coordinator {
                 .map(|c| (c.offset, c.metadata.clone(), c.commit_timestamp_ms))
         };
         match wanted {
-            Some(list) => list.into_iter().map(|(t, p)| {
-                let c = lookup(&t, p);
-                (t, p, c)
-            }).collect(),
+            Some(list) => list
+                .into_iter()
+                .map(|(t, p)| {
+                    let c = lookup(&t, p);
+                    (t, p, c)
+                })
+                .collect(),
             None => inner
                 .committed
                 .range((group_id.to_owned(), String::new(), 0)..)
                 .take_while(|((g, _, _), _)| g == group_id)
-                .map(|((_, t, p), c)| (t.clone(), *p, Some((c.offset, c.metadata.clone(), c.commit_timestamp_ms))))
+                .map(|((_, t, p), c)| {
+                    (
+                        t.clone(),
+                        *p,
+                        Some((c.offset, c.metadata.clone(), c.commit_timestamp_ms)),
+                    )
+                })
                 .collect(),
         }
     }
@@ -504,13 +640,21 @@ impl Coordinator {
         let _serial = self.commit_lock.lock().expect("commit lock");
         let doomed: Vec<(OffsetKey, Option<Committed>)> = {
             let inner = self.inner.lock().expect("groups lock");
-            inner.committed.keys().filter(|(_, t, _)| t == topic).map(|k| (k.clone(), None)).collect()
+            inner
+                .committed
+                .keys()
+                .filter(|(_, t, _)| t == topic)
+                .map(|k| (k.clone(), None))
+                .collect()
         };
         if doomed.is_empty() {
             return;
         }
         let now = crate::storage::system_clock()();
-        if let Err(e) = self.offsets_log.append(&offsets_store::encode_batch(&doomed, now)) {
+        if let Err(e) = self
+            .offsets_log
+            .append(&offsets_store::encode_batch(&doomed, now))
+        {
             tracing::error!(topic, error = %e, "could not record removal of a deleted topic's offsets");
             return;
         }
@@ -528,8 +672,15 @@ impl Coordinator {
         names
             .into_iter()
             .map(|g| {
-                let (state, members) = inner.groups.get(&g).map_or((State::Empty, 0), |gr| (gr.state, gr.members.len()));
-                GroupListing { group_id: g, state: state.name().to_owned(), members: members as u32 }
+                let (state, members) = inner
+                    .groups
+                    .get(&g)
+                    .map_or((State::Empty, 0), |gr| (gr.state, gr.members.len()));
+                GroupListing {
+                    group_id: g,
+                    state: state.name().to_owned(),
+                    members: members as u32,
+                }
             })
             .collect()
     }
@@ -548,7 +699,8 @@ impl Coordinator {
             for m in g.members.values() {
                 for t in &m.topics {
                     if let Some(topic) = store.topic(t) {
-                        partitions.extend((0..topic.partitions.len() as u32).map(|p| (t.clone(), p)));
+                        partitions
+                            .extend((0..topic.partitions.len() as u32).map(|p| (t.clone(), p)));
                     }
                 }
             }
@@ -566,10 +718,25 @@ impl Coordinator {
         let offsets = partitions
             .into_iter()
             .map(|(topic, partition)| {
-                let committed = inner.committed.get(&(group_id.to_owned(), topic.clone(), partition)).map_or(-1, |c| c.offset);
-                let end = store.partition(&topic, partition).map_or(-1, |p| p.log_end_offset() as i64);
-                let lag = if committed < 0 || end < 0 { -1 } else { (end - committed).max(0) };
-                PartitionLag { topic, partition, committed_offset: committed, log_end_offset: end, lag }
+                let committed = inner
+                    .committed
+                    .get(&(group_id.to_owned(), topic.clone(), partition))
+                    .map_or(-1, |c| c.offset);
+                let end = store
+                    .partition(&topic, partition)
+                    .map_or(-1, |p| p.log_end_offset() as i64);
+                let lag = if committed < 0 || end < 0 {
+                    -1
+                } else {
+                    (end - committed).max(0)
+                };
+                PartitionLag {
+                    topic,
+                    partition,
+                    committed_offset: committed,
+                    log_end_offset: end,
+                    lag,
+                }
             })
             .collect();
         GroupDescription {
@@ -585,7 +752,9 @@ impl Coordinator {
                             member_id: id.clone(),
                             group_instance_id: m.instance_id.clone(),
                             client_id: m.client_id.clone(),
-                            assignment: to_topic_partitions(g.assignment.get(id).map(Vec::as_slice).unwrap_or(&[])),
+                            assignment: to_topic_partitions(
+                                g.assignment.get(id).map(Vec::as_slice).unwrap_or(&[]),
+                            ),
                         })
                         .collect()
                 })
@@ -601,8 +770,14 @@ impl Coordinator {
             if i >= series_max {
                 break;
             }
-            let Some(log) = store.partition(topic, *partition) else { continue };
-            let labels = [("group", group.clone()), ("topic", topic.clone()), ("partition", partition.to_string())];
+            let Some(log) = store.partition(topic, *partition) else {
+                continue;
+            };
+            let labels = [
+                ("group", group.clone()),
+                ("topic", topic.clone()),
+                ("partition", partition.to_string()),
+            ];
             metrics::gauge!("cairn_consumer_group_committed_offset", &labels).set(c.offset as f64);
             let lag = (log.log_end_offset() as i64 - c.offset).max(0);
             metrics::gauge!("cairn_consumer_group_lag", &labels).set(lag as f64);
@@ -611,7 +786,8 @@ impl Coordinator {
         names.extend(inner.committed.keys().map(|(g, _, _)| g));
         for g in names {
             let members = inner.groups.get(g).map_or(0, |gr| gr.members.len());
-            metrics::gauge!("cairn_consumer_group_members", "group" => g.clone()).set(members as f64);
+            metrics::gauge!("cairn_consumer_group_members", "group" => g.clone())
+                .set(members as f64);
         }
     }
 
@@ -627,15 +803,27 @@ impl Coordinator {
         let _serial = self.commit_lock.lock().expect("commit lock");
         let state: Vec<(OffsetKey, Option<Committed>)> = {
             let inner = self.inner.lock().expect("groups lock");
-            inner.committed.iter().map(|(k, v)| (k.clone(), Some(v.clone()))).collect()
+            inner
+                .committed
+                .iter()
+                .map(|(k, v)| (k.clone(), Some(v.clone())))
+                .collect()
         };
         let start = self.offsets_log.roll_now()?;
         for chunk in state.chunks(1000) {
-            self.offsets_log.append(&offsets_store::encode_batch(chunk, crate::storage::system_clock()()))?;
+            self.offsets_log.append(&offsets_store::encode_batch(
+                chunk,
+                crate::storage::system_clock()(),
+            ))?;
         }
         self.offsets_log.sync()?;
         let removed = self.offsets_log.delete_segments_below(start)?;
-        tracing::info!(entries = state.len(), segments = removed.segments, bytes = removed.bytes, "compacted committed offsets");
+        tracing::info!(
+            entries = state.len(),
+            segments = removed.segments,
+            bytes = removed.bytes,
+            "compacted committed offsets"
+        );
         Ok(true)
     }
 }
@@ -645,7 +833,10 @@ fn to_topic_partitions(tps: &[(String, u32)]) -> Vec<TopicPartitions> {
     for (t, p) in tps {
         match out.last_mut() {
             Some(last) if &last.topic == t => last.partitions.push(*p),
-            _ => out.push(TopicPartitions { topic: t.clone(), partitions: vec![*p] }),
+            _ => out.push(TopicPartitions {
+                topic: t.clone(),
+                partitions: vec![*p],
+            }),
         }
     }
     out

@@ -15,8 +15,8 @@ use tokio::sync::oneshot;
 use cairn_protocol::record_batch::BatchError;
 use cairn_protocol::{encode_response, ApiKey, Encode, ErrorCode};
 
-pub(crate) use crate::server::Reply;
 use crate::server::Broker;
+pub(crate) use crate::server::Reply;
 use crate::storage::StorageError;
 
 /// Everything a handler needs about the request it serves.
@@ -31,7 +31,11 @@ pub(crate) struct Ctx {
 impl Ctx {
     /// Records the request's metrics.
     pub(crate) fn done(&self, error: Option<ErrorCode>) {
-        self.broker.requests.record(self.api, error.filter(|e| !e.is_ok()).map(ErrorCode::name), self.started.elapsed());
+        self.broker.requests.record(
+            self.api,
+            error.filter(|e| !e.is_ok()).map(ErrorCode::name),
+            self.started.elapsed(),
+        );
     }
 
     /// Encodes a response now.
@@ -58,7 +62,11 @@ impl Ctx {
                 Err(e) => {
                     tracing::error!(error = %e, api = self.api.name(), "handler panicked");
                     self.done(Some(ErrorCode::Unknown));
-                    let _ = tx.send(cairn_protocol::encode_error_response(self.corr, ErrorCode::Unknown, "internal error"));
+                    let _ = tx.send(cairn_protocol::encode_error_response(
+                        self.corr,
+                        ErrorCode::Unknown,
+                        "internal error",
+                    ));
                 }
             }
         });
@@ -103,11 +111,21 @@ pub(crate) fn count_records(chunks: &[Bytes]) -> u64 {
     for chunk in chunks {
         let mut pos = 0usize;
         while pos + 61 <= chunk.len() {
-            let len = i32::from_be_bytes([chunk[pos + 8], chunk[pos + 9], chunk[pos + 10], chunk[pos + 11]]);
+            let len = i32::from_be_bytes([
+                chunk[pos + 8],
+                chunk[pos + 9],
+                chunk[pos + 10],
+                chunk[pos + 11],
+            ]);
             if len <= 0 {
                 break;
             }
-            n += u64::from(u32::from_be_bytes([chunk[pos + 57], chunk[pos + 58], chunk[pos + 59], chunk[pos + 60]]));
+            n += u64::from(u32::from_be_bytes([
+                chunk[pos + 57],
+                chunk[pos + 58],
+                chunk[pos + 59],
+                chunk[pos + 60],
+            ]));
             pos += 12 + len as usize;
         }
     }

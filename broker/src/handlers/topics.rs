@@ -1,8 +1,12 @@
 //! Metadata, CreateTopics and DeleteTopics.
 
-use cairn_protocol::messages::create_topics::{CreateTopicsRequest, CreateTopicsResponse, TopicResult};
+use cairn_protocol::messages::create_topics::{
+    CreateTopicsRequest, CreateTopicsResponse, TopicResult,
+};
 use cairn_protocol::messages::delete_topics::{DeleteTopicsRequest, DeleteTopicsResponse};
-use cairn_protocol::messages::metadata::{MetadataRequest, MetadataResponse, PartitionMetadata, TopicMetadata};
+use cairn_protocol::messages::metadata::{
+    MetadataRequest, MetadataResponse, PartitionMetadata, TopicMetadata,
+};
 use cairn_protocol::messages::ConfigEntry;
 use cairn_protocol::ErrorCode;
 
@@ -15,7 +19,12 @@ fn describe(t: &Topic) -> TopicMetadata {
         error: ErrorCode::None,
         name: t.name.clone(),
         internal: t.internal,
-        configs: t.config.entries().into_iter().map(|(key, value)| ConfigEntry { key, value }).collect(),
+        configs: t
+            .config
+            .entries()
+            .into_iter()
+            .map(|(key, value)| ConfigEntry { key, value })
+            .collect(),
         partitions: t
             .partitions
             .iter()
@@ -31,7 +40,13 @@ fn describe(t: &Topic) -> TopicMetadata {
 
 pub(crate) fn metadata(ctx: Ctx, req: MetadataRequest) -> Reply {
     let topics = match &req.topics {
-        None => ctx.broker.store.topics().iter().map(|t| describe(t)).collect(),
+        None => ctx
+            .broker
+            .store
+            .topics()
+            .iter()
+            .map(|t| describe(t))
+            .collect(),
         Some(names) => names
             .iter()
             .map(|name| match lookup_topic(&ctx, name) {
@@ -57,15 +72,25 @@ pub(crate) fn create_topics(ctx: Ctx, req: CreateTopicsRequest) -> Reply {
             .topics
             .iter()
             .map(|t| {
-                let fail = |error: ErrorCode, message: String| TopicResult { name: t.name.clone(), error, message: Some(message) };
+                let fail = |error: ErrorCode, message: String| TopicResult {
+                    name: t.name.clone(),
+                    error,
+                    message: Some(message),
+                };
                 if t.partitions == 0 || t.partitions > broker.config.partitions_max {
                     return fail(
                         ErrorCode::InvalidPartitions,
-                        format!("partitions must be 1..={}, got {}", broker.config.partitions_max, t.partitions),
+                        format!(
+                            "partitions must be 1..={}, got {}",
+                            broker.config.partitions_max, t.partitions
+                        ),
                     );
                 }
                 if t.name.starts_with("__") {
-                    return fail(ErrorCode::InvalidTopicName, "names starting with __ are reserved for internal topics".into());
+                    return fail(
+                        ErrorCode::InvalidTopicName,
+                        "names starting with __ are reserved for internal topics".into(),
+                    );
                 }
                 let mut config = broker.store.config().topic_defaults();
                 for c in &t.configs {
@@ -76,7 +101,11 @@ pub(crate) fn create_topics(ctx: Ctx, req: CreateTopicsRequest) -> Reply {
                 match broker.store.create_topic(&t.name, t.partitions, config) {
                     Ok(_) => {
                         tracing::info!(topic = %t.name, partitions = t.partitions, "created topic");
-                        TopicResult { name: t.name.clone(), error: ErrorCode::None, message: None }
+                        TopicResult {
+                            name: t.name.clone(),
+                            error: ErrorCode::None,
+                            message: None,
+                        }
                     }
                     Err(e) => fail(storage_error_code(&e), e.to_string()),
                 }
@@ -104,9 +133,17 @@ pub(crate) fn delete_topics(ctx: Ctx, req: DeleteTopicsRequest) -> Reply {
                     Ok(()) => {
                         tracing::info!(topic = %name, "deleted topic");
                         broker.groups.forget_topic(name);
-                        TopicResult { name: name.clone(), error: ErrorCode::None, message: None }
+                        TopicResult {
+                            name: name.clone(),
+                            error: ErrorCode::None,
+                            message: None,
+                        }
                     }
-                    Err(e) => TopicResult { name: name.clone(), error: storage_error_code(&e), message: Some(e.to_string()) },
+                    Err(e) => TopicResult {
+                        name: name.clone(),
+                        error: storage_error_code(&e),
+                        message: Some(e.to_string()),
+                    },
                 }
             })
             .collect();

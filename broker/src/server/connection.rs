@@ -40,7 +40,11 @@ pub(crate) async fn run(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr
         tracing::debug!(%peer, error = %e, "set_nodelay failed");
     }
     let (rd, wr) = stream.into_split();
-    let mut frames = FramedRead::with_capacity(rd, FrameCodec::new(broker.config.frame_bytes_max), 64 * 1024);
+    let mut frames = FramedRead::with_capacity(
+        rd,
+        FrameCodec::new(broker.config.frame_bytes_max),
+        64 * 1024,
+    );
     let (tx, rx) = mpsc::channel::<Pending>(broker.config.connection_in_flight_max);
     let writer = tokio::spawn(write_loop(wr, rx, peer));
     let idle = Duration::from_millis(broker.config.idle_timeout_ms);
@@ -90,7 +94,11 @@ pub(crate) async fn run(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr
     tracing::debug!(%peer, "connection closed");
 }
 
-async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Pending>, peer: SocketAddr) -> std::io::Result<()> {
+async fn write_loop(
+    mut wr: OwnedWriteHalf,
+    mut rx: mpsc::Receiver<Pending>,
+    peer: SocketAddr,
+) -> std::io::Result<()> {
     let mut out: Vec<Bytes> = Vec::with_capacity(64);
     while let Some(first) = rx.recv().await {
         let mut gathered = resolve(first, &mut out).await;

@@ -44,7 +44,12 @@ pub struct Broker {
 
 impl Broker {
     /// Wraps an opened store.
-    pub fn new(config: BrokerConfig, store: LogStore, groups: Coordinator, shutdown: CancellationToken) -> Broker {
+    pub fn new(
+        config: BrokerConfig,
+        store: LogStore,
+        groups: Coordinator,
+        shutdown: CancellationToken,
+    ) -> Broker {
         Broker {
             config,
             store,
@@ -65,7 +70,13 @@ impl Broker {
         if let Some(n) = self.notifiers.read().expect("notifiers lock").get(&key) {
             return Arc::clone(n);
         }
-        Arc::clone(self.notifiers.write().expect("notifiers lock").entry(key).or_default())
+        Arc::clone(
+            self.notifiers
+                .write()
+                .expect("notifiers lock")
+                .entry(key)
+                .or_default(),
+        )
     }
 
     /// Wakes fetches parked on a partition.
@@ -78,7 +89,12 @@ impl Broker {
 
     /// Throughput counters of a topic.
     pub(crate) fn topic_metrics(&self, topic: &str) -> TopicMetrics {
-        if let Some(m) = self.topic_metrics.read().expect("topic metrics lock").get(topic) {
+        if let Some(m) = self
+            .topic_metrics
+            .read()
+            .expect("topic metrics lock")
+            .get(topic)
+        {
             return m.clone();
         }
         self.topic_metrics
@@ -95,7 +111,6 @@ impl Broker {
 pub async fn serve(broker: Arc<Broker>, listener: TcpListener) {
     let tracker = TaskTracker::new();
     let slots = Arc::new(Semaphore::new(broker.config.connections_max));
-    broker.ready.store(true, Ordering::Release);
     loop {
         let accepted = tokio::select! {
             _ = broker.shutdown.cancelled() => break,
@@ -128,7 +143,10 @@ pub async fn serve(broker: Arc<Broker>, listener: TcpListener) {
     tracker.close();
     let grace = Duration::from_millis(broker.config.shutdown_timeout_ms);
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-        tracing::warn!(open = tracker.len(), "shutdown timeout: abandoning connections still open");
+        tracing::warn!(
+            open = tracker.len(),
+            "shutdown timeout: abandoning connections still open"
+        );
     }
 }
 

@@ -71,8 +71,8 @@ pub(crate) fn run(rx: Receiver<FlushRequest>, store: Weak<StoreInner>) {
 
 /// Syncs each partition once and answers every waiter.
 fn serve(batch: Vec<FlushRequest>) {
-    let mut by_partition: HashMap<*const PartitionLog, (Arc<PartitionLog>, Vec<(u64, FlushDone)>)> =
-        HashMap::new();
+    type Waiting = (Arc<PartitionLog>, Vec<(u64, FlushDone)>);
+    let mut by_partition: HashMap<*const PartitionLog, Waiting> = HashMap::new();
     for req in batch {
         if let FlushRequest::Sync {
             partition,

@@ -1,0 +1,197 @@
+//! Starts the real `cairn-broker` binary on 127.0.0.1 with a temp data dir.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use cairn_client::{Admin, ConnectionConfig, ConsumerConfig, ProducerConfig};
+
+/// A running broker process. Killed (SIGKILL) on drop if still running.
+pub struct TestBroker {
+    pub child: Option<Child>,
+    pub addr: SocketAddr,
+    pub metrics: SocketAddr,
+    pub dir: PathBuf,
+    pub log: PathBuf,
+}
+
+impl TestBroker {
+    /// Starts a broker on `dir` with extra config lines (TOML) appended to a config file.
+    pub fn start(dir: &Path, extra_toml: &str) -> TestBroker {
+        Self::start_on(dir, extra_toml, "127.0.0.1:0")
+    }
+
+    /// Starts a broker listening on a given address (to restart on the same port).
+    pub fn start_on(dir: &Path, extra_toml: &str, listen: &str) -> TestBroker {
+        let data = dir.join("data");
+        let config = dir.join("cairn.toml");
+        std::fs::write(&config, extra_toml).unwrap();
+        let log = dir.join(format!(
+            "broker-{}.log",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_cairn-broker"))
+            .arg("--config")
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(&data)
+            .arg("--listen")
+            .arg(listen)
+            .arg("--metrics-listen")
+            .arg("127.0.0.1:0")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start cairn-broker");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| {
+                panic!(
+                    "broker did not start; log:\n{}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                )
+            });
+        let words: Vec<&str> = line.split_whitespace().collect();
+        assert!(
+            words.len() >= 7,
+            "unexpected first line {line:?}; log:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        TestBroker {
+            child: Some(child),
+            addr: words[3].parse().unwrap(),
+            metrics: words[6].parse().unwrap(),
+            dir: dir.to_owned(),
+            log,
+        }
+    }
+
+    pub fn connection(&self) -> ConnectionConfig {
+        ConnectionConfig {
+            broker: self.addr.to_string(),
+            request_timeout: Duration::from_secs(20),
+            ..ConnectionConfig::default()
+        }
+    }
+
+    pub fn producer_config(&self) -> ProducerConfig {
+        ProducerConfig {
+            connection: self.connection(),
+            ..ProducerConfig::default()
+        }
+    }
+
+    pub fn consumer_config(&self) -> ConsumerConfig {
+        ConsumerConfig {
+            connection: self.connection(),
+            ..ConsumerConfig::default()
+        }
+    }
+
+    pub async fn admin(&self) -> Admin {
+        Admin::connect(self.connection()).await.unwrap()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM and wait; returns the exit status code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let mut child = self.child.take()?;
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("broker did not exit within 30 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: no chance to flush or checkpoint.
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Resident memory of the broker process in bytes.
+    pub fn rss_bytes(&self) -> u64 {
+        let pid = self.child.as_ref().map(|c| c.id()).unwrap_or(0);
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+
+    /// GET a path on the metrics listener; returns (status line, body).
+    pub fn http_get(&self, path: &str) -> (String, String) {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(self.metrics).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
+        (
+            head.lines().next().unwrap_or("").to_owned(),
+            body.to_owned(),
+        )
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Runs an async test body on a fresh runtime with an overall time limit.
+pub fn run<F: std::future::Future<Output = ()>>(limit: Duration, f: F) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        tokio::time::timeout(limit, f)
+            .await
+            .expect("test exceeded its time limit");
+    });
+}
