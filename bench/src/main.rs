@@ -1,1 +1,172 @@
-fn main() {}
+//! `cairn-bench`: throughput and latency of Cairn on the real path (client library, TCP, broker).
+
+mod latency;
+mod report;
+mod suite;
+mod workload;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use cairn_client::Acks;
+use workload::Opts;
+
+/// Load generator for Cairn.
+#[derive(Debug, Parser)]
+#[command(name = "cairn-bench", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Produce records as fast as possible (or at --rate); latency = send to acknowledgement.
+    Produce(Common),
+    /// Consume a topic from offset 0; latency = duration of each poll.
+    Consume(Common),
+    /// Fixed-rate end-to-end latency: producer send (intended time) to consumer arrival.
+    E2e(Common),
+    /// Start a fresh broker (release build) on a temp dir, run the standard workloads, print a
+    /// markdown table.
+    Suite(SuiteArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum AcksArg {
+    None,
+    Leader,
+    All,
+}
+
+#[derive(Debug, Args)]
+struct Common {
+    /// Broker address.
+    #[arg(long, env = "CAIRN_BROKER", default_value = "127.0.0.1:7070")]
+    broker: String,
+    /// Topic (created if missing).
+    #[arg(long, default_value = "bench")]
+    topic: String,
+    /// Partitions when the topic is created.
+    #[arg(long, default_value_t = 1)]
+    partitions: u32,
+    /// Concurrent producers (one connection each).
+    #[arg(long, default_value_t = 1)]
+    producers: usize,
+    /// Concurrent consumers (one connection each).
+    #[arg(long, default_value_t = 1)]
+    consumers: usize,
+    /// Records to measure; without it, run for --duration.
+    #[arg(long)]
+    messages: Option<u64>,
+    /// Seconds to run when --messages is not given.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Record value size in bytes.
+    #[arg(long, default_value_t = 100)]
+    size: usize,
+    /// Producer batch size in bytes.
+    #[arg(long, default_value_t = 512 * 1024)]
+    batch_bytes: usize,
+    /// Producer linger in ms (default 5; 0 for e2e).
+    #[arg(long)]
+    linger_ms: Option<u64>,
+    /// Producer acks.
+    #[arg(long, value_enum, default_value_t = AcksArg::Leader)]
+    acks: AcksArg,
+    /// Fixed total send rate in records/s (e2e default 10,000).
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Keyed records over N distinct keys (0 = no keys).
+    #[arg(long, default_value_t = 0)]
+    keys: u64,
+    /// Warm-up records per producer before measuring (produce only).
+    #[arg(long, default_value_t = 50_000)]
+    warmup: u64,
+    /// Print the report as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Draw the latency percentile curve and throughput over time into an SVG file.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct SuiteArgs {
+    /// Scale the standard record counts (1.0 = the sizes in BENCHMARKS.md).
+    #[arg(long, default_value_t = 1.0)]
+    scale: f64,
+    /// The broker binary (default: cairn-broker next to this executable).
+    #[arg(long)]
+    broker_bin: Option<PathBuf>,
+}
+
+fn opts(c: &Common, e2e: bool) -> Opts {
+    Opts {
+        broker: c.broker.clone(),
+        topic: c.topic.clone(),
+        partitions: c.partitions,
+        producers: c.producers.max(1),
+        consumers: c.consumers.max(1),
+        messages: c.messages,
+        duration: Duration::from_secs(c.duration),
+        size: c.size,
+        batch_bytes: c.batch_bytes,
+        linger: Duration::from_millis(c.linger_ms.unwrap_or(if e2e { 0 } else { 5 })),
+        acks: match c.acks {
+            AcksArg::None => Acks::None,
+            AcksArg::Leader => Acks::Leader,
+            AcksArg::All => Acks::All,
+        },
+        rate: c.rate,
+        keys: c.keys,
+        warmup: if e2e { 0 } else { c.warmup },
+        progress: !c.json,
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let (common, report) = match &cli.command {
+        Command::Produce(c) => (c, workload::produce(&opts(c, false)).await?),
+        Command::Consume(c) => (c, workload::consume(&opts(c, false)).await?),
+        Command::E2e(c) => (c, workload::e2e(&opts(c, true)).await?),
+        Command::Suite(s) => return suite::run(s.scale, s.broker_bin.clone()).await,
+    };
+    if common.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        report.print();
+    }
+    if let Some(path) = &common.plot {
+        report.plot(path)?;
+        if !common.json {
+            println!("plot          {}", path.display());
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cairn-bench: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cairn-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

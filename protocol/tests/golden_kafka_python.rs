@@ -27,9 +27,12 @@ fn hex(v: &Value) -> Option<Vec<u8>> {
     )
 }
 
+/// `(timestamp, key, value, headers)` of one manifest record.
+type GoldenRecord = (i64, Option<Vec<u8>>, Option<Vec<u8>>, Vec<Header>);
+
 struct Case {
     name: String,
-    records: Vec<(i64, Option<Vec<u8>>, Option<Vec<u8>>, Vec<Header>)>,
+    records: Vec<GoldenRecord>,
 }
 
 fn cases() -> Vec<Case> {
@@ -69,7 +72,7 @@ fn cases() -> Vec<Case> {
 }
 
 /// Builds a case's batch with Cairn's builder.
-pub fn build(case: &Case) -> Bytes {
+fn build(case: &Case) -> Bytes {
     let mut b = RecordBatchBuilder::new();
     for (ts, key, value, headers) in &case.records {
         b.push(*ts, key.as_deref(), value.as_deref(), headers);

@@ -1,0 +1,544 @@
+//! The workloads: produce, consume, and end-to-end latency at a fixed rate.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use cairn_client::{
+    Acks, Admin, ConnectionConfig, Consumer, ConsumerConfig, Error, ErrorCode, NewTopic, Offset,
+    Producer, ProducerConfig, ProducerRecord,
+};
+
+use crate::latency::{curve, histogram, percentiles};
+use crate::report::Report;
+
+/// Options shared by every workload.
+#[derive(Debug, Clone)]
+pub struct Opts {
+    /// Broker address.
+    pub broker: String,
+    /// Topic (created if missing).
+    pub topic: String,
+    /// Partitions of the topic when it is created.
+    pub partitions: u32,
+    /// Concurrent producers, each with its own connection.
+    pub producers: usize,
+    /// Concurrent consumers, each with its own connection.
+    pub consumers: usize,
+    /// Records to measure (warm-up excluded); `None` runs for `duration`.
+    pub messages: Option<u64>,
+    /// How long to run when `messages` is not set.
+    pub duration: Duration,
+    /// Record value size in bytes.
+    pub size: usize,
+    /// Producer batch size.
+    pub batch_bytes: usize,
+    /// Producer linger.
+    pub linger: Duration,
+    /// Producer acks.
+    pub acks: Acks,
+    /// Fixed total send rate in records/s (`None` = as fast as possible).
+    pub rate: Option<u64>,
+    /// Number of distinct keys (0 = keyless).
+    pub keys: u64,
+    /// Warm-up records per producer before measuring.
+    pub warmup: u64,
+    /// Print progress while running.
+    pub progress: bool,
+    /// The command line, for the report.
+    pub command: String,
+}
+
+fn conn(opts: &Opts, name: &str) -> ConnectionConfig {
+    ConnectionConfig {
+        broker: opts.broker.clone(),
+        client_id: name.into(),
+        request_timeout: Duration::from_secs(60),
+        ..ConnectionConfig::default()
+    }
+}
+
+/// Creates the topic if it does not exist.
+pub async fn ensure_topic(opts: &Opts) -> anyhow::Result<()> {
+    let admin = Admin::connect(conn(opts, "cairn-bench")).await?;
+    match admin
+        .create_topic(NewTopic::new(opts.topic.clone(), opts.partitions))
+        .await
+    {
+        Ok(()) => Ok(()),
+        Err(Error::Broker {
+            code: ErrorCode::TopicAlreadyExists,
+            ..
+        }) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn now_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// Counts progress and samples throughput once a second.
+struct Meter {
+    count: AtomicU64,
+    done: AtomicBool,
+    timeline: Mutex<Vec<f64>>,
+}
+
+impl Meter {
+    fn new() -> Arc<Meter> {
+        Arc::new(Meter {
+            count: AtomicU64::new(0),
+            done: AtomicBool::new(false),
+            timeline: Mutex::new(Vec::new()),
+        })
+    }
+
+    fn spawn(
+        self: &Arc<Meter>,
+        total: Option<u64>,
+        show: bool,
+        label: &str,
+    ) -> tokio::task::JoinHandle<()> {
+        let me = Arc::clone(self);
+        let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+        let bar = (show && tty).then(|| {
+            let pb = total.map_or_else(ProgressBar::new_spinner, ProgressBar::new);
+            pb.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} {msg} [{elapsed_precise}] {bar:40} {pos}/{len} ({per_sec})",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            pb.set_message(label.to_owned());
+            pb
+        });
+        let label = label.to_owned();
+        tokio::spawn(async move {
+            let mut last = 0;
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.tick().await;
+            let mut secs = 0;
+            while !me.done.load(Ordering::Acquire) {
+                tick.tick().await;
+                secs += 1;
+                let now = me.count.load(Ordering::Relaxed);
+                let rate = (now - last) as f64;
+                last = now;
+                me.timeline.lock().expect("timeline").push(rate);
+                match &bar {
+                    Some(pb) => pb.set_position(now),
+                    None if show => {
+                        eprintln!("[{secs:>4}s] {label}: {now} records, {rate:.0} records/s")
+                    }
+                    None => {}
+                }
+            }
+            if let Some(pb) = bar {
+                pb.finish_and_clear();
+            }
+        })
+    }
+
+    fn finish(&self) -> Vec<f64> {
+        self.done.store(true, Ordering::Release);
+        self.timeline.lock().expect("timeline").clone()
+    }
+}
+
+fn value_of(size: usize) -> Bytes {
+    Bytes::from(
+        (0..size)
+            .map(|i| b'a' + (i % 26) as u8)
+            .collect::<Vec<u8>>(),
+    )
+}
+
+async fn producers(opts: &Opts) -> anyhow::Result<Vec<Producer>> {
+    let mut out = Vec::with_capacity(opts.producers);
+    for i in 0..opts.producers {
+        let config = ProducerConfig {
+            connection: conn(opts, &format!("bench-producer-{i}")),
+            acks: opts.acks,
+            batch_bytes_max: opts.batch_bytes,
+            linger: opts.linger,
+            ..ProducerConfig::default()
+        };
+        out.push(Producer::connect(config).await?);
+    }
+    Ok(out)
+}
+
+/// Sends `count` records from one producer; samples delivery latency of every 64th record.
+#[allow(clippy::too_many_arguments)]
+async fn send_loop(
+    producer: Producer,
+    opts: Opts,
+    count: Option<u64>,
+    deadline: Option<Instant>,
+    rate_each: Option<f64>,
+    hist: Option<Arc<Mutex<Histogram<u64>>>>,
+    meter: Option<Arc<Meter>>,
+    stamp: bool,
+) -> anyhow::Result<u64> {
+    let value = value_of(opts.size);
+    let keys: Vec<Bytes> = (0..opts.keys.min(100_000))
+        .map(|k| Bytes::from(format!("key-{k}")))
+        .collect();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, cairn_client::Delivery)>();
+    let sampler = hist.clone().map(|h| {
+        tokio::spawn(async move {
+            while let Some((sent, d)) = rx.recv().await {
+                if d.wait().await.is_ok() {
+                    let us = sent.elapsed().as_micros().max(1) as u64;
+                    let _ = h.lock().expect("histogram").record(us);
+                }
+            }
+        })
+    });
+    let start = Instant::now();
+    let mut i = 0u64;
+    loop {
+        if count.is_some_and(|c| i >= c) || deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
+        }
+        if let Some(r) = rate_each {
+            let intended = start + Duration::from_secs_f64(i as f64 / r);
+            let now = Instant::now();
+            if intended > now {
+                tokio::time::sleep_until(intended.into()).await;
+            }
+        }
+        let mut record = ProducerRecord {
+            topic: opts.topic.clone(),
+            ..ProducerRecord::default()
+        };
+        record.value = Some(if stamp {
+            // End-to-end: the intended send time, so that a stalled sender cannot hide latency
+            // (coordinated omission is corrected by measuring from the schedule).
+            let intended = match rate_each {
+                Some(r) => start + Duration::from_secs_f64(i as f64 / r),
+                None => Instant::now(),
+            };
+            let lag = Instant::now()
+                .saturating_duration_since(intended)
+                .as_nanos() as u64;
+            let mut v = value.to_vec();
+            v[..8].copy_from_slice(&(now_nanos() - lag).to_be_bytes());
+            Bytes::from(v)
+        } else {
+            value.clone()
+        });
+        if !keys.is_empty() {
+            record.key = Some(keys[(i % keys.len() as u64) as usize].clone());
+        }
+        let d = producer.send(record).await?;
+        if i % 64 == 0 && hist.is_some() {
+            let _ = tx.send((Instant::now(), d));
+        }
+        if let Some(m) = &meter {
+            m.count.fetch_add(1, Ordering::Relaxed);
+        }
+        i += 1;
+    }
+    producer.flush().await?;
+    drop(tx);
+    if let Some(s) = sampler {
+        let _ = s.await;
+    }
+    producer.close().await?;
+    Ok(i)
+}
+
+/// Produce as fast as possible (or at `rate`); latency = send to acknowledgement.
+pub async fn produce(opts: &Opts) -> anyhow::Result<Report> {
+    ensure_topic(opts).await?;
+    if opts.warmup > 0 {
+        let warm = producers(opts).await?;
+        let mut tasks = Vec::new();
+        for p in warm {
+            tasks.push(tokio::spawn(send_loop(
+                p,
+                opts.clone(),
+                Some(opts.warmup),
+                None,
+                None,
+                None,
+                None,
+                false,
+            )));
+        }
+        for t in tasks {
+            t.await??;
+        }
+    }
+    let list = producers(opts).await?;
+    let hist = Arc::new(Mutex::new(histogram()));
+    let meter = Meter::new();
+    let per = opts.messages.map(|m| m.div_ceil(opts.producers as u64));
+    let ticker = meter.spawn(opts.messages, opts.progress, "produce");
+    let start = Instant::now();
+    let deadline = opts.messages.is_none().then(|| start + opts.duration);
+    let rate_each = opts.rate.map(|r| r as f64 / opts.producers as f64);
+    let mut tasks = Vec::new();
+    for p in list {
+        tasks.push(tokio::spawn(send_loop(
+            p,
+            opts.clone(),
+            per,
+            deadline,
+            rate_each,
+            Some(Arc::clone(&hist)),
+            Some(Arc::clone(&meter)),
+            false,
+        )));
+    }
+    let mut records = 0;
+    for t in tasks {
+        records += t.await??;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let timeline = meter.finish();
+    let _ = ticker.await;
+    let h = hist.lock().expect("histogram");
+    Ok(report(
+        opts,
+        "produce",
+        records,
+        elapsed,
+        &h,
+        "send to acknowledgement, every 64th record",
+        timeline,
+    ))
+}
+
+fn report(
+    opts: &Opts,
+    workload: &str,
+    records: u64,
+    elapsed: f64,
+    h: &Histogram<u64>,
+    measures: &str,
+    timeline: Vec<f64>,
+) -> Report {
+    let bytes = records * opts.size as u64;
+    Report {
+        command: opts.command.clone(),
+        workload: workload.to_owned(),
+        records,
+        bytes,
+        elapsed_secs: elapsed,
+        records_per_sec: records as f64 / elapsed.max(1e-9),
+        mb_per_sec: bytes as f64 / 1e6 / elapsed.max(1e-9),
+        latency_us: percentiles(h),
+        latency_measures: measures.to_owned(),
+        timeline,
+        curve: curve(h),
+    }
+}
+
+/// Consume the topic from offset 0; latency = duration of each poll.
+pub async fn consume(opts: &Opts) -> anyhow::Result<Report> {
+    let admin = Admin::connect(conn(opts, "cairn-bench")).await?;
+    let info = admin.describe_topic(&opts.topic).await?;
+    let available: i64 = info
+        .partitions
+        .iter()
+        .map(|p| p.end_offset - p.start_offset)
+        .sum();
+    let want = opts
+        .messages
+        .unwrap_or(available as u64)
+        .min(available as u64);
+    if want == 0 {
+        anyhow::bail!(
+            "topic {} is empty: produce first (cairn-bench produce --topic {})",
+            opts.topic,
+            opts.topic
+        );
+    }
+    let parts: Vec<u32> = info.partitions.iter().map(|p| p.partition).collect();
+    let n = opts.consumers.max(1).min(parts.len());
+    let hist = Arc::new(Mutex::new(histogram()));
+    let meter = Meter::new();
+    let ticker = meter.spawn(Some(want), opts.progress, "consume");
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..n {
+        let mine: Vec<u32> = parts
+            .iter()
+            .copied()
+            .filter(|p| *p as usize % n == c)
+            .collect();
+        let target: u64 = info
+            .partitions
+            .iter()
+            .filter(|p| mine.contains(&p.partition))
+            .map(|p| (p.end_offset - p.start_offset) as u64)
+            .sum();
+        let target = target.min(want.div_ceil(n as u64));
+        let config = ConsumerConfig {
+            connection: conn(opts, &format!("bench-consumer-{c}")),
+            ..ConsumerConfig::default()
+        };
+        let (topic, hist, meter) = (opts.topic.clone(), Arc::clone(&hist), Arc::clone(&meter));
+        tasks.push(tokio::spawn(async move {
+            let mut consumer = Consumer::connect(config).await?;
+            consumer.assign(&topic, Some(mine)).await?;
+            consumer.seek_all(Offset::Earliest);
+            let mut got = 0u64;
+            while got < target {
+                let t = Instant::now();
+                let batch = consumer.poll(Duration::from_secs(5)).await?;
+                let _ = hist
+                    .lock()
+                    .expect("histogram")
+                    .record(t.elapsed().as_micros().max(1) as u64);
+                got += batch.len() as u64;
+                meter.count.fetch_add(batch.len() as u64, Ordering::Relaxed);
+            }
+            Ok::<u64, anyhow::Error>(got)
+        }));
+    }
+    let mut records = 0;
+    for t in tasks {
+        records += t.await??;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let timeline = meter.finish();
+    let _ = ticker.await;
+    let h = hist.lock().expect("histogram");
+    Ok(report(
+        opts,
+        "consume",
+        records,
+        elapsed,
+        &h,
+        "duration of each poll",
+        timeline,
+    ))
+}
+
+/// Producers send at a fixed total rate with the intended send time in the value; consumers
+/// tailing the topic measure arrival. Latency = arrival - intended send time.
+pub async fn e2e(opts: &Opts) -> anyhow::Result<Report> {
+    if opts.size < 8 {
+        anyhow::bail!("e2e needs --size of at least 8 bytes (the timestamp)");
+    }
+    ensure_topic(opts).await?;
+    let rate = opts.rate.unwrap_or(10_000);
+    let total = opts
+        .messages
+        .unwrap_or((rate as f64 * opts.duration.as_secs_f64()) as u64);
+    let admin = Admin::connect(conn(opts, "cairn-bench")).await?;
+    let parts: Vec<u32> = admin
+        .describe_topic(&opts.topic)
+        .await?
+        .partitions
+        .iter()
+        .map(|p| p.partition)
+        .collect();
+    let n = opts.consumers.max(1).min(parts.len());
+    let hist = Arc::new(Mutex::new(histogram()));
+    let meter = Meter::new();
+    let received = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut consumers = Vec::new();
+    for c in 0..n {
+        let mine: Vec<u32> = parts
+            .iter()
+            .copied()
+            .filter(|p| *p as usize % n == c)
+            .collect();
+        let config = ConsumerConfig {
+            connection: conn(opts, &format!("bench-consumer-{c}")),
+            fetch_max_wait: Duration::from_millis(500),
+            ..ConsumerConfig::default()
+        };
+        let mut consumer = Consumer::connect(config).await?;
+        consumer.assign(&opts.topic, Some(mine)).await?;
+        consumer.seek_all(Offset::Latest);
+        // Resolve the start position before producers begin.
+        consumer.poll(Duration::from_millis(10)).await?;
+        let (hist, meter, received, stop) = (
+            Arc::clone(&hist),
+            Arc::clone(&meter),
+            Arc::clone(&received),
+            Arc::clone(&stop),
+        );
+        consumers.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Acquire) {
+                let batch = consumer.poll(Duration::from_millis(200)).await?;
+                let now = now_nanos();
+                let mut h = hist.lock().expect("histogram");
+                for r in &batch {
+                    if let Some(v) = r.value.as_deref().filter(|v| v.len() >= 8) {
+                        let sent = u64::from_be_bytes(v[..8].try_into().expect("8 bytes"));
+                        let _ = h.record((now.saturating_sub(sent) / 1000).max(1));
+                    }
+                }
+                drop(h);
+                received.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                meter.count.fetch_add(batch.len() as u64, Ordering::Relaxed);
+            }
+            Ok::<(), anyhow::Error>(())
+        }));
+    }
+    let ticker = meter.spawn(Some(total), opts.progress, "e2e");
+    let list = producers(opts).await?;
+    let per = total.div_ceil(opts.producers as u64);
+    let rate_each = rate as f64 / opts.producers as f64;
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for p in list {
+        tasks.push(tokio::spawn(send_loop(
+            p,
+            opts.clone(),
+            Some(per),
+            None,
+            Some(rate_each),
+            None,
+            None,
+            true,
+        )));
+    }
+    let mut sent = 0;
+    for t in tasks {
+        sent += t.await??;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while received.load(Ordering::Relaxed) < sent && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Release);
+    for c in consumers {
+        c.await??;
+    }
+    let timeline = meter.finish();
+    let _ = ticker.await;
+    let got = received.load(Ordering::Relaxed);
+    if got < sent {
+        eprintln!(
+            "warning: {} of {sent} records did not arrive within 10 s",
+            sent - got
+        );
+    }
+    let h = hist.lock().expect("histogram");
+    Ok(report(
+        opts,
+        "e2e",
+        got,
+        elapsed,
+        &h,
+        "intended send time to consumer arrival (coordinated omission corrected)",
+        timeline,
+    ))
+}
