@@ -195,3 +195,29 @@ pub fn run<F: std::future::Future<Output = ()>>(limit: Duration, f: F) {
             .expect("test exceeded its time limit");
     });
 }
+
+/// Path of a binary of another workspace package, building it if this test run did not.
+pub fn sibling_bin(package: &str, name: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_cairn-broker")).with_file_name(name);
+    if !path.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-p", package, "--bin", name])
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building {name} failed");
+    }
+    path
+}
+
+/// Sends SIGSTOP or SIGCONT to the broker.
+pub fn signal(broker: &TestBroker, sig: &str) {
+    let pid = broker.child.as_ref().expect("running").id();
+    let ok = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{sig} failed");
+}

@@ -1,0 +1,174 @@
+//! The `cairn` command-line tool against the real broker binary.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use common::{sibling_bin, TestBroker};
+
+fn cairn(broker: &TestBroker, args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
+    let mut child = Command::new(sibling_bin("cairn-client", "cairn"))
+        .args(args)
+        .env("CAIRN_BROKER", broker.addr.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        let mut input = child.stdin.take().unwrap();
+        if let Some(s) = stdin {
+            input.write_all(s.as_bytes()).unwrap();
+        }
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn produce_piped_into_consume_round_trips_values_keys_and_headers() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "");
+    let (code, out, err) = cairn(
+        &broker,
+        &[
+            "topic",
+            "create",
+            "cli",
+            "--partitions",
+            "2",
+            "--retention-ms",
+            "-1",
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let input = "task-1:started\ntask-2:started\ntask-1:done\nno key here\n";
+    let (code, _, err) = cairn(
+        &broker,
+        &[
+            "produce",
+            "cli",
+            "--key-separator",
+            ":",
+            "--header",
+            "agent=a1",
+            "--acks",
+            "all",
+        ],
+        Some(input),
+    );
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = cairn(
+        &broker,
+        &["consume", "cli", "--count", "4", "--format", "json"],
+        None,
+    );
+    assert_eq!(code, 0, "{err}");
+    let records: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(records.len(), 4);
+    let mut got: Vec<(Option<String>, String)> = records
+        .iter()
+        .map(|r| {
+            (
+                r["key"].as_str().map(str::to_owned),
+                r["value"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        vec![
+            (None, "no key here".to_owned()),
+            (Some("task-1".into()), "done".into()),
+            (Some("task-1".into()), "started".into()),
+            (Some("task-2".into()), "started".into()),
+        ]
+    );
+    for r in &records {
+        assert_eq!(r["headers"]["agent"], "a1");
+        for k in ["topic", "partition", "offset", "timestamp"] {
+            assert!(!r[k].is_null(), "json has {k}");
+        }
+    }
+    // Per key, order is kept: task-1 started before done.
+    let task1: Vec<&str> = records
+        .iter()
+        .filter(|r| r["key"] == "task-1")
+        .map(|r| r["value"].as_str().unwrap())
+        .collect();
+    assert_eq!(task1, vec!["started", "done"]);
+    // Without --follow, consume stops at the end of the log.
+    let (code, out, _) = cairn(&broker, &["consume", "cli"], None);
+    assert_eq!(code, 0);
+    assert_eq!(out.lines().count(), 4);
+    // With --group it commits what it printed: a second run prints only what is left.
+    let (code, out, _) = cairn(
+        &broker,
+        &[
+            "consume",
+            "cli",
+            "--group",
+            "g",
+            "--count",
+            "1",
+            "--partition",
+            "0",
+        ],
+        None,
+    );
+    assert_eq!((code, out.lines().count()), (0, 1));
+    let (code, out, _) = cairn(
+        &broker,
+        &["group", "describe", "g", "--format", "json"],
+        None,
+    );
+    assert_eq!(code, 0);
+    let g: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let committed: Vec<i64> = g["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["committed"].as_i64())
+        .collect();
+    assert_eq!(committed, vec![1]);
+    let (code, out, _) = cairn(&broker, &["topic", "list", "--format", "json"], None);
+    assert_eq!(code, 0);
+    let topics: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        topics.as_array().unwrap().len(),
+        1,
+        "internal topics are hidden: {out}"
+    );
+}
+
+#[test]
+fn errors_print_one_line_and_use_the_documented_exit_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "");
+    let (code, _, err) = cairn(&broker, &["consume", "nosuch"], None);
+    assert_eq!(code, 3, "unknown topic: {err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("unknown topic nosuch"), "{err}");
+    let (code, _, err) = cairn(&broker, &["produce", "nosuch"], Some("x\n"));
+    assert_eq!(code, 3, "{err}");
+    let (code, _, err) = cairn(&broker, &["--broker", "127.0.0.1:1", "topic", "list"], None);
+    assert_eq!(code, 4, "unreachable: {err}");
+    assert!(err.contains("cannot connect"), "{err}");
+    let (code, _, _) = cairn(&broker, &["topic", "create", "bad/name"], None);
+    assert_eq!(code, 1);
+    let (code, _, _) = cairn(&broker, &["consume", "x", "--from", "yesterday"], None);
+    assert_eq!(code, 2, "usage error");
+    let (code, out, _) = cairn(&broker, &["consume", "--help"], None);
+    assert_eq!(code, 0);
+    assert!(out.contains("--from"));
+}
