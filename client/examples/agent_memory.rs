@@ -17,8 +17,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use cairn_client::{
-    Acks, Admin, ConnectionConfig, Consumer, ConsumerConfig, ConsumerRecord, Error, ErrorCode, NewTopic, Offset, Producer,
-    ProducerConfig, ProducerRecord,
+    Acks, Admin, ConnectionConfig, Consumer, ConsumerConfig, ConsumerRecord, Error, ErrorCode,
+    NewTopic, Offset, Producer, ProducerConfig, ProducerRecord,
 };
 
 const TOPIC: &str = "agent-memory";
@@ -32,7 +32,9 @@ struct Memory {
 
 impl Memory {
     fn apply(&mut self, r: &ConsumerRecord) {
-        let (Some(key), Some(value)) = (&r.key, &r.value) else { return };
+        let (Some(key), Some(value)) = (&r.key, &r.value) else {
+            return;
+        };
         let task = String::from_utf8_lossy(key).into_owned();
         let state = String::from_utf8_lossy(value).into_owned();
         self.tasks.insert(task, state);
@@ -43,23 +45,51 @@ impl Memory {
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     let broker = std::env::var("CAIRN_BROKER").unwrap_or_else(|_| "127.0.0.1:7070".into());
-    let connection = ConnectionConfig { broker, client_id: "agent-memory".into(), ..ConnectionConfig::default() };
+    let connection = ConnectionConfig {
+        broker,
+        client_id: "agent-memory".into(),
+        ..ConnectionConfig::default()
+    };
 
     let admin = Admin::connect(connection.clone()).await?;
     match admin.create_topic(NewTopic::new(TOPIC, 3)).await {
-        Ok(()) | Err(Error::Broker { code: ErrorCode::TopicAlreadyExists, .. }) => {}
+        Ok(())
+        | Err(Error::Broker {
+            code: ErrorCode::TopicAlreadyExists,
+            ..
+        }) => {}
         Err(e) => return Err(e),
     }
 
     // The producer agent: every state change is an event keyed by task id.
-    let producer = Producer::connect(ProducerConfig { connection: connection.clone(), acks: Acks::All, ..ProducerConfig::default() }).await?;
-    for (task, state) in [("task-17", "todo"), ("task-4", "todo"), ("task-17", "in-progress"), ("task-17", "done")] {
-        let meta = producer.send(ProducerRecord::new(TOPIC, state).key(task)).await?.await?;
-        println!("producer: {task} -> {state}   (partition {}, offset {})", meta.partition, meta.offset);
+    let producer = Producer::connect(ProducerConfig {
+        connection: connection.clone(),
+        acks: Acks::All,
+        ..ProducerConfig::default()
+    })
+    .await?;
+    for (task, state) in [
+        ("task-17", "todo"),
+        ("task-4", "todo"),
+        ("task-17", "in-progress"),
+        ("task-17", "done"),
+    ] {
+        let meta = producer
+            .send(ProducerRecord::new(TOPIC, state).key(task))
+            .await?
+            .await?;
+        println!(
+            "producer: {task} -> {state}   (partition {}, offset {})",
+            meta.partition, meta.offset
+        );
     }
 
     // The consumer agent: replay from offset 0 to rebuild memory.
-    let mut consumer = Consumer::connect(ConsumerConfig { connection, ..ConsumerConfig::default() }).await?;
+    let mut consumer = Consumer::connect(ConsumerConfig {
+        connection,
+        ..ConsumerConfig::default()
+    })
+    .await?;
     consumer.assign(TOPIC, None).await?;
     consumer.seek_all(Offset::Earliest);
     let mut memory = Memory::default();
@@ -70,13 +100,23 @@ async fn main() -> Result<(), Error> {
         }
         records.iter().for_each(|r| memory.apply(r));
     }
-    println!("consumer: replayed {} events; memory = {:?}", memory.applied, memory.tasks);
+    println!(
+        "consumer: replayed {} events; memory = {:?}",
+        memory.applied, memory.tasks
+    );
 
     // Then tail live changes: the producer keeps working while the consumer follows.
     let live = tokio::spawn(async move {
-        for (task, state) in [("task-4", "in-progress"), ("task-9", "todo"), ("task-4", "done")] {
+        for (task, state) in [
+            ("task-4", "in-progress"),
+            ("task-9", "todo"),
+            ("task-4", "done"),
+        ] {
             tokio::time::sleep(Duration::from_millis(200)).await;
-            producer.send(ProducerRecord::new(TOPIC, state).key(task)).await?.await?;
+            producer
+                .send(ProducerRecord::new(TOPIC, state).key(task))
+                .await?
+                .await?;
         }
         producer.close().await
     });
@@ -92,7 +132,8 @@ async fn main() -> Result<(), Error> {
             );
         }
     }
-    live.await.map_err(|e| Error::InvalidArgument(e.to_string()))??;
+    live.await
+        .map_err(|e| Error::InvalidArgument(e.to_string()))??;
     println!("consumer: memory = {:?}", memory.tasks);
     Ok(())
 }
