@@ -158,8 +158,15 @@ impl TestBroker {
 
     /// GET a path on the metrics listener; returns (status line, body).
     pub fn http_get(&self, path: &str) -> (String, String) {
+        http_get(self.metrics, path)
+    }
+}
+
+/// A minimal HTTP/1.1 GET; returns (status line, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
+    {
         use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(self.metrics).unwrap();
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         write!(
             s,
