@@ -223,6 +223,7 @@ EXPECTED = {
     "connections_max": 10000,
     "connection_in_flight_max": 256,
     "idle_timeout_ms": 600000,
+    "frame_timeout_ms": 30000,
     "auto_create_topics": False,
     "default_partitions": 1,
     "partitions_max": 10000,
@@ -243,6 +244,17 @@ EXPECTED = {
         "disk_free_bytes_min": 104857600,
         "open_segments_max": 2048,
         "checkpoint_interval_ms": 5000,
+        "preallocate_bytes_min": 65536,
+        "preallocate_bytes_max": 67108864,
+    },
+    "groups": {
+        "session_timeout_ms_min": 1000,
+        "session_timeout_ms_max": 300000,
+        "rebalance_timeout_ms_max": 300000,
+        "offset_metadata_bytes_max": 4096,
+        "groups_max": 10000,
+        "members_per_group_max": 1000,
+        "offsets_snapshot_bytes": 67108864,
     },
 }
 try:

@@ -42,10 +42,7 @@ impl Report {
         println!("command       {}", self.command);
         println!("records       {}", self.records);
         println!("elapsed       {:.3} s", self.elapsed_secs);
-        println!(
-            "throughput    {:.0} records/s   {:.1} MB/s",
-            self.records_per_sec, self.mb_per_sec
-        );
+        println!("throughput    {:.0} records/s   {:.1} MB/s", self.records_per_sec, self.mb_per_sec);
         let l = &self.latency_us;
         println!(
             "latency (µs)  p50 {:.0}   p90 {:.0}   p99 {:.0}   p99.9 {:.0}   max {:.0}   ({})",
@@ -64,10 +61,7 @@ impl Report {
         let max_lat = self.curve.iter().map(|p| p.1).fold(1.0, f64::max) * 1.1;
         let mut chart = ChartBuilder::on(&upper)
             .caption(
-                format!(
-                    "{}: latency by percentile ({})",
-                    self.workload, self.latency_measures
-                ),
+                format!("{}: latency by percentile ({})", self.workload, self.latency_measures),
                 ("sans-serif", 18),
             )
             .margin(15)
@@ -82,9 +76,7 @@ impl Report {
             .x_label_formatter(&|x| format!("{}%", 100.0 * (1.0 - 10f64.powf(-x))))
             .draw()
             .map_err(|e| anyhow::anyhow!("{e}"))?;
-        chart
-            .draw_series(LineSeries::new(self.curve.iter().copied(), &BLUE))
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        chart.draw_series(LineSeries::new(self.curve.iter().copied(), &BLUE)).map_err(|e| anyhow::anyhow!("{e}"))?;
         let max_rate = self.timeline.iter().copied().fold(1.0, f64::max) * 1.1;
         let mut chart = ChartBuilder::on(&lower)
             .caption("throughput over time", ("sans-serif", 18))
@@ -93,20 +85,9 @@ impl Report {
             .y_label_area_size(70)
             .build_cartesian_2d(0f64..(self.timeline.len().max(1) as f64), 0f64..max_rate)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
+        chart.configure_mesh().x_desc("seconds").y_desc("records/s").draw().map_err(|e| anyhow::anyhow!("{e}"))?;
         chart
-            .configure_mesh()
-            .x_desc("seconds")
-            .y_desc("records/s")
-            .draw()
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        chart
-            .draw_series(LineSeries::new(
-                self.timeline
-                    .iter()
-                    .enumerate()
-                    .map(|(i, r)| (i as f64 + 1.0, *r)),
-                &RED,
-            ))
+            .draw_series(LineSeries::new(self.timeline.iter().enumerate().map(|(i, r)| (i as f64 + 1.0, *r)), &RED))
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
         Ok(())

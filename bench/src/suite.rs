@@ -5,9 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cairn_client::{
-    Acks, Admin, ConnectionConfig, NewTopic, Producer, ProducerConfig, ProducerRecord,
-};
+use cairn_client::{Acks, Admin, ConnectionConfig, NewTopic, Producer, ProducerConfig, ProducerRecord};
 
 use crate::workload::{self, Opts};
 
@@ -31,19 +29,10 @@ impl Broker {
             .stderr(Stdio::inherit())
             .spawn()?;
         let mut line = String::new();
-        BufReader::new(
-            child
-                .stdout
-                .take()
-                .ok_or_else(|| anyhow::anyhow!("no stdout"))?,
-        )
-        .read_line(&mut line)?;
+        BufReader::new(child.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?).read_line(&mut line)?;
         let took = started.elapsed();
-        let addr = line
-            .split_whitespace()
-            .nth(3)
-            .ok_or_else(|| anyhow::anyhow!("broker did not start: {line:?}"))?
-            .to_owned();
+        let addr =
+            line.split_whitespace().nth(3).ok_or_else(|| anyhow::anyhow!("broker did not start: {line:?}"))?.to_owned();
         Ok((Broker { child, addr }, took))
     }
 
@@ -59,10 +48,7 @@ impl Broker {
     }
 
     fn terminate(mut self) -> anyhow::Result<()> {
-        Command::new("kill")
-            .arg("-TERM")
-            .arg(self.child.id().to_string())
-            .status()?;
+        Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status()?;
         self.child.wait()?;
         Ok(())
     }
@@ -104,11 +90,7 @@ fn base(addr: &str, topic: &str) -> Opts {
 }
 
 fn verdict(got: f64, target: f64, higher_is_better: bool) -> String {
-    let ok = if higher_is_better {
-        got >= target
-    } else {
-        got <= target
-    };
+    let ok = if higher_is_better { got >= target } else { got <= target };
     if ok {
         "met".into()
     } else if higher_is_better {
@@ -125,10 +107,7 @@ pub async fn run(scale: f64, bin: Option<PathBuf>) -> anyhow::Result<()> {
         None => std::env::current_exe()?.with_file_name("cairn-broker"),
     };
     if !bin.exists() {
-        anyhow::bail!(
-            "{} not found: build it with `cargo build --release -p cairn-broker`",
-            bin.display()
-        );
+        anyhow::bail!("{} not found: build it with `cargo build --release -p cairn-broker`", bin.display());
     }
     let n = |x: f64| (x * scale).max(1000.0) as u64;
     let tmp = tempfile::tempdir()?;
@@ -138,20 +117,12 @@ pub async fn run(scale: f64, bin: Option<PathBuf>) -> anyhow::Result<()> {
     let addr = broker.addr.clone();
     let mut rows = Vec::new();
 
-    let p1 = workload::produce(&Opts {
-        messages: Some(n(5_000_000.0)),
-        ..base(&addr, "p1")
-    })
-    .await?;
+    let p1 = workload::produce(&Opts { messages: Some(n(5_000_000.0)), ..base(&addr, "p1") }).await?;
     rows.push(Row {
         id: "P1",
         workload: "produce 100 B, 1 producer, 1 partition, acks=leader".into(),
         target: ">= 5 M records/s".into(),
-        result: format!(
-            "{:.2} M records/s (p99 {:.0} µs)",
-            p1.records_per_sec / 1e6,
-            p1.latency_us.p99
-        ),
+        result: format!("{:.2} M records/s (p99 {:.0} µs)", p1.records_per_sec / 1e6, p1.latency_us.p99),
         verdict: verdict(p1.records_per_sec, 5e6, true),
     });
     let p2 = workload::produce(&Opts {
@@ -170,11 +141,7 @@ pub async fn run(scale: f64, bin: Option<PathBuf>) -> anyhow::Result<()> {
         result: format!("{:.2} GB/s", p2.mb_per_sec / 1000.0),
         verdict: verdict(p2.mb_per_sec / 1000.0, 1.5, true),
     });
-    let p3 = workload::consume(&Opts {
-        messages: None,
-        ..base(&addr, "p1")
-    })
-    .await?;
+    let p3 = workload::consume(&Opts { messages: None, ..base(&addr, "p1") }).await?;
     rows.push(Row {
         id: "P3",
         workload: "consume P1's log from offset 0, 1 consumer".into(),
@@ -195,10 +162,7 @@ pub async fn run(scale: f64, bin: Option<PathBuf>) -> anyhow::Result<()> {
         id: "P4",
         workload: "e2e at 10,000 records/s, 100 B, acks=leader".into(),
         target: "p50 <= 200 µs, p99 <= 1 ms, p99.9 <= 5 ms".into(),
-        result: format!(
-            "p50 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs",
-            l.p50, l.p99, l.p999
-        ),
+        result: format!("p50 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs", l.p50, l.p99, l.p999),
         verdict: if l.p50 <= 200.0 && l.p99 <= 1000.0 && l.p999 <= 5000.0 {
             "met".into()
         } else {
@@ -210,12 +174,8 @@ pub async fn run(scale: f64, bin: Option<PathBuf>) -> anyhow::Result<()> {
             )
         },
     });
-    let p4b = workload::produce(&Opts {
-        messages: Some(n(2_000_000.0)),
-        acks: Acks::All,
-        ..base(&addr, "p4b")
-    })
-    .await?;
+    let p4b =
+        workload::produce(&Opts { messages: Some(n(2_000_000.0)), acks: Acks::All, ..base(&addr, "p4b") }).await?;
     rows.push(Row {
         id: "P4b",
         workload: "produce 100 B, 1 producer, acks=all".into(),
@@ -236,16 +196,8 @@ pub async fn run(scale: f64, bin: Option<PathBuf>) -> anyhow::Result<()> {
         id: "P5",
         workload: "acks=all, 16 producers, 1 KiB, 1 partition".into(),
         target: ">= 230 MB/s, p99 <= 5 ms".into(),
-        result: format!(
-            "{:.0} MB/s, p99 {:.1} ms",
-            p5.mb_per_sec,
-            p5.latency_us.p99 / 1000.0
-        ),
-        verdict: format!(
-            "{}; p99 {}",
-            verdict(p5.mb_per_sec, 230.0, true),
-            verdict(p5.latency_us.p99, 5000.0, false)
-        ),
+        result: format!("{:.0} MB/s, p99 {:.1} ms", p5.mb_per_sec, p5.latency_us.p99 / 1000.0),
+        verdict: format!("{}; p99 {}", verdict(p5.mb_per_sec, 230.0, true), verdict(p5.latency_us.p99, 5000.0, false)),
     });
     let p6 = workload::produce(&Opts {
         messages: Some(n(500_000.0)),
@@ -301,30 +253,19 @@ pub async fn run(scale: f64, bin: Option<PathBuf>) -> anyhow::Result<()> {
 
     println!("\n| # | workload | target | result | verdict |\n|---|---|---|---|---|");
     for r in rows {
-        println!(
-            "| {} | {} | {} | {} | {} |",
-            r.id, r.workload, r.target, r.result, r.verdict
-        );
+        println!("| {} | {} | {} | {} | {} |", r.id, r.workload, r.target, r.result, r.verdict);
     }
     Ok(())
 }
 
 fn conn(addr: &str) -> ConnectionConfig {
-    ConnectionConfig {
-        broker: addr.to_owned(),
-        ..ConnectionConfig::default()
-    }
+    ConnectionConfig { broker: addr.to_owned(), ..ConnectionConfig::default() }
 }
 
 /// Creates a topic with 16 KiB segments and writes until it has `segments` segments.
 async fn fill_segments(addr: &str, segments: u64) -> anyhow::Result<()> {
     let admin = Admin::connect(conn(addr)).await?;
-    admin
-        .create_topic(NewTopic {
-            segment_bytes: Some(16 * 1024),
-            ..NewTopic::new("p7", 1)
-        })
-        .await?;
+    admin.create_topic(NewTopic { segment_bytes: Some(16 * 1024), ..NewTopic::new("p7", 1) }).await?;
     let producer = Producer::connect(ProducerConfig {
         connection: conn(addr),
         batch_bytes_max: 8 * 1024,
@@ -334,9 +275,7 @@ async fn fill_segments(addr: &str, segments: u64) -> anyhow::Result<()> {
     let value = vec![b'x'; 1000];
     // ~16 records of 1 KB per segment.
     for _ in 0..segments * 16 {
-        producer
-            .send(ProducerRecord::new("p7", value.clone()))
-            .await?;
+        producer.send(ProducerRecord::new("p7", value.clone())).await?;
     }
     producer.close().await?;
     Ok(())
@@ -345,23 +284,12 @@ async fn fill_segments(addr: &str, segments: u64) -> anyhow::Result<()> {
 /// Writes ~32 MiB with acks=leader right before a kill -9; returns the bytes written.
 async fn write_unsynced(addr: &str) -> anyhow::Result<u64> {
     let admin = Admin::connect(conn(addr)).await?;
-    admin
-        .create_topic(NewTopic {
-            flush_interval_ms: Some(3_600_000),
-            ..NewTopic::new("p7u", 1)
-        })
-        .await?;
-    let producer = Producer::connect(ProducerConfig {
-        connection: conn(addr),
-        ..ProducerConfig::default()
-    })
-    .await?;
+    admin.create_topic(NewTopic { flush_interval_ms: Some(3_600_000), ..NewTopic::new("p7u", 1) }).await?;
+    let producer = Producer::connect(ProducerConfig { connection: conn(addr), ..ProducerConfig::default() }).await?;
     let value = vec![b'u'; 1024];
     let n = 32 * 1024;
     for _ in 0..n {
-        producer
-            .send(ProducerRecord::new("p7u", value.clone()))
-            .await?;
+        producer.send(ProducerRecord::new("p7u", value.clone())).await?;
     }
     producer.close().await?;
     Ok(n * 1024)

@@ -9,8 +9,8 @@ use hdrhistogram::Histogram;
 use indicatif::{ProgressBar, ProgressStyle};
 
 use cairn_client::{
-    Acks, Admin, ConnectionConfig, Consumer, ConsumerConfig, Error, ErrorCode, NewTopic, Offset,
-    Producer, ProducerConfig, ProducerRecord,
+    Acks, Admin, ConnectionConfig, Consumer, ConsumerConfig, Error, ErrorCode, NewTopic, Offset, Producer,
+    ProducerConfig, ProducerRecord,
 };
 
 use crate::latency::{curve, histogram, percentiles};
@@ -65,24 +65,15 @@ fn conn(opts: &Opts, name: &str) -> ConnectionConfig {
 /// Creates the topic if it does not exist.
 pub async fn ensure_topic(opts: &Opts) -> anyhow::Result<()> {
     let admin = Admin::connect(conn(opts, "cairn-bench")).await?;
-    match admin
-        .create_topic(NewTopic::new(opts.topic.clone(), opts.partitions))
-        .await
-    {
+    match admin.create_topic(NewTopic::new(opts.topic.clone(), opts.partitions)).await {
         Ok(()) => Ok(()),
-        Err(Error::Broker {
-            code: ErrorCode::TopicAlreadyExists,
-            ..
-        }) => Ok(()),
+        Err(Error::Broker { code: ErrorCode::TopicAlreadyExists, .. }) => Ok(()),
         Err(e) => Err(e.into()),
     }
 }
 
 fn now_nanos() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos() as u64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0)
 }
 
 /// Counts progress and samples throughput once a second.
@@ -94,28 +85,17 @@ struct Meter {
 
 impl Meter {
     fn new() -> Arc<Meter> {
-        Arc::new(Meter {
-            count: AtomicU64::new(0),
-            done: AtomicBool::new(false),
-            timeline: Mutex::new(Vec::new()),
-        })
+        Arc::new(Meter { count: AtomicU64::new(0), done: AtomicBool::new(false), timeline: Mutex::new(Vec::new()) })
     }
 
-    fn spawn(
-        self: &Arc<Meter>,
-        total: Option<u64>,
-        show: bool,
-        label: &str,
-    ) -> tokio::task::JoinHandle<()> {
+    fn spawn(self: &Arc<Meter>, total: Option<u64>, show: bool, label: &str) -> tokio::task::JoinHandle<()> {
         let me = Arc::clone(self);
         let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
         let bar = (show && tty).then(|| {
             let pb = total.map_or_else(ProgressBar::new_spinner, ProgressBar::new);
             pb.set_style(
-                ProgressStyle::with_template(
-                    "{spinner} {msg} [{elapsed_precise}] {bar:40} {pos}/{len} ({per_sec})",
-                )
-                .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                ProgressStyle::with_template("{spinner} {msg} [{elapsed_precise}] {bar:40} {pos}/{len} ({per_sec})")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
             );
             pb.set_message(label.to_owned());
             pb
@@ -154,11 +134,7 @@ impl Meter {
 }
 
 fn value_of(size: usize) -> Bytes {
-    Bytes::from(
-        (0..size)
-            .map(|i| b'a' + (i % 26) as u8)
-            .collect::<Vec<u8>>(),
-    )
+    Bytes::from((0..size).map(|i| b'a' + (i % 26) as u8).collect::<Vec<u8>>())
 }
 
 async fn producers(opts: &Opts) -> anyhow::Result<Vec<Producer>> {
@@ -189,9 +165,7 @@ async fn send_loop(
     stamp: bool,
 ) -> anyhow::Result<u64> {
     let value = value_of(opts.size);
-    let keys: Vec<Bytes> = (0..opts.keys.min(100_000))
-        .map(|k| Bytes::from(format!("key-{k}")))
-        .collect();
+    let keys: Vec<Bytes> = (0..opts.keys.min(100_000)).map(|k| Bytes::from(format!("key-{k}"))).collect();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, cairn_client::Delivery)>();
     let sampler = hist.clone().map(|h| {
         tokio::spawn(async move {
@@ -216,10 +190,7 @@ async fn send_loop(
                 tokio::time::sleep_until(intended.into()).await;
             }
         }
-        let mut record = ProducerRecord {
-            topic: opts.topic.clone(),
-            ..ProducerRecord::default()
-        };
+        let mut record = ProducerRecord { topic: opts.topic.clone(), ..ProducerRecord::default() };
         record.value = Some(if stamp {
             // End-to-end: the intended send time, so that a stalled sender cannot hide latency
             // (coordinated omission is corrected by measuring from the schedule).
@@ -227,9 +198,7 @@ async fn send_loop(
                 Some(r) => start + Duration::from_secs_f64(i as f64 / r),
                 None => Instant::now(),
             };
-            let lag = Instant::now()
-                .saturating_duration_since(intended)
-                .as_nanos() as u64;
+            let lag = Instant::now().saturating_duration_since(intended).as_nanos() as u64;
             let mut v = value.to_vec();
             v[..8].copy_from_slice(&(now_nanos() - lag).to_be_bytes());
             Bytes::from(v)
@@ -264,16 +233,7 @@ pub async fn produce(opts: &Opts) -> anyhow::Result<Report> {
         let warm = producers(opts).await?;
         let mut tasks = Vec::new();
         for p in warm {
-            tasks.push(tokio::spawn(send_loop(
-                p,
-                opts.clone(),
-                Some(opts.warmup),
-                None,
-                None,
-                None,
-                None,
-                false,
-            )));
+            tasks.push(tokio::spawn(send_loop(p, opts.clone(), Some(opts.warmup), None, None, None, None, false)));
         }
         for t in tasks {
             t.await??;
@@ -308,15 +268,7 @@ pub async fn produce(opts: &Opts) -> anyhow::Result<Report> {
     let timeline = meter.finish();
     let _ = ticker.await;
     let h = hist.lock().expect("histogram");
-    Ok(report(
-        opts,
-        "produce",
-        records,
-        elapsed,
-        &h,
-        "send to acknowledgement, every 64th record",
-        timeline,
-    ))
+    Ok(report(opts, "produce", records, elapsed, &h, "send to acknowledgement, every 64th record", timeline))
 }
 
 fn report(
@@ -348,21 +300,10 @@ fn report(
 pub async fn consume(opts: &Opts) -> anyhow::Result<Report> {
     let admin = Admin::connect(conn(opts, "cairn-bench")).await?;
     let info = admin.describe_topic(&opts.topic).await?;
-    let available: i64 = info
-        .partitions
-        .iter()
-        .map(|p| p.end_offset - p.start_offset)
-        .sum();
-    let want = opts
-        .messages
-        .unwrap_or(available as u64)
-        .min(available as u64);
+    let available: i64 = info.partitions.iter().map(|p| p.end_offset - p.start_offset).sum();
+    let want = opts.messages.unwrap_or(available as u64).min(available as u64);
     if want == 0 {
-        anyhow::bail!(
-            "topic {} is empty: produce first (cairn-bench produce --topic {})",
-            opts.topic,
-            opts.topic
-        );
+        anyhow::bail!("topic {} is empty: produce first (cairn-bench produce --topic {})", opts.topic, opts.topic);
     }
     let parts: Vec<u32> = info.partitions.iter().map(|p| p.partition).collect();
     let n = opts.consumers.max(1).min(parts.len());
@@ -372,11 +313,7 @@ pub async fn consume(opts: &Opts) -> anyhow::Result<Report> {
     let start = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..n {
-        let mine: Vec<u32> = parts
-            .iter()
-            .copied()
-            .filter(|p| *p as usize % n == c)
-            .collect();
+        let mine: Vec<u32> = parts.iter().copied().filter(|p| *p as usize % n == c).collect();
         let target: u64 = info
             .partitions
             .iter()
@@ -384,10 +321,8 @@ pub async fn consume(opts: &Opts) -> anyhow::Result<Report> {
             .map(|p| (p.end_offset - p.start_offset) as u64)
             .sum();
         let target = target.min(want.div_ceil(n as u64));
-        let config = ConsumerConfig {
-            connection: conn(opts, &format!("bench-consumer-{c}")),
-            ..ConsumerConfig::default()
-        };
+        let config =
+            ConsumerConfig { connection: conn(opts, &format!("bench-consumer-{c}")), ..ConsumerConfig::default() };
         let (topic, hist, meter) = (opts.topic.clone(), Arc::clone(&hist), Arc::clone(&meter));
         tasks.push(tokio::spawn(async move {
             let mut consumer = Consumer::connect(config).await?;
@@ -397,10 +332,7 @@ pub async fn consume(opts: &Opts) -> anyhow::Result<Report> {
             while got < target {
                 let t = Instant::now();
                 let batch = consumer.poll(Duration::from_secs(5)).await?;
-                let _ = hist
-                    .lock()
-                    .expect("histogram")
-                    .record(t.elapsed().as_micros().max(1) as u64);
+                let _ = hist.lock().expect("histogram").record(t.elapsed().as_micros().max(1) as u64);
                 got += batch.len() as u64;
                 meter.count.fetch_add(batch.len() as u64, Ordering::Relaxed);
             }
@@ -415,15 +347,7 @@ pub async fn consume(opts: &Opts) -> anyhow::Result<Report> {
     let timeline = meter.finish();
     let _ = ticker.await;
     let h = hist.lock().expect("histogram");
-    Ok(report(
-        opts,
-        "consume",
-        records,
-        elapsed,
-        &h,
-        "duration of each poll",
-        timeline,
-    ))
+    Ok(report(opts, "consume", records, elapsed, &h, "duration of each poll", timeline))
 }
 
 /// Producers send at a fixed total rate with the intended send time in the value; consumers
@@ -434,17 +358,9 @@ pub async fn e2e(opts: &Opts) -> anyhow::Result<Report> {
     }
     ensure_topic(opts).await?;
     let rate = opts.rate.unwrap_or(10_000);
-    let total = opts
-        .messages
-        .unwrap_or((rate as f64 * opts.duration.as_secs_f64()) as u64);
+    let total = opts.messages.unwrap_or((rate as f64 * opts.duration.as_secs_f64()) as u64);
     let admin = Admin::connect(conn(opts, "cairn-bench")).await?;
-    let parts: Vec<u32> = admin
-        .describe_topic(&opts.topic)
-        .await?
-        .partitions
-        .iter()
-        .map(|p| p.partition)
-        .collect();
+    let parts: Vec<u32> = admin.describe_topic(&opts.topic).await?.partitions.iter().map(|p| p.partition).collect();
     let n = opts.consumers.max(1).min(parts.len());
     let hist = Arc::new(Mutex::new(histogram()));
     let meter = Meter::new();
@@ -452,11 +368,7 @@ pub async fn e2e(opts: &Opts) -> anyhow::Result<Report> {
     let stop = Arc::new(AtomicBool::new(false));
     let mut consumers = Vec::new();
     for c in 0..n {
-        let mine: Vec<u32> = parts
-            .iter()
-            .copied()
-            .filter(|p| *p as usize % n == c)
-            .collect();
+        let mine: Vec<u32> = parts.iter().copied().filter(|p| *p as usize % n == c).collect();
         let config = ConsumerConfig {
             connection: conn(opts, &format!("bench-consumer-{c}")),
             fetch_max_wait: Duration::from_millis(500),
@@ -467,12 +379,8 @@ pub async fn e2e(opts: &Opts) -> anyhow::Result<Report> {
         consumer.seek_all(Offset::Latest);
         // Resolve the start position before producers begin.
         consumer.poll(Duration::from_millis(10)).await?;
-        let (hist, meter, received, stop) = (
-            Arc::clone(&hist),
-            Arc::clone(&meter),
-            Arc::clone(&received),
-            Arc::clone(&stop),
-        );
+        let (hist, meter, received, stop) =
+            (Arc::clone(&hist), Arc::clone(&meter), Arc::clone(&received), Arc::clone(&stop));
         consumers.push(tokio::spawn(async move {
             while !stop.load(Ordering::Acquire) {
                 let batch = consumer.poll(Duration::from_millis(200)).await?;
@@ -498,16 +406,7 @@ pub async fn e2e(opts: &Opts) -> anyhow::Result<Report> {
     let start = Instant::now();
     let mut tasks = Vec::new();
     for p in list {
-        tasks.push(tokio::spawn(send_loop(
-            p,
-            opts.clone(),
-            Some(per),
-            None,
-            Some(rate_each),
-            None,
-            None,
-            true,
-        )));
+        tasks.push(tokio::spawn(send_loop(p, opts.clone(), Some(per), None, Some(rate_each), None, None, true)));
     }
     let mut sent = 0;
     for t in tasks {
@@ -526,10 +425,7 @@ pub async fn e2e(opts: &Opts) -> anyhow::Result<Report> {
     let _ = ticker.await;
     let got = received.load(Ordering::Relaxed);
     if got < sent {
-        eprintln!(
-            "warning: {} of {sent} records did not arrive within 10 s",
-            sent - got
-        );
+        eprintln!("warning: {} of {sent} records did not arrive within 10 s", sent - got);
     }
     let h = hist.lock().expect("histogram");
     Ok(report(

@@ -29,6 +29,9 @@ pub struct BrokerConfig {
     pub connection_in_flight_max: usize,
     /// A connection with no request for this long is closed. Default 600,000 ms.
     pub idle_timeout_ms: u64,
+    /// A request frame must arrive completely within this long once its first byte did;
+    /// slower clients are disconnected. Default 30,000 ms.
+    pub frame_timeout_ms: u64,
     /// Create unknown topics on first produce or metadata request. Default false.
     pub auto_create_topics: bool,
     /// Partitions of auto-created topics. Default 1.
@@ -59,6 +62,7 @@ impl Default for BrokerConfig {
             connections_max: 10_000,
             connection_in_flight_max: 256,
             idle_timeout_ms: 600_000,
+            frame_timeout_ms: 30_000,
             auto_create_topics: false,
             default_partitions: 1,
             partitions_max: 10_000,
@@ -102,14 +106,9 @@ impl BrokerConfig {
     /// # Errors
     /// [`ConfigError`] when it cannot be read or parsed.
     pub fn from_file(path: &Path) -> Result<BrokerConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.to_owned(),
-            source: Box::new(source),
-        })
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source: Box::new(source) })
     }
 
     /// Checks every range once at start.
@@ -130,9 +129,7 @@ impl BrokerConfig {
         if u64::from(self.storage.batch_bytes_max) + 1024 > u64::from(self.frame_bytes_max) {
             return bad("storage.batch_bytes_max must be smaller than frame_bytes_max");
         }
-        self.storage
-            .validate()
-            .map_err(|e| ConfigError::Invalid(format!("storage: {e}")))?;
+        self.storage.validate().map_err(|e| ConfigError::Invalid(format!("storage: {e}")))?;
         self.groups.validate().map_err(ConfigError::Invalid)
     }
 
@@ -157,8 +154,7 @@ mod tests {
 
     #[test]
     fn the_example_config_parses_and_matches_the_defaults() {
-        let example =
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/config/cairn.example.toml");
+        let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/config/cairn.example.toml");
         let c = BrokerConfig::from_file(&example).unwrap();
         c.validate().unwrap();
         assert_eq!(c, BrokerConfig::default());

@@ -40,16 +40,17 @@ pub async fn run(config: BrokerConfig, shutdown: CancellationToken) -> anyhow::R
     let metrics_listener = metrics::bind(config.metrics_listen)
         .await
         .with_context(|| format!("binding metrics_listen {}", config.metrics_listen))?;
-    let listener = server::bind(config.listen)
-        .await
-        .with_context(|| format!("binding listen {}", config.listen))?;
+    let listener = server::bind(config.listen).await.with_context(|| format!("binding listen {}", config.listen))?;
+    // Health endpoints answer during recovery: alive, not yet ready.
+    let health = Arc::new(metrics::Health { ready: false.into(), shutdown: shutdown.clone() });
+    let metrics_local = metrics_listener.local_addr()?;
+    tokio::spawn(metrics::serve_http(metrics_listener, prometheus, Arc::clone(&health)));
 
     let dir = config.data_dir.clone();
     let storage_config = config.storage.clone();
-    let (store, report) =
-        tokio::task::spawn_blocking(move || LogStore::open(&dir, storage_config, system_clock()))
-            .await?
-            .with_context(|| format!("opening data directory {}", config.data_dir.display()))?;
+    let (store, report) = tokio::task::spawn_blocking(move || LogStore::open(&dir, storage_config, system_clock()))
+        .await?
+        .with_context(|| format!("opening data directory {}", config.data_dir.display()))?;
     tracing::info!(
         clean = report.clean,
         partitions = report.partitions,
@@ -58,23 +59,14 @@ pub async fn run(config: BrokerConfig, shutdown: CancellationToken) -> anyhow::R
         took_ms = report.duration.as_millis() as u64,
         "storage recovered"
     );
-    let groups =
-        Coordinator::open(&store, config.groups.clone()).context("opening committed offsets")?;
-    let broker = Arc::new(Broker::new(config, store, groups, shutdown.clone()));
+    let groups = Coordinator::open(&store, config.groups.clone()).context("opening committed offsets")?;
+    let broker = Arc::new(Broker::new(config, store, groups, Arc::clone(&health)));
 
     let local = listener.local_addr()?;
-    let metrics_local = metrics_listener.local_addr()?;
-    tokio::spawn(metrics::serve_http(
-        metrics_listener,
-        prometheus,
-        Arc::clone(&broker),
-    ));
     tokio::spawn(metrics::refresh_gauges(Arc::clone(&broker)));
     tokio::spawn(group_ticker(Arc::clone(&broker)));
     // The listener is bound and the logs are recovered: clients can connect from here on.
-    broker
-        .ready
-        .store(true, std::sync::atomic::Ordering::Release);
+    health.ready.store(true, std::sync::atomic::Ordering::Release);
     println!("cairn-broker listening on {local} metrics on {metrics_local}");
     tracing::info!(listen = %local, metrics = %metrics_local, "accepting clients");
 
@@ -82,9 +74,7 @@ pub async fn run(config: BrokerConfig, shutdown: CancellationToken) -> anyhow::R
 
     tracing::info!("closing logs");
     let closer = Arc::clone(&broker);
-    tokio::task::spawn_blocking(move || closer.store.close())
-        .await?
-        .context("closing the log store")?;
+    tokio::task::spawn_blocking(move || closer.store.close()).await?.context("closing the log store")?;
     tracing::info!("shutdown complete");
     Ok(())
 }

@@ -40,6 +40,7 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let args = Args::parse();
+    raise_open_files_limit();
     let mut config = match &args.config {
         Some(path) => match BrokerConfig::from_file(path) {
             Ok(c) => c,
@@ -67,11 +68,7 @@ fn main() -> ExitCode {
         print!("{}", config.to_toml());
         return ExitCode::SUCCESS;
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("cairn-worker")
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("cairn-worker").build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("cairn-broker: cannot start the runtime: {e}");
@@ -88,6 +85,21 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("cairn-broker: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Raises the soft open-files limit to the hard limit: segments, indexes and connections all
+/// need descriptors, and the default soft limit (often 1024) is far below what a broker needs.
+fn raise_open_files_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current < limit.maximum {
+        let before = limit.current;
+        limit.current = limit.maximum;
+        match setrlimit(Resource::Nofile, limit) {
+            Ok(()) => tracing::debug!(?before, now = ?limit.current, "raised the open-files limit"),
+            Err(e) => tracing::warn!(error = %e, "could not raise the open-files limit"),
         }
     }
 }

@@ -23,14 +23,10 @@ use cairn_protocol::ApiKey;
 use crate::server::Broker;
 
 /// Histogram buckets of `cairn_request_duration_seconds`: 50 µs to 10 s.
-pub const REQUEST_BUCKETS: &[f64] = &[
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-    2.5, 5.0, 10.0,
-];
+pub const REQUEST_BUCKETS: &[f64] =
+    &[0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 /// Histogram buckets of `cairn_flush_duration_seconds`.
-pub const FLUSH_BUCKETS: &[f64] = &[
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
-];
+pub const FLUSH_BUCKETS: &[f64] = &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
 
 /// Installs the global recorder and returns the handle that renders `/metrics`.
 ///
@@ -38,14 +34,8 @@ pub const FLUSH_BUCKETS: &[f64] = &[
 /// When a recorder is already installed.
 pub fn install() -> anyhow::Result<PrometheusHandle> {
     let handle = PrometheusBuilder::new()
-        .set_buckets_for_metric(
-            Matcher::Full("cairn_request_duration_seconds".into()),
-            REQUEST_BUCKETS,
-        )?
-        .set_buckets_for_metric(
-            Matcher::Full("cairn_flush_duration_seconds".into()),
-            FLUSH_BUCKETS,
-        )?
+        .set_buckets_for_metric(Matcher::Full("cairn_request_duration_seconds".into()), REQUEST_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full("cairn_flush_duration_seconds".into()), FLUSH_BUCKETS)?
         .install_recorder()?;
     metrics::gauge!("cairn_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     describe();
@@ -55,69 +45,23 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!("cairn_produce_records_total", "Records appended, per topic");
-    describe_counter!(
-        "cairn_produce_bytes_total",
-        Unit::Bytes,
-        "Record batch bytes appended, per topic"
-    );
-    describe_counter!(
-        "cairn_fetch_records_total",
-        "Records returned by fetches, per topic"
-    );
-    describe_counter!(
-        "cairn_fetch_bytes_total",
-        Unit::Bytes,
-        "Record batch bytes returned by fetches, per topic"
-    );
-    describe_counter!(
-        "cairn_requests_total",
-        "Requests handled, by API and result (ok or an error name)"
-    );
-    describe_histogram!(
-        "cairn_request_duration_seconds",
-        Unit::Seconds,
-        "Time from request decoded to response ready"
-    );
-    describe_gauge!(
-        "cairn_partition_log_end_offset",
-        "Offset the next record will get"
-    );
-    describe_gauge!(
-        "cairn_partition_log_start_offset",
-        "First offset still in the log"
-    );
-    describe_gauge!(
-        "cairn_partition_size_bytes",
-        Unit::Bytes,
-        "Bytes of record batches in the partition"
-    );
+    describe_counter!("cairn_produce_bytes_total", Unit::Bytes, "Record batch bytes appended, per topic");
+    describe_counter!("cairn_fetch_records_total", "Records returned by fetches, per topic");
+    describe_counter!("cairn_fetch_bytes_total", Unit::Bytes, "Record batch bytes returned by fetches, per topic");
+    describe_counter!("cairn_requests_total", "Requests handled, by API and result (ok or an error name)");
+    describe_histogram!("cairn_request_duration_seconds", Unit::Seconds, "Time from request decoded to response ready");
+    describe_gauge!("cairn_partition_log_end_offset", "Offset the next record will get");
+    describe_gauge!("cairn_partition_log_start_offset", "First offset still in the log");
+    describe_gauge!("cairn_partition_size_bytes", Unit::Bytes, "Bytes of record batches in the partition");
     describe_gauge!("cairn_partition_segments", "Segments in the partition");
-    describe_gauge!(
-        "cairn_consumer_group_committed_offset",
-        "Committed offset (next to consume)"
-    );
-    describe_gauge!(
-        "cairn_consumer_group_lag",
-        "Log end offset minus committed offset"
-    );
+    describe_gauge!("cairn_consumer_group_committed_offset", "Committed offset (next to consume)");
+    describe_gauge!("cairn_consumer_group_lag", "Log end offset minus committed offset");
     describe_gauge!("cairn_consumer_group_members", "Live members of the group");
     describe_gauge!("cairn_connections", "Open client connections");
-    describe_histogram!(
-        "cairn_flush_duration_seconds",
-        Unit::Seconds,
-        "Duration of one partition sync (msync/fsync)"
-    );
-    describe_counter!(
-        "cairn_recovery_truncated_bytes_total",
-        Unit::Bytes,
-        "Torn or corrupt bytes cut by recovery"
-    );
+    describe_histogram!("cairn_flush_duration_seconds", Unit::Seconds, "Duration of one partition sync (msync/fsync)");
+    describe_counter!("cairn_recovery_truncated_bytes_total", Unit::Bytes, "Torn or corrupt bytes cut by recovery");
     describe_counter!("cairn_storage_errors_total", "Storage errors by kind");
-    describe_gauge!(
-        "cairn_disk_free_bytes",
-        Unit::Bytes,
-        "Free bytes on the data disk"
-    );
+    describe_gauge!("cairn_disk_free_bytes", Unit::Bytes, "Free bytes on the data disk");
     describe_gauge!("cairn_build_info", "Build information");
 }
 
@@ -131,8 +75,14 @@ pub struct RequestMetrics {
 impl Default for RequestMetrics {
     fn default() -> Self {
         RequestMetrics {
-            ok: ApiKey::ALL.iter().map(|k| metrics::counter!("cairn_requests_total", "api" => k.name(), "result" => "ok")).collect(),
-            duration: ApiKey::ALL.iter().map(|k| metrics::histogram!("cairn_request_duration_seconds", "api" => k.name())).collect(),
+            ok: ApiKey::ALL
+                .iter()
+                .map(|k| metrics::counter!("cairn_requests_total", "api" => k.name(), "result" => "ok"))
+                .collect(),
+            duration: ApiKey::ALL
+                .iter()
+                .map(|k| metrics::histogram!("cairn_request_duration_seconds", "api" => k.name()))
+                .collect(),
         }
     }
 }
@@ -143,10 +93,7 @@ impl RequestMetrics {
         let i = api as usize;
         match error {
             None => self.ok[i].increment(1),
-            Some(name) => {
-                metrics::counter!("cairn_requests_total", "api" => api.name(), "result" => name)
-                    .increment(1)
-            }
+            Some(name) => metrics::counter!("cairn_requests_total", "api" => api.name(), "result" => name).increment(1),
         }
         self.duration[i].record(elapsed.as_secs_f64());
     }
@@ -187,9 +134,7 @@ pub async fn refresh_gauges(broker: Arc<Broker>) {
             _ = tick.tick() => {}
         }
         publish_partition_gauges(&broker);
-        broker
-            .groups
-            .publish_metrics(&broker.store, broker.config.metrics_partition_series_max);
+        broker.groups.publish_metrics(&broker.store, broker.config.metrics_partition_series_max);
         metrics::gauge!("cairn_connections").set(broker.connections.load(Ordering::Relaxed) as f64);
     }
 }
@@ -204,10 +149,8 @@ fn publish_partition_gauges(broker: &Broker) {
             if per_partition {
                 let part = p.partition().to_string();
                 let labels = [("topic", topic.name.clone()), ("partition", part)];
-                metrics::gauge!("cairn_partition_log_end_offset", &labels)
-                    .set(p.log_end_offset() as f64);
-                metrics::gauge!("cairn_partition_log_start_offset", &labels)
-                    .set(p.log_start_offset() as f64);
+                metrics::gauge!("cairn_partition_log_end_offset", &labels).set(p.log_end_offset() as f64);
+                metrics::gauge!("cairn_partition_log_start_offset", &labels).set(p.log_start_offset() as f64);
                 metrics::gauge!("cairn_partition_size_bytes", &labels).set(p.size_bytes() as f64);
                 metrics::gauge!("cairn_partition_segments", &labels).set(p.segment_count() as f64);
             } else {
@@ -220,10 +163,7 @@ fn publish_partition_gauges(broker: &Broker) {
         if per_partition {
             series += topic.partitions.len();
         } else {
-            let labels = [
-                ("topic", topic.name.clone()),
-                ("partition", "all".to_owned()),
-            ];
+            let labels = [("topic", topic.name.clone()), ("partition", "all".to_owned())];
             metrics::gauge!("cairn_partition_log_end_offset", &labels).set(end as f64);
             metrics::gauge!("cairn_partition_log_start_offset", &labels).set(start as f64);
             metrics::gauge!("cairn_partition_size_bytes", &labels).set(size as f64);
@@ -232,8 +172,19 @@ fn publish_partition_gauges(broker: &Broker) {
     }
 }
 
+/// Liveness and readiness, shared by the HTTP endpoints and the broker. The endpoints answer from
+/// the moment the process starts, so an orchestrator sees a broker that is alive but still
+/// recovering (`/healthz` 200, `/readyz` 503).
+#[derive(Debug, Default)]
+pub struct Health {
+    /// Recovery is done and the client listener accepts connections.
+    pub ready: std::sync::atomic::AtomicBool,
+    /// Cancelled when shutdown begins (readiness drops at once).
+    pub shutdown: tokio_util::sync::CancellationToken,
+}
+
 /// Serves `/metrics`, `/healthz` and `/readyz` until shutdown.
-pub async fn serve_http(listener: TcpListener, handle: PrometheusHandle, broker: Arc<Broker>) {
+pub async fn serve_http(listener: TcpListener, handle: PrometheusHandle, broker: Arc<Health>) {
     loop {
         let (stream, _) = tokio::select! {
             _ = broker.shutdown.cancelled() => return,
@@ -269,7 +220,7 @@ pub async fn serve_http(listener: TcpListener, handle: PrometheusHandle, broker:
 fn route(
     req: &Request<hyper::body::Incoming>,
     handle: &PrometheusHandle,
-    broker: &Broker,
+    broker: &Health,
 ) -> Response<Full<HttpBytes>> {
     let text = |status: StatusCode, body: String, ctype: &'static str| {
         Response::builder()
@@ -285,18 +236,10 @@ fn route(
             if broker.ready.load(Ordering::Acquire) && !broker.shutdown.is_cancelled() {
                 text(StatusCode::OK, "ready\n".into(), "text/plain")
             } else {
-                text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "not ready\n".into(),
-                    "text/plain",
-                )
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into(), "text/plain")
             }
         }
-        _ => text(
-            StatusCode::NOT_FOUND,
-            "not found: try /metrics, /healthz or /readyz\n".into(),
-            "text/plain",
-        ),
+        _ => text(StatusCode::NOT_FOUND, "not found: try /metrics, /healthz or /readyz\n".into(), "text/plain"),
     }
 }
 

@@ -34,55 +34,23 @@ fn cairn(broker: &TestBroker, args: &[&str], stdin: Option<&str>) -> (i32, Strin
 fn produce_piped_into_consume_round_trips_values_keys_and_headers() {
     let dir = tempfile::tempdir().unwrap();
     let broker = TestBroker::start(dir.path(), "");
-    let (code, out, err) = cairn(
-        &broker,
-        &[
-            "topic",
-            "create",
-            "cli",
-            "--partitions",
-            "2",
-            "--retention-ms",
-            "-1",
-        ],
-        None,
-    );
+    let (code, out, err) =
+        cairn(&broker, &["topic", "create", "cli", "--partitions", "2", "--retention-ms", "-1"], None);
     assert_eq!(code, 0, "{out}{err}");
     let input = "task-1:started\ntask-2:started\ntask-1:done\nno key here\n";
     let (code, _, err) = cairn(
         &broker,
-        &[
-            "produce",
-            "cli",
-            "--key-separator",
-            ":",
-            "--header",
-            "agent=a1",
-            "--acks",
-            "all",
-        ],
+        &["produce", "cli", "--key-separator", ":", "--header", "agent=a1", "--acks", "all"],
         Some(input),
     );
     assert_eq!(code, 0, "{err}");
-    let (code, out, err) = cairn(
-        &broker,
-        &["consume", "cli", "--count", "4", "--format", "json"],
-        None,
-    );
+    let (code, out, err) = cairn(&broker, &["consume", "cli", "--count", "4", "--format", "json"], None);
     assert_eq!(code, 0, "{err}");
-    let records: Vec<serde_json::Value> = out
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let records: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(records.len(), 4);
     let mut got: Vec<(Option<String>, String)> = records
         .iter()
-        .map(|r| {
-            (
-                r["key"].as_str().map(str::to_owned),
-                r["value"].as_str().unwrap().to_owned(),
-            )
-        })
+        .map(|r| (r["key"].as_str().map(str::to_owned), r["value"].as_str().unwrap().to_owned()))
         .collect();
     got.sort();
     assert_eq!(
@@ -101,54 +69,26 @@ fn produce_piped_into_consume_round_trips_values_keys_and_headers() {
         }
     }
     // Per key, order is kept: task-1 started before done.
-    let task1: Vec<&str> = records
-        .iter()
-        .filter(|r| r["key"] == "task-1")
-        .map(|r| r["value"].as_str().unwrap())
-        .collect();
+    let task1: Vec<&str> =
+        records.iter().filter(|r| r["key"] == "task-1").map(|r| r["value"].as_str().unwrap()).collect();
     assert_eq!(task1, vec!["started", "done"]);
     // Without --follow, consume stops at the end of the log.
     let (code, out, _) = cairn(&broker, &["consume", "cli"], None);
     assert_eq!(code, 0);
     assert_eq!(out.lines().count(), 4);
     // With --group it commits what it printed: a second run prints only what is left.
-    let (code, out, _) = cairn(
-        &broker,
-        &[
-            "consume",
-            "cli",
-            "--group",
-            "g",
-            "--count",
-            "1",
-            "--partition",
-            "0",
-        ],
-        None,
-    );
+    let (code, out, _) = cairn(&broker, &["consume", "cli", "--group", "g", "--count", "1", "--partition", "0"], None);
     assert_eq!((code, out.lines().count()), (0, 1));
-    let (code, out, _) = cairn(
-        &broker,
-        &["group", "describe", "g", "--format", "json"],
-        None,
-    );
+    let (code, out, _) = cairn(&broker, &["group", "describe", "g", "--format", "json"], None);
     assert_eq!(code, 0);
     let g: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let committed: Vec<i64> = g["partitions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|p| p["committed"].as_i64())
-        .collect();
+    let committed: Vec<i64> =
+        g["partitions"].as_array().unwrap().iter().filter_map(|p| p["committed"].as_i64()).collect();
     assert_eq!(committed, vec![1]);
     let (code, out, _) = cairn(&broker, &["topic", "list", "--format", "json"], None);
     assert_eq!(code, 0);
     let topics: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(
-        topics.as_array().unwrap().len(),
-        1,
-        "internal topics are hidden: {out}"
-    );
+    assert_eq!(topics.as_array().unwrap().len(), 1, "internal topics are hidden: {out}");
 }
 
 #[test]

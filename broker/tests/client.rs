@@ -6,9 +6,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use cairn_client::partitioner::partition_for_key;
-use cairn_client::{
-    Acks, Consumer, Error, NewTopic, Offset, Producer, ProducerConfig, ProducerRecord,
-};
+use cairn_client::{Acks, Consumer, Error, NewTopic, Offset, Producer, ProducerConfig, ProducerRecord};
 use common::{run, signal, TestBroker};
 
 #[test]
@@ -16,20 +14,12 @@ fn a_hundred_thousand_records_arrive_exactly_once_in_order_and_keys_keep_their_p
     let dir = tempfile::tempdir().unwrap();
     let broker = TestBroker::start(dir.path(), "");
     run(Duration::from_secs(240), async {
-        broker
-            .admin()
-            .await
-            .create_topic(NewTopic::new("many", 4))
-            .await
-            .unwrap();
+        broker.admin().await.create_topic(NewTopic::new("many", 4)).await.unwrap();
         let producer = Producer::connect(broker.producer_config()).await.unwrap();
         let mut deliveries = Vec::new();
         for i in 0..100_000u64 {
             let key = format!("key-{}", i % 100);
-            let d = producer
-                .send(ProducerRecord::new("many", i.to_string()).key(key.clone()))
-                .await
-                .unwrap();
+            let d = producer.send(ProducerRecord::new("many", i.to_string()).key(key.clone())).await.unwrap();
             if i % 97 == 0 {
                 deliveries.push((key, d));
             }
@@ -38,11 +28,7 @@ fn a_hundred_thousand_records_arrive_exactly_once_in_order_and_keys_keep_their_p
         assert_eq!(producer.outstanding(), 0);
         for (key, d) in deliveries {
             let meta = d.await.unwrap();
-            assert_eq!(
-                meta.partition,
-                partition_for_key(key.as_bytes(), 4),
-                "same key, same partition, always"
-            );
+            assert_eq!(meta.partition, partition_for_key(key.as_bytes(), 4), "same key, same partition, always");
         }
         producer.close().await.unwrap();
 
@@ -55,17 +41,11 @@ fn a_hundred_thousand_records_arrive_exactly_once_in_order_and_keys_keep_their_p
         let mut total = 0;
         while total < 100_000 {
             for r in consumer.poll(Duration::from_secs(5)).await.unwrap() {
-                let i: u64 = std::str::from_utf8(r.value.as_deref().unwrap())
-                    .unwrap()
-                    .parse()
-                    .unwrap();
+                let i: u64 = std::str::from_utf8(r.value.as_deref().unwrap()).unwrap().parse().unwrap();
                 assert!(!seen[i as usize], "record {i} delivered twice");
                 seen[i as usize] = true;
                 let prev = last_offset.insert(r.partition, r.offset);
-                assert!(
-                    prev.is_none_or(|p| p + 1 == r.offset),
-                    "offsets are dense and in order per partition"
-                );
+                assert!(prev.is_none_or(|p| p + 1 == r.offset), "offsets are dense and in order per partition");
                 let key = String::from_utf8(r.key.unwrap().to_vec()).unwrap();
                 assert_eq!(r.partition, partition_for_key(key.as_bytes(), 4));
                 let prev = last_per_key.insert(key, i);
@@ -74,14 +54,7 @@ fn a_hundred_thousand_records_arrive_exactly_once_in_order_and_keys_keep_their_p
             }
         }
         assert!(seen.iter().all(|s| *s));
-        assert!(
-            consumer
-                .poll(Duration::from_millis(200))
-                .await
-                .unwrap()
-                .is_empty(),
-            "nothing extra"
-        );
+        assert!(consumer.poll(Duration::from_millis(200)).await.unwrap().is_empty(), "nothing extra");
     });
 }
 
@@ -90,27 +63,14 @@ fn send_waits_when_the_buffer_is_full_and_resumes_when_space_frees() {
     let dir = tempfile::tempdir().unwrap();
     let broker = TestBroker::start(dir.path(), "");
     run(Duration::from_secs(120), async {
-        broker
-            .admin()
-            .await
-            .create_topic(NewTopic::new("bp", 1))
-            .await
-            .unwrap();
-        let config = ProducerConfig {
-            buffer_bytes_max: 64 * 1024,
-            batch_bytes_max: 16 * 1024,
-            ..broker.producer_config()
-        };
+        broker.admin().await.create_topic(NewTopic::new("bp", 1)).await.unwrap();
+        let config =
+            ProducerConfig { buffer_bytes_max: 64 * 1024, batch_bytes_max: 16 * 1024, ..broker.producer_config() };
         let producer = Producer::connect(config).await.unwrap();
         let value = vec![b'v'; 1000];
         // Learn the topic's metadata first; then freeze the broker so nothing is acknowledged
         // and the buffer cannot drain.
-        producer
-            .send(ProducerRecord::new("bp", value.clone()))
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+        producer.send(ProducerRecord::new("bp", value.clone())).await.unwrap().await.unwrap();
         signal(&broker, "STOP");
         let mut sent = 0;
         let blocked = loop {
@@ -124,15 +84,9 @@ fn send_waits_when_the_buffer_is_full_and_resumes_when_space_frees() {
                 Err(_) => break sent,
             }
         };
-        assert!(
-            (50..=70).contains(&blocked),
-            "about 64 KiB of 1 KB records buffered, got {blocked}"
-        );
+        assert!((50..=70).contains(&blocked), "about 64 KiB of 1 KB records buffered, got {blocked}");
         signal(&broker, "CONT");
-        let d = producer
-            .send(ProducerRecord::new("bp", value.clone()))
-            .await
-            .unwrap();
+        let d = producer.send(ProducerRecord::new("bp", value.clone())).await.unwrap();
         d.await.unwrap();
         producer.close().await.unwrap();
     });
@@ -143,31 +97,14 @@ fn acks_all_records_survive_a_kill_and_the_producer_carries_on_after_the_restart
     let dir = tempfile::tempdir().unwrap();
     let mut broker = TestBroker::start(dir.path(), "");
     let addr = broker.addr;
-    let config = ProducerConfig {
-        acks: Acks::All,
-        ..broker.producer_config()
-    };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let config = ProducerConfig { acks: Acks::All, ..broker.producer_config() };
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let producer = rt.block_on(async {
-        broker
-            .admin()
-            .await
-            .create_topic(NewTopic::new("durable", 2))
-            .await
-            .unwrap();
+        broker.admin().await.create_topic(NewTopic::new("durable", 2)).await.unwrap();
         let producer = Producer::connect(config).await.unwrap();
         let mut ds = Vec::new();
         for i in 0..5000 {
-            ds.push(
-                producer
-                    .send(ProducerRecord::new("durable", format!("before-{i}")))
-                    .await
-                    .unwrap(),
-            );
+            ds.push(producer.send(ProducerRecord::new("durable", format!("before-{i}"))).await.unwrap());
         }
         for d in ds {
             d.await.unwrap();
@@ -180,12 +117,7 @@ fn acks_all_records_survive_a_kill_and_the_producer_carries_on_after_the_restart
         tokio::time::timeout(Duration::from_secs(120), async {
             let mut ds = Vec::new();
             for i in 0..5000 {
-                ds.push(
-                    producer
-                        .send(ProducerRecord::new("durable", format!("after-{i}")))
-                        .await
-                        .unwrap(),
-                );
+                ds.push(producer.send(ProducerRecord::new("durable", format!("after-{i}"))).await.unwrap());
             }
             for d in ds {
                 d.await.expect("the producer reconnects and retries");
@@ -205,14 +137,8 @@ fn acks_all_records_survive_a_kill_and_the_producer_carries_on_after_the_restart
                 }
             }
             for i in 0..5000 {
-                assert!(
-                    values.contains(&format!("before-{i}")),
-                    "acknowledged before-{i} lost"
-                );
-                assert!(
-                    values.contains(&format!("after-{i}")),
-                    "acknowledged after-{i} lost"
-                );
+                assert!(values.contains(&format!("before-{i}")), "acknowledged before-{i} lost");
+                assert!(values.contains(&format!("after-{i}")), "acknowledged after-{i} lost");
             }
         })
         .await

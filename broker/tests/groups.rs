@@ -6,22 +6,15 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use cairn_client::{
-    Connection, Consumer, ConsumerConfig, ErrorCode, NewTopic, Offset, Producer, ProducerRecord,
-};
+use cairn_client::{Connection, Consumer, ConsumerConfig, ErrorCode, NewTopic, Offset, Producer, ProducerRecord};
 use cairn_protocol::messages::groups::JoinGroupRequest;
-use cairn_protocol::messages::offsets::{
-    OffsetCommitPartition, OffsetCommitRequest, OffsetCommitTopic,
-};
+use cairn_protocol::messages::offsets::{OffsetCommitPartition, OffsetCommitRequest, OffsetCommitTopic};
 use common::{run, sibling_bin, TestBroker};
 
 async fn produce(broker: &TestBroker, topic: &str, partitions: u32, n: u32) {
     let producer = Producer::connect(broker.producer_config()).await.unwrap();
     for i in 0..n {
-        producer
-            .send(ProducerRecord::new(topic, format!("{i}")).partition(i % partitions))
-            .await
-            .unwrap();
+        producer.send(ProducerRecord::new(topic, format!("{i}")).partition(i % partitions)).await.unwrap();
     }
     producer.close().await.unwrap();
 }
@@ -44,23 +37,14 @@ fn three_members_on_six_partitions_get_two_each_and_no_record_is_seen_by_two_mem
     let dir = tempfile::tempdir().unwrap();
     let broker = TestBroker::start(dir.path(), "");
     run(Duration::from_secs(180), async {
-        broker
-            .admin()
-            .await
-            .create_topic(NewTopic::new("six", 6))
-            .await
-            .unwrap();
+        broker.admin().await.create_topic(NewTopic::new("six", 6)).await.unwrap();
         let seen: Seen = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let assignments = Arc::new(Mutex::new(BTreeMap::<usize, Vec<(String, u32)>>::new()));
         let mut members = Vec::new();
         for m in 0..3 {
             let config = member_config(&broker, "trio");
-            let (seen, stop, assignments) = (
-                Arc::clone(&seen),
-                Arc::clone(&stop),
-                Arc::clone(&assignments),
-            );
+            let (seen, stop, assignments) = (Arc::clone(&seen), Arc::clone(&stop), Arc::clone(&assignments));
             members.push(tokio::spawn(async move {
                 let mut c = Consumer::connect(config).await.unwrap();
                 c.subscribe(&["six"]).await.unwrap();
@@ -79,29 +63,18 @@ fn three_members_on_six_partitions_get_two_each_and_no_record_is_seen_by_two_mem
         loop {
             let g = admin.describe_group("trio").await;
             if let Ok(g) = g {
-                let sizes: Vec<usize> = g
-                    .members
-                    .iter()
-                    .map(|m| m.assignment.values().map(Vec::len).sum())
-                    .collect();
+                let sizes: Vec<usize> = g.members.iter().map(|m| m.assignment.values().map(Vec::len).sum()).collect();
                 if g.state == "stable" && sizes == vec![2, 2, 2] {
                     break;
                 }
             }
-            assert!(
-                Instant::now() < deadline,
-                "the group never settled with 2 partitions each"
-            );
+            assert!(Instant::now() < deadline, "the group never settled with 2 partitions each");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         produce(&broker, "six", 6, 6000).await;
         let deadline = Instant::now() + Duration::from_secs(60);
         while seen.lock().unwrap().len() < 6000 {
-            assert!(
-                Instant::now() < deadline,
-                "only {} of 6000 consumed",
-                seen.lock().unwrap().len()
-            );
+            assert!(Instant::now() < deadline, "only {} of 6000 consumed", seen.lock().unwrap().len());
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -117,38 +90,24 @@ fn three_members_on_six_partitions_get_two_each_and_no_record_is_seen_by_two_mem
             }
         }
         assert_eq!(by_record.len(), 6000, "every record consumed");
-        let per_member: BTreeMap<usize, BTreeSet<u32>> =
-            seen.iter().fold(BTreeMap::new(), |mut acc, (m, p, _)| {
-                acc.entry(*m).or_default().insert(*p);
-                acc
-            });
-        assert!(
-            per_member.values().all(|ps| ps.len() == 2),
-            "{per_member:?}"
-        );
+        let per_member: BTreeMap<usize, BTreeSet<u32>> = seen.iter().fold(BTreeMap::new(), |mut acc, (m, p, _)| {
+            acc.entry(*m).or_default().insert(*p);
+            acc
+        });
+        assert!(per_member.values().all(|ps| ps.len() == 2), "{per_member:?}");
     });
 }
 
 #[test]
-fn a_vanished_member_loses_its_partitions_after_the_session_timeout_and_nothing_after_its_last_commit_is_skipped(
-) {
+fn a_vanished_member_loses_its_partitions_after_the_session_timeout_and_nothing_after_its_last_commit_is_skipped() {
     let dir = tempfile::tempdir().unwrap();
     let broker = TestBroker::start(dir.path(), "");
     run(Duration::from_secs(180), async {
-        broker
-            .admin()
-            .await
-            .create_topic(NewTopic::new("four", 4))
-            .await
-            .unwrap();
+        broker.admin().await.create_topic(NewTopic::new("four", 4)).await.unwrap();
         produce(&broker, "four", 4, 400).await;
         // A joins alone, consumes some, commits, and vanishes (no leave, no more heartbeats).
-        let mut a = Consumer::connect(ConsumerConfig {
-            auto_commit: false,
-            ..member_config(&broker, "pair")
-        })
-        .await
-        .unwrap();
+        let mut a =
+            Consumer::connect(ConsumerConfig { auto_commit: false, ..member_config(&broker, "pair") }).await.unwrap();
         a.subscribe(&["four"]).await.unwrap();
         let mut a_seen = Vec::new();
         while a_seen.len() < 400 {
@@ -156,49 +115,29 @@ fn a_vanished_member_loses_its_partitions_after_the_session_timeout_and_nothing_
         }
         // A processed (and commits) only the first 25 + p records of each partition p.
         let committed: BTreeMap<u32, i64> = (0..4u32).map(|p| (p, 25 + i64::from(p))).collect();
-        let offsets: BTreeMap<(String, u32), i64> = committed
-            .iter()
-            .map(|(p, o)| (("four".to_string(), *p), *o))
-            .collect();
+        let offsets: BTreeMap<(String, u32), i64> =
+            committed.iter().map(|(p, o)| (("four".to_string(), *p), *o)).collect();
         a.commit_offsets(&offsets).await.unwrap();
         let vanished_at = Instant::now();
         drop(a);
         // B joins; the group waits for A until its session expires, then B owns everything.
-        let mut b = Consumer::connect(member_config(&broker, "pair"))
-            .await
-            .unwrap();
+        let mut b = Consumer::connect(member_config(&broker, "pair")).await.unwrap();
         b.subscribe(&["four"]).await.unwrap();
         let mut b_seen: BTreeMap<u32, Vec<i64>> = BTreeMap::new();
         let deadline = Instant::now() + Duration::from_secs(60);
-        while b_seen.values().map(Vec::len).sum::<usize>()
-            < 400 - committed.values().sum::<i64>() as usize
-        {
-            assert!(
-                Instant::now() < deadline,
-                "B did not take over A's partitions"
-            );
+        while b_seen.values().map(Vec::len).sum::<usize>() < 400 - committed.values().sum::<i64>() as usize {
+            assert!(Instant::now() < deadline, "B did not take over A's partitions");
             for r in b.poll(Duration::from_secs(1)).await.unwrap() {
                 b_seen.entry(r.partition).or_default().push(r.offset);
             }
         }
-        assert!(
-            vanished_at.elapsed() >= Duration::from_secs(2),
-            "A's partitions moved only after its session timeout"
-        );
+        assert!(vanished_at.elapsed() >= Duration::from_secs(2), "A's partitions moved only after its session timeout");
         assert_eq!(b.assignment().len(), 4);
         for p in 0..4u32 {
             let start = committed.get(&p).copied().unwrap_or(0);
             let offsets = &b_seen[&p];
-            assert_eq!(
-                offsets.first().copied(),
-                Some(start),
-                "partition {p}: B starts at A's last commit"
-            );
-            assert_eq!(
-                offsets.len() as i64,
-                100 - start,
-                "partition {p}: nothing skipped, nothing repeated"
-            );
+            assert_eq!(offsets.first().copied(), Some(start), "partition {p}: B starts at A's last commit");
+            assert_eq!(offsets.len() as i64, 100 - start, "partition {p}: nothing skipped, nothing repeated");
         }
         b.close().await.unwrap();
     });
@@ -210,24 +149,14 @@ fn committed_offsets_are_exactly_those_acknowledged_after_a_kill_9() {
     let mut broker = TestBroker::start(dir.path(), "");
     let mut want = BTreeMap::new();
     run(Duration::from_secs(60), async {
-        broker
-            .admin()
-            .await
-            .create_topic(NewTopic::new("c", 3))
-            .await
-            .unwrap();
+        broker.admin().await.create_topic(NewTopic::new("c", 3)).await.unwrap();
         produce(&broker, "c", 3, 300).await;
-        let mut c = Consumer::connect(ConsumerConfig {
-            group: Some("solo".into()),
-            ..broker.consumer_config()
-        })
-        .await
-        .unwrap();
+        let mut c =
+            Consumer::connect(ConsumerConfig { group: Some("solo".into()), ..broker.consumer_config() }).await.unwrap();
         c.assign("c", None).await.unwrap();
         for round in 1..=20i64 {
-            let offsets: BTreeMap<(String, u32), i64> = (0..3)
-                .map(|p| (("c".to_string(), p), round * 3 + i64::from(p)))
-                .collect();
+            let offsets: BTreeMap<(String, u32), i64> =
+                (0..3).map(|p| (("c".to_string(), p), round * 3 + i64::from(p))).collect();
             c.commit_offsets(&offsets).await.unwrap();
             want = offsets;
         }
@@ -236,11 +165,8 @@ fn committed_offsets_are_exactly_those_acknowledged_after_a_kill_9() {
     let broker = TestBroker::start(dir.path(), "");
     run(Duration::from_secs(60), async {
         let g = broker.admin().await.describe_group("solo").await.unwrap();
-        let got: BTreeMap<(String, u32), i64> = g
-            .partitions
-            .iter()
-            .map(|p| ((p.topic.clone(), p.partition), p.committed.unwrap()))
-            .collect();
+        let got: BTreeMap<(String, u32), i64> =
+            g.partitions.iter().map(|p| ((p.topic.clone(), p.partition), p.committed.unwrap())).collect();
         assert_eq!(got, want);
     });
 }
@@ -250,12 +176,7 @@ fn a_commit_from_a_stale_generation_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
     let broker = TestBroker::start(dir.path(), "");
     run(Duration::from_secs(60), async {
-        broker
-            .admin()
-            .await
-            .create_topic(NewTopic::new("s", 2))
-            .await
-            .unwrap();
+        broker.admin().await.create_topic(NewTopic::new("s", 2)).await.unwrap();
         let conn = Connection::connect(broker.connection()).await.unwrap();
         let join = |member: &str| JoinGroupRequest {
             group_id: "stale".into(),
@@ -273,11 +194,7 @@ fn a_commit_from_a_stale_generation_is_rejected() {
             generation_id: gen,
             topics: vec![OffsetCommitTopic {
                 name: "s".into(),
-                partitions: vec![OffsetCommitPartition {
-                    partition: 0,
-                    offset: 1,
-                    metadata: None,
-                }],
+                partitions: vec![OffsetCommitPartition { partition: 0, offset: 1, metadata: None }],
             }],
         };
         let ok = conn.request(&commit(first.generation_id)).await.unwrap();
@@ -291,10 +208,7 @@ fn a_commit_from_a_stale_generation_is_rejected() {
         assert!(again.generation_id > first.generation_id);
         assert_eq!(second.generation_id, again.generation_id);
         let stale = conn.request(&commit(first.generation_id)).await.unwrap();
-        assert_eq!(
-            stale.topics[0].partitions[0].1,
-            ErrorCode::IllegalGeneration
-        );
+        assert_eq!(stale.topics[0].partitions[0].1, ErrorCode::IllegalGeneration);
     });
 }
 
@@ -303,34 +217,18 @@ fn lag_reported_by_cairn_group_describe_is_produced_minus_committed() {
     let dir = tempfile::tempdir().unwrap();
     let broker = TestBroker::start(dir.path(), "");
     run(Duration::from_secs(60), async {
-        broker
-            .admin()
-            .await
-            .create_topic(NewTopic::new("lag", 2))
+        broker.admin().await.create_topic(NewTopic::new("lag", 2)).await.unwrap();
+        produce(&broker, "lag", 2, 200).await;
+        let mut c = Consumer::connect(ConsumerConfig { group: Some("lagger".into()), ..broker.consumer_config() })
             .await
             .unwrap();
-        produce(&broker, "lag", 2, 200).await;
-        let mut c = Consumer::connect(ConsumerConfig {
-            group: Some("lagger".into()),
-            ..broker.consumer_config()
-        })
-        .await
-        .unwrap();
         c.assign("lag", None).await.unwrap();
         c.seek_all(Offset::Earliest);
         let offsets = BTreeMap::from([(("lag".to_string(), 0), 30), (("lag".to_string(), 1), 95)]);
         c.commit_offsets(&offsets).await.unwrap();
     });
     let out = std::process::Command::new(sibling_bin("cairn-client", "cairn"))
-        .args([
-            "--broker",
-            &broker.addr.to_string(),
-            "group",
-            "describe",
-            "lagger",
-            "--format",
-            "json",
-        ])
+        .args(["--broker", &broker.addr.to_string(), "group", "describe", "lagger", "--format", "json"])
         .output()
         .unwrap();
     assert!(out.status.success());
@@ -339,32 +237,17 @@ fn lag_reported_by_cairn_group_describe_is_produced_minus_committed() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|p| {
-            (
-                p["committed"].as_i64().unwrap(),
-                p["end"].as_i64().unwrap(),
-                p["lag"].as_i64().unwrap(),
-            )
-        })
+        .map(|p| (p["committed"].as_i64().unwrap(), p["end"].as_i64().unwrap(), p["lag"].as_i64().unwrap()))
         .collect();
     assert_eq!(lags, vec![(30, 100, 70), (95, 100, 5)]);
     let table = std::process::Command::new(sibling_bin("cairn-client", "cairn"))
-        .args([
-            "--broker",
-            &broker.addr.to_string(),
-            "group",
-            "describe",
-            "lagger",
-        ])
+        .args(["--broker", &broker.addr.to_string(), "group", "describe", "lagger"])
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&table.stdout);
     assert!(
         text.contains("LAG")
-            && text
-                .lines()
-                .any(|l| l.split_whitespace().collect::<Vec<_>>()
-                    == ["lag", "0", "30", "100", "70", "-"]),
+            && text.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["lag", "0", "30", "100", "70", "-"]),
         "{text}"
     );
 }

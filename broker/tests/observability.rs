@@ -26,10 +26,7 @@ impl Drop for Prometheus {
 }
 
 fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
 }
 
 fn start_prometheus(dir: &std::path::Path, target: SocketAddr) -> Prometheus {
@@ -42,10 +39,7 @@ fn start_prometheus(dir: &std::path::Path, target: SocketAddr) -> Prometheus {
     let addr = free_port();
     let child = Command::new("prometheus")
         .arg(format!("--config.file={}", config.display()))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            dir.join("tsdb").display()
-        ))
+        .arg(format!("--storage.tsdb.path={}", dir.join("tsdb").display()))
         .arg(format!("--web.listen-address={addr}"))
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(dir.join("prometheus.log")).unwrap())
@@ -54,9 +48,7 @@ fn start_prometheus(dir: &std::path::Path, target: SocketAddr) -> Prometheus {
     let p = Prometheus { child, addr };
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        if std::net::TcpStream::connect(addr).is_ok()
-            && http_get(addr, "/-/ready").0.contains("200")
-        {
+        if std::net::TcpStream::connect(addr).is_ok() && http_get(addr, "/-/ready").0.contains("200") {
             return p;
         }
         assert!(Instant::now() < deadline, "prometheus did not become ready");
@@ -67,9 +59,7 @@ fn start_prometheus(dir: &std::path::Path, target: SocketAddr) -> Prometheus {
 fn encode(q: &str) -> String {
     q.bytes()
         .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
             _ => format!("%{b:02X}"),
         })
         .collect()
@@ -87,30 +77,18 @@ fn query(p: &Prometheus, q: &str) -> BTreeMap<String, f64> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|r| {
-            (
-                r["metric"].to_string(),
-                r["value"][1].as_str().unwrap().parse::<f64>().unwrap(),
-            )
-        })
+        .map(|r| (r["metric"].to_string(), r["value"][1].as_str().unwrap().parse::<f64>().unwrap()))
         .collect()
 }
 
-fn wait_for(
-    p: &Prometheus,
-    q: &str,
-    ok: impl Fn(&BTreeMap<String, f64>) -> bool,
-) -> BTreeMap<String, f64> {
+fn wait_for(p: &Prometheus, q: &str, ok: impl Fn(&BTreeMap<String, f64>) -> bool) -> BTreeMap<String, f64> {
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         let r = query(p, q);
         if ok(&r) {
             return r;
         }
-        assert!(
-            Instant::now() < deadline,
-            "{q} never satisfied the check; last {r:?}"
-        );
+        assert!(Instant::now() < deadline, "{q} never satisfied the check; last {r:?}");
         std::thread::sleep(Duration::from_millis(500));
     }
 }
@@ -121,35 +99,23 @@ fn prometheus_scrapes_lag_and_produce_rate_and_promtool_accepts_the_metrics() {
     let dir = tempfile::tempdir().unwrap();
     let broker = TestBroker::start(dir.path(), "");
     run(Duration::from_secs(60), async {
-        broker
-            .admin()
-            .await
-            .create_topic(NewTopic::new("obs", 2))
-            .await
-            .unwrap();
+        broker.admin().await.create_topic(NewTopic::new("obs", 2)).await.unwrap();
         let producer = Producer::connect(broker.producer_config()).await.unwrap();
         for i in 0..1000u32 {
-            producer
-                .send(ProducerRecord::new("obs", format!("{i}")).partition(i % 2))
-                .await
-                .unwrap();
+            producer.send(ProducerRecord::new("obs", format!("{i}")).partition(i % 2)).await.unwrap();
         }
         producer.flush().await.unwrap();
         // A group consumes everything, then commits 400 of partition 0 and 100 of partition 1.
-        let mut c = Consumer::connect(ConsumerConfig {
-            group: Some("watchers".into()),
-            ..broker.consumer_config()
-        })
-        .await
-        .unwrap();
+        let mut c = Consumer::connect(ConsumerConfig { group: Some("watchers".into()), ..broker.consumer_config() })
+            .await
+            .unwrap();
         c.assign("obs", None).await.unwrap();
         c.seek_all(Offset::Earliest);
         let mut n = 0;
         while n < 1000 {
             n += c.poll(Duration::from_secs(2)).await.unwrap().len();
         }
-        let offsets =
-            BTreeMap::from([(("obs".to_string(), 0), 400), (("obs".to_string(), 1), 100)]);
+        let offsets = BTreeMap::from([(("obs".to_string(), 0), 400), (("obs".to_string(), 1), 100)]);
         c.commit_offsets(&offsets).await.unwrap();
         producer.close().await.unwrap();
     });
@@ -162,12 +128,7 @@ fn prometheus_scrapes_lag_and_produce_rate_and_promtool_accepts_the_metrics() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    promtool
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(metrics.as_bytes())
-        .unwrap();
+    promtool.stdin.take().unwrap().write_all(metrics.as_bytes()).unwrap();
     let out = promtool.wait_with_output().unwrap();
     assert!(
         out.status.success(),
@@ -177,45 +138,28 @@ fn prometheus_scrapes_lag_and_produce_rate_and_promtool_accepts_the_metrics() {
     );
 
     let prom = start_prometheus(dir.path(), broker.metrics);
-    let lag = wait_for(&prom, "cairn_consumer_group_lag{group=\"watchers\"}", |r| {
-        r.len() == 2
-    });
+    let lag = wait_for(&prom, "cairn_consumer_group_lag{group=\"watchers\"}", |r| r.len() == 2);
     let mut values: Vec<f64> = lag.values().copied().collect();
     values.sort_by(f64::total_cmp);
-    assert_eq!(
-        values,
-        vec![100.0, 400.0],
-        "lag = end - committed: 500-400 and 500-100: {lag:?}"
-    );
+    assert_eq!(values, vec![100.0, 400.0], "lag = end - committed: 500-400 and 500-100: {lag:?}");
     // Keep producing while Prometheus scrapes, so the rate has two samples to work with.
     run(Duration::from_secs(60), async {
         let producer = Producer::connect(broker.producer_config()).await.unwrap();
         for round in 0..8u32 {
             for i in 0..100u32 {
-                producer
-                    .send(ProducerRecord::new("obs", format!("{round}-{i}")))
-                    .await
-                    .unwrap();
+                producer.send(ProducerRecord::new("obs", format!("{round}-{i}"))).await.unwrap();
             }
             producer.flush().await.unwrap();
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         producer.close().await.unwrap();
     });
-    wait_for(&prom, "cairn_produce_records_total{topic=\"obs\"}", |r| {
-        r.values().any(|v| *v == 1800.0)
-    });
-    let rate = wait_for(
-        &prom,
-        "rate(cairn_produce_records_total{topic=\"obs\"}[1m])",
-        |r| r.values().any(|v| *v > 0.0),
-    );
+    wait_for(&prom, "cairn_produce_records_total{topic=\"obs\"}", |r| r.values().any(|v| *v == 1800.0));
+    let rate =
+        wait_for(&prom, "rate(cairn_produce_records_total{topic=\"obs\"}[1m])", |r| r.values().any(|v| *v > 0.0));
     let rate = rate.values().next().copied().unwrap();
     assert!(rate > 0.0 && rate <= 1800.0, "rate {rate}");
     // The request histogram has the documented buckets and labels.
-    let buckets = query(
-        &prom,
-        "cairn_request_duration_seconds_bucket{api=\"produce\",le=\"0.00005\"}",
-    );
+    let buckets = query(&prom, "cairn_request_duration_seconds_bucket{api=\"produce\",le=\"0.00005\"}");
     assert_eq!(buckets.len(), 1, "{buckets:?}");
 }

@@ -10,9 +10,7 @@ use bytes::Bytes;
 use cairn_client::{Connection, Consumer, NewTopic, Offset, Producer, ProducerRecord};
 use cairn_protocol::api::{decode_response, encode_request};
 use cairn_protocol::messages::fetch::{FetchPartition, FetchRequest, FetchResponse, FetchTopic};
-use cairn_protocol::messages::produce::{
-    ProducePartition, ProduceRequest, ProduceResponse, ProduceTopic,
-};
+use cairn_protocol::messages::produce::{ProducePartition, ProduceRequest, ProduceResponse, ProduceTopic};
 use cairn_protocol::record_batch::BatchSplitter;
 use cairn_protocol::{Acks, ErrorCode, RecordBatchBuilder, WireWriter};
 use common::{run, TestBroker};
@@ -29,13 +27,7 @@ fn produce_req(topic: &str, acks: Acks, records: Bytes) -> ProduceRequest {
     ProduceRequest {
         acks,
         timeout_ms: 10_000,
-        topics: vec![ProduceTopic {
-            name: topic.into(),
-            partitions: vec![ProducePartition {
-                partition: 0,
-                records,
-            }],
-        }],
+        topics: vec![ProduceTopic { name: topic.into(), partitions: vec![ProducePartition { partition: 0, records }] }],
     }
 }
 
@@ -47,11 +39,7 @@ fn fetch_req(topic: &str, offset: i64, max_wait_ms: u32) -> FetchRequest {
         group: None,
         topics: vec![FetchTopic {
             name: topic.into(),
-            partitions: vec![FetchPartition {
-                partition: 0,
-                fetch_offset: offset,
-                partition_max_bytes: 1 << 20,
-            }],
+            partitions: vec![FetchPartition { partition: 0, fetch_offset: offset, partition_max_bytes: 1 << 20 }],
         }],
     }
 }
@@ -61,12 +49,7 @@ fn values(resp: &FetchResponse) -> Vec<(i64, String)> {
     assert_eq!(p.error, ErrorCode::None);
     BatchSplitter::new(p.records_bytes())
         .flat_map(|b| b.unwrap().records().map(|r| r.unwrap()).collect::<Vec<_>>())
-        .map(|r| {
-            (
-                r.offset,
-                String::from_utf8(r.value.unwrap().to_vec()).unwrap(),
-            )
-        })
+        .map(|r| (r.offset, String::from_utf8(r.value.unwrap().to_vec()).unwrap()))
         .collect()
 }
 
@@ -75,36 +58,17 @@ fn produce_and_fetch_round_trip_for_every_acks_level() {
     let dir = tempfile::tempdir().unwrap();
     let broker = TestBroker::start(dir.path(), "");
     run(Duration::from_secs(60), async {
-        broker
-            .admin()
-            .await
-            .create_topic(NewTopic::new("t", 1))
-            .await
-            .unwrap();
+        broker.admin().await.create_topic(NewTopic::new("t", 1)).await.unwrap();
         let conn = Connection::connect(broker.connection()).await.unwrap();
-        conn.send_only(&produce_req("t", Acks::None, batch(&["a0", "a1"])))
-            .await
-            .unwrap();
-        let r = conn
-            .request(&produce_req("t", Acks::Leader, batch(&["b0"])))
-            .await
-            .unwrap();
+        conn.send_only(&produce_req("t", Acks::None, batch(&["a0", "a1"]))).await.unwrap();
+        let r = conn.request(&produce_req("t", Acks::Leader, batch(&["b0"]))).await.unwrap();
         assert_eq!(r.topics[0].partitions[0].error, ErrorCode::None);
-        assert_eq!(
-            r.topics[0].partitions[0].base_offset, 2,
-            "acks=none was appended before, in order"
-        );
-        let r = conn
-            .request(&produce_req("t", Acks::All, batch(&["c0", "c1", "c2"])))
-            .await
-            .unwrap();
+        assert_eq!(r.topics[0].partitions[0].base_offset, 2, "acks=none was appended before, in order");
+        let r = conn.request(&produce_req("t", Acks::All, batch(&["c0", "c1", "c2"]))).await.unwrap();
         assert_eq!(r.topics[0].partitions[0].base_offset, 3);
         let got = values(&conn.request(&fetch_req("t", 0, 0)).await.unwrap());
-        let want: Vec<(i64, String)> = ["a0", "a1", "b0", "c0", "c1", "c2"]
-            .iter()
-            .enumerate()
-            .map(|(i, v)| (i as i64, v.to_string()))
-            .collect();
+        let want: Vec<(i64, String)> =
+            ["a0", "a1", "b0", "c0", "c1", "c2"].iter().enumerate().map(|(i, v)| (i as i64, v.to_string())).collect();
         assert_eq!(got, want);
         // An offset inside a batch returns that batch; the client skips what it did not ask for.
         let got = values(&conn.request(&fetch_req("t", 4, 0)).await.unwrap());
@@ -112,10 +76,7 @@ fn produce_and_fetch_round_trip_for_every_acks_level() {
         // Past the end: OFFSET_OUT_OF_RANGE with the valid range.
         let resp = conn.request(&fetch_req("t", 99, 0)).await.unwrap();
         let p = &resp.topics[0].partitions[0];
-        assert_eq!(
-            (p.error, p.log_start_offset, p.log_end_offset),
-            (ErrorCode::OffsetOutOfRange, 0, 6)
-        );
+        assert_eq!((p.error, p.log_start_offset, p.log_end_offset), (ErrorCode::OffsetOutOfRange, 0, 6));
     });
 }
 
@@ -124,12 +85,7 @@ fn ten_thousand_pipelined_requests_are_answered_in_order() {
     let dir = tempfile::tempdir().unwrap();
     let broker = TestBroker::start(dir.path(), "");
     run(Duration::from_secs(120), async {
-        broker
-            .admin()
-            .await
-            .create_topic(NewTopic::new("p", 1))
-            .await
-            .unwrap();
+        broker.admin().await.create_topic(NewTopic::new("p", 1)).await.unwrap();
     });
     let mut s = TcpStream::connect(broker.addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
@@ -137,11 +93,7 @@ fn ten_thousand_pipelined_requests_are_answered_in_order() {
     let writer = std::thread::spawn(move || {
         let mut buf = Vec::new();
         for id in 1..=10_000u32 {
-            for chunk in encode_request(
-                id,
-                "pipeline",
-                &produce_req("p", Acks::Leader, batch(&["x"])),
-            ) {
+            for chunk in encode_request(id, "pipeline", &produce_req("p", Acks::Leader, batch(&["x"]))) {
                 buf.extend_from_slice(&chunk);
             }
         }
@@ -155,10 +107,7 @@ fn ten_thousand_pipelined_requests_are_answered_in_order() {
         reader.read_exact(&mut frame).unwrap();
         let (corr, body) = decode_response::<ProduceResponse>(Bytes::from(frame)).unwrap();
         assert_eq!(corr, id, "responses come back in request order");
-        assert_eq!(
-            body.unwrap().topics[0].partitions[0].base_offset,
-            i64::from(id) - 1
-        );
+        assert_eq!(body.unwrap().topics[0].partitions[0].base_offset, i64::from(id) - 1);
     }
     writer.join().unwrap();
 }
@@ -168,36 +117,21 @@ fn a_parked_fetch_is_woken_by_a_produce_long_before_max_wait() {
     let dir = tempfile::tempdir().unwrap();
     let broker = TestBroker::start(dir.path(), "");
     run(Duration::from_secs(60), async {
-        broker
-            .admin()
-            .await
-            .create_topic(NewTopic::new("w", 1))
-            .await
-            .unwrap();
+        broker.admin().await.create_topic(NewTopic::new("w", 1)).await.unwrap();
         let conn = Connection::connect(broker.connection()).await.unwrap();
         let fetcher = conn.clone();
         let started = Instant::now();
-        let parked = tokio::spawn(async move {
-            fetcher
-                .request_with(&fetch_req("w", 0, 45_000), Duration::from_secs(60))
-                .await
-        });
+        let parked =
+            tokio::spawn(
+                async move { fetcher.request_with(&fetch_req("w", 0, 45_000), Duration::from_secs(60)).await },
+            );
         tokio::time::sleep(Duration::from_millis(300)).await;
-        assert!(
-            !parked.is_finished(),
-            "the fetch parks while there is no data"
-        );
+        assert!(!parked.is_finished(), "the fetch parks while there is no data");
         let other = Connection::connect(broker.connection()).await.unwrap();
-        other
-            .request(&produce_req("w", Acks::Leader, batch(&["wake"])))
-            .await
-            .unwrap();
+        other.request(&produce_req("w", Acks::Leader, batch(&["wake"]))).await.unwrap();
         let resp = parked.await.unwrap().unwrap();
         assert_eq!(values(&resp), vec![(0, "wake".to_string())]);
-        assert!(
-            started.elapsed() < Duration::from_secs(40),
-            "woken by the produce, not by max_wait_ms"
-        );
+        assert!(started.elapsed() < Duration::from_secs(40), "woken by the produce, not by max_wait_ms");
     });
 }
 
@@ -210,10 +144,7 @@ fn sigterm_exits_zero_and_a_restart_keeps_topics_and_data_without_a_recovery_sca
         admin.create_topic(NewTopic::new("keep", 2)).await.unwrap();
         let producer = Producer::connect(broker.producer_config()).await.unwrap();
         for i in 0..1000 {
-            producer
-                .send(ProducerRecord::new("keep", format!("v{i}")).partition(i % 2))
-                .await
-                .unwrap();
+            producer.send(ProducerRecord::new("keep", format!("v{i}")).partition(i % 2)).await.unwrap();
         }
         producer.close().await.unwrap();
     });
@@ -221,20 +152,11 @@ fn sigterm_exits_zero_and_a_restart_keeps_topics_and_data_without_a_recovery_sca
     assert!(broker.log_text().contains("shutdown complete"));
     let broker = TestBroker::start(dir.path(), "");
     let log = broker.log_text();
-    let line = log
-        .lines()
-        .find(|l| l.contains("storage recovered"))
-        .expect("recovery line");
-    assert!(
-        line.contains("clean=true") && line.contains("scanned_segments=0"),
-        "{line}"
-    );
+    let line = log.lines().find(|l| l.contains("storage recovered")).expect("recovery line");
+    assert!(line.contains("clean=true") && line.contains("scanned_segments=0"), "{line}");
     run(Duration::from_secs(60), async {
         let topic = broker.admin().await.describe_topic("keep").await.unwrap();
-        assert_eq!(
-            topic.partitions.iter().map(|p| p.end_offset).sum::<i64>(),
-            1000
-        );
+        assert_eq!(topic.partitions.iter().map(|p| p.end_offset).sum::<i64>(), 1000);
         let mut consumer = Consumer::connect(broker.consumer_config()).await.unwrap();
         consumer.assign("keep", None).await.unwrap();
         consumer.seek_all(Offset::Earliest);
@@ -286,10 +208,7 @@ fn hostile_inputs_are_answered_or_cut_off_while_another_client_keeps_working() {
             let conn = Connection::connect(good_conn).await.unwrap();
             let mut offset = 0i64;
             while !stop2.load(std::sync::atomic::Ordering::Relaxed) {
-                let r = conn
-                    .request(&produce_req("ok", Acks::Leader, batch(&["good"])))
-                    .await
-                    .unwrap();
+                let r = conn.request(&produce_req("ok", Acks::Leader, batch(&["good"]))).await.unwrap();
                 assert_eq!(r.topics[0].partitions[0].error, ErrorCode::None);
                 let f = conn.request(&fetch_req("ok", offset, 1000)).await.unwrap();
                 offset += values(&f).len() as i64;
@@ -335,8 +254,7 @@ fn hostile_inputs_are_answered_or_cut_off_while_another_client_keeps_working() {
             assert_eq!(body.unwrap_err().code, ErrorCode::UnsupportedVersion);
             // A malformed body with a readable correlation id: INVALID_REQUEST.
             s.write_all(&raw_frame(4, 8, &[9, 9])).unwrap();
-            let (corr, body) =
-                decode_response::<ProduceResponse>(read_frame(&mut s).unwrap()).unwrap();
+            let (corr, body) = decode_response::<ProduceResponse>(read_frame(&mut s).unwrap()).unwrap();
             assert_eq!(corr, 8);
             assert_eq!(body.unwrap_err().code, ErrorCode::InvalidRequest);
 
@@ -344,26 +262,18 @@ fn hostile_inputs_are_answered_or_cut_off_while_another_client_keeps_working() {
             let mut bad = batch(&["corrupt me"]).to_vec();
             let last = bad.len() - 1;
             bad[last] ^= 0x55;
-            let req = encode_request(
-                9,
-                "raw",
-                &produce_req("crc", Acks::Leader, Bytes::from(bad)),
-            );
+            let req = encode_request(9, "raw", &produce_req("crc", Acks::Leader, Bytes::from(bad)));
             for c in req {
                 s.write_all(&c).unwrap();
             }
-            let (_, body) =
-                decode_response::<ProduceResponse>(read_frame(&mut s).unwrap()).unwrap();
+            let (_, body) = decode_response::<ProduceResponse>(read_frame(&mut s).unwrap()).unwrap();
             let p = &body.unwrap().topics[0].partitions[0];
             assert_eq!(p.error, ErrorCode::CorruptBatch, "{:?}", p.message);
         })
         .await
         .unwrap();
         let crc = broker.admin().await.describe_topic("crc").await.unwrap();
-        assert_eq!(
-            crc.partitions[0].end_offset, 0,
-            "nothing appended from the bad batch"
-        );
+        assert_eq!(crc.partitions[0].end_offset, 0, "nothing appended from the bad batch");
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let consumed = good.await.unwrap();
         assert!(consumed > 0, "the good client kept producing and consuming");
@@ -388,11 +298,8 @@ fn unknown_config_keys_and_bad_values_stop_the_broker_with_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("bad.toml");
     std::fs::write(&config, "flush_intervall_ms = 10\n").unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cairn-broker"))
-        .arg("--config")
-        .arg(&config)
-        .output()
-        .unwrap();
+    let out =
+        std::process::Command::new(env!("CARGO_BIN_EXE_cairn-broker")).arg("--config").arg(&config).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("flush_intervall_ms"));
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_cairn-broker"))
@@ -401,8 +308,5 @@ fn unknown_config_keys_and_bad_values_stop_the_broker_with_a_clear_error() {
         .unwrap();
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        text.contains("listen = \"127.0.0.1:9999\"") && text.contains("[storage]"),
-        "{text}"
-    );
+    assert!(text.contains("listen = \"127.0.0.1:9999\"") && text.contains("[storage]"), "{text}");
 }

@@ -17,8 +17,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use cairn_client::{
-    Acks, Admin, ConnectionConfig, Consumer, ConsumerConfig, ConsumerRecord, Error, ErrorCode,
-    NewTopic, Offset, Producer, ProducerConfig, ProducerRecord,
+    Acks, Admin, ConnectionConfig, Consumer, ConsumerConfig, ConsumerRecord, Error, ErrorCode, NewTopic, Offset,
+    Producer, ProducerConfig, ProducerRecord,
 };
 
 const TOPIC: &str = "agent-memory";
@@ -45,19 +45,11 @@ impl Memory {
 #[tokio::main]
 async fn main() -> Result<(), Error> {
     let broker = std::env::var("CAIRN_BROKER").unwrap_or_else(|_| "127.0.0.1:7070".into());
-    let connection = ConnectionConfig {
-        broker,
-        client_id: "agent-memory".into(),
-        ..ConnectionConfig::default()
-    };
+    let connection = ConnectionConfig { broker, client_id: "agent-memory".into(), ..ConnectionConfig::default() };
 
     let admin = Admin::connect(connection.clone()).await?;
     match admin.create_topic(NewTopic::new(TOPIC, 3)).await {
-        Ok(())
-        | Err(Error::Broker {
-            code: ErrorCode::TopicAlreadyExists,
-            ..
-        }) => {}
+        Ok(()) | Err(Error::Broker { code: ErrorCode::TopicAlreadyExists, .. }) => {}
         Err(e) => return Err(e),
     }
 
@@ -68,28 +60,13 @@ async fn main() -> Result<(), Error> {
         ..ProducerConfig::default()
     })
     .await?;
-    for (task, state) in [
-        ("task-17", "todo"),
-        ("task-4", "todo"),
-        ("task-17", "in-progress"),
-        ("task-17", "done"),
-    ] {
-        let meta = producer
-            .send(ProducerRecord::new(TOPIC, state).key(task))
-            .await?
-            .await?;
-        println!(
-            "producer: {task} -> {state}   (partition {}, offset {})",
-            meta.partition, meta.offset
-        );
+    for (task, state) in [("task-17", "todo"), ("task-4", "todo"), ("task-17", "in-progress"), ("task-17", "done")] {
+        let meta = producer.send(ProducerRecord::new(TOPIC, state).key(task)).await?.await?;
+        println!("producer: {task} -> {state}   (partition {}, offset {})", meta.partition, meta.offset);
     }
 
     // The consumer agent: replay from offset 0 to rebuild memory.
-    let mut consumer = Consumer::connect(ConsumerConfig {
-        connection,
-        ..ConsumerConfig::default()
-    })
-    .await?;
+    let mut consumer = Consumer::connect(ConsumerConfig { connection, ..ConsumerConfig::default() }).await?;
     consumer.assign(TOPIC, None).await?;
     consumer.seek_all(Offset::Earliest);
     let mut memory = Memory::default();
@@ -100,23 +77,13 @@ async fn main() -> Result<(), Error> {
         }
         records.iter().for_each(|r| memory.apply(r));
     }
-    println!(
-        "consumer: replayed {} events; memory = {:?}",
-        memory.applied, memory.tasks
-    );
+    println!("consumer: replayed {} events; memory = {:?}", memory.applied, memory.tasks);
 
     // Then tail live changes: the producer keeps working while the consumer follows.
     let live = tokio::spawn(async move {
-        for (task, state) in [
-            ("task-4", "in-progress"),
-            ("task-9", "todo"),
-            ("task-4", "done"),
-        ] {
+        for (task, state) in [("task-4", "in-progress"), ("task-9", "todo"), ("task-4", "done")] {
             tokio::time::sleep(Duration::from_millis(200)).await;
-            producer
-                .send(ProducerRecord::new(TOPIC, state).key(task))
-                .await?
-                .await?;
+            producer.send(ProducerRecord::new(TOPIC, state).key(task)).await?.await?;
         }
         producer.close().await
     });
@@ -132,8 +99,7 @@ async fn main() -> Result<(), Error> {
             );
         }
     }
-    live.await
-        .map_err(|e| Error::InvalidArgument(e.to_string()))??;
+    live.await.map_err(|e| Error::InvalidArgument(e.to_string()))??;
     println!("consumer: memory = {:?}", memory.tasks);
     Ok(())
 }

@@ -4,12 +4,8 @@ use std::collections::BTreeMap;
 
 use cairn_protocol::messages::create_topics::{CreatableTopic, CreateTopicsRequest};
 use cairn_protocol::messages::delete_topics::DeleteTopicsRequest;
-use cairn_protocol::messages::groups::{
-    DescribeGroupsRequest, GroupDescription, GroupListing, ListGroupsRequest,
-};
-use cairn_protocol::messages::list_offsets::{
-    ListOffsetsPartition, ListOffsetsRequest, ListOffsetsTopic,
-};
+use cairn_protocol::messages::groups::{DescribeGroupsRequest, GroupDescription, GroupListing, ListGroupsRequest};
+use cairn_protocol::messages::list_offsets::{ListOffsetsPartition, ListOffsetsRequest, ListOffsetsTopic};
 use cairn_protocol::messages::metadata::MetadataRequest;
 use cairn_protocol::messages::ConfigEntry;
 use cairn_protocol::ErrorCode;
@@ -40,33 +36,20 @@ pub struct NewTopic {
 impl NewTopic {
     /// A topic with `partitions` partitions and default settings.
     pub fn new(name: impl Into<String>, partitions: u32) -> NewTopic {
-        NewTopic {
-            name: name.into(),
-            partitions,
-            ..NewTopic::default()
-        }
+        NewTopic { name: name.into(), partitions, ..NewTopic::default() }
     }
 
     fn configs(&self) -> Vec<ConfigEntry> {
         let mut out = Vec::new();
         let mut add = |k: &str, v: Option<String>| {
             if let Some(value) = v {
-                out.push(ConfigEntry {
-                    key: k.to_owned(),
-                    value,
-                });
+                out.push(ConfigEntry { key: k.to_owned(), value });
             }
         };
         add("retention_ms", self.retention_ms.map(|v| v.to_string()));
-        add(
-            "retention_bytes",
-            self.retention_bytes.map(|v| v.to_string()),
-        );
+        add("retention_bytes", self.retention_bytes.map(|v| v.to_string()));
         add("segment_bytes", self.segment_bytes.map(|v| v.to_string()));
-        add(
-            "flush_interval_ms",
-            self.flush_interval_ms.map(|v| v.to_string()),
-        );
+        add("flush_interval_ms", self.flush_interval_ms.map(|v| v.to_string()));
         add("cleanup_policy", self.cleanup_policy.clone());
         out
     }
@@ -162,9 +145,7 @@ impl Admin {
     /// # Errors
     /// When the broker is unreachable.
     pub async fn connect(config: ConnectionConfig) -> Result<Admin> {
-        Ok(Admin {
-            conn: Connection::connect(config).await?,
-        })
+        Ok(Admin { conn: Connection::connect(config).await? })
     }
 
     /// Uses an existing connection.
@@ -202,12 +183,7 @@ impl Admin {
     /// # Errors
     /// [`Error::UnknownTopic`] or another broker error.
     pub async fn delete_topic(&self, name: &str) -> Result<()> {
-        let resp = self
-            .conn
-            .request(&DeleteTopicsRequest {
-                topics: vec![name.to_owned()],
-            })
-            .await?;
+        let resp = self.conn.request(&DeleteTopicsRequest { topics: vec![name.to_owned()] }).await?;
         let r = resp
             .topics
             .into_iter()
@@ -226,12 +202,7 @@ impl Admin {
     /// Connection or broker errors.
     pub async fn list_topics(&self) -> Result<Vec<TopicInfo>> {
         let resp = self.conn.request(&MetadataRequest { topics: None }).await?;
-        Ok(resp
-            .topics
-            .into_iter()
-            .filter(|t| !t.internal)
-            .map(to_info)
-            .collect())
+        Ok(resp.topics.into_iter().filter(|t| !t.internal).map(to_info).collect())
     }
 
     /// One topic.
@@ -239,17 +210,8 @@ impl Admin {
     /// # Errors
     /// [`Error::UnknownTopic`] or connection errors.
     pub async fn describe_topic(&self, name: &str) -> Result<TopicInfo> {
-        let resp = self
-            .conn
-            .request(&MetadataRequest {
-                topics: Some(vec![name.to_owned()]),
-            })
-            .await?;
-        let t = resp
-            .topics
-            .into_iter()
-            .next()
-            .ok_or_else(|| Error::UnknownTopic(name.to_owned()))?;
+        let resp = self.conn.request(&MetadataRequest { topics: Some(vec![name.to_owned()]) }).await?;
+        let t = resp.topics.into_iter().next().ok_or_else(|| Error::UnknownTopic(name.to_owned()))?;
         match t.error {
             ErrorCode::None => Ok(to_info(t)),
             ErrorCode::UnknownTopicOrPartition => Err(Error::UnknownTopic(name.to_owned())),
@@ -273,10 +235,7 @@ impl Admin {
                 name: topic.to_owned(),
                 partitions: partitions
                     .iter()
-                    .map(|p| ListOffsetsPartition {
-                        partition: *p,
-                        timestamp: timestamp_ms,
-                    })
+                    .map(|p| ListOffsetsPartition { partition: *p, timestamp: timestamp_ms })
                     .collect(),
             }],
         };
@@ -286,9 +245,7 @@ impl Admin {
             for p in t.partitions {
                 match p.error {
                     ErrorCode::None => out.push((p.partition, p.offset)),
-                    ErrorCode::UnknownTopicOrPartition => {
-                        return Err(Error::UnknownTopic(topic.to_owned()))
-                    }
+                    ErrorCode::UnknownTopicOrPartition => return Err(Error::UnknownTopic(topic.to_owned())),
                     code => return Err(Error::broker(code, None)),
                 }
             }
@@ -309,12 +266,7 @@ impl Admin {
     /// # Errors
     /// `GROUP_ID_NOT_FOUND` or connection errors.
     pub async fn describe_group(&self, group: &str) -> Result<GroupInfo> {
-        let resp = self
-            .conn
-            .request(&DescribeGroupsRequest {
-                groups: vec![group.to_owned()],
-            })
-            .await?;
+        let resp = self.conn.request(&DescribeGroupsRequest { groups: vec![group.to_owned()] }).await?;
         let g: GroupDescription = resp
             .groups
             .into_iter()
@@ -334,11 +286,7 @@ impl Admin {
                     member_id: m.member_id,
                     instance_id: m.group_instance_id,
                     client_id: m.client_id,
-                    assignment: m
-                        .assignment
-                        .into_iter()
-                        .map(|tp| (tp.topic, tp.partitions))
-                        .collect(),
+                    assignment: m.assignment.into_iter().map(|tp| (tp.topic, tp.partitions)).collect(),
                 })
                 .collect(),
             partitions: g

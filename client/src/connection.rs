@@ -107,10 +107,7 @@ impl Connection {
         let connect = TcpStream::connect(&addr);
         let stream = match tokio::time::timeout(self.config.connect_timeout, connect).await {
             Err(_) => {
-                return Err(Error::Timeout {
-                    operation: "connect",
-                    ms: self.config.connect_timeout.as_millis() as u64,
-                })
+                return Err(Error::Timeout { operation: "connect", ms: self.config.connect_timeout.as_millis() as u64 })
             }
             Ok(Err(source)) => return Err(Error::Connect { addr, source }),
             Ok(Ok(s)) => s,
@@ -151,8 +148,7 @@ impl Connection {
         // Reader: matches responses to waiters.
         let rdead = Arc::clone(&dead);
         let rwaiters = Arc::clone(&waiters);
-        let mut frames =
-            FramedRead::with_capacity(rd, FrameCodec::new(self.config.frame_bytes_max), 256 * 1024);
+        let mut frames = FramedRead::with_capacity(rd, FrameCodec::new(self.config.frame_bytes_max), 256 * 1024);
         tokio::spawn(async move {
             loop {
                 match frames.next().await {
@@ -184,36 +180,23 @@ impl Connection {
     ///
     /// # Errors
     /// Connection failures, timeouts, response-level broker errors, or undecodable responses.
-    pub async fn request_with<R: Request>(
-        &self,
-        request: &R,
-        extra: Duration,
-    ) -> Result<R::Response> {
+    pub async fn request_with<R: Request>(&self, request: &R, extra: Duration) -> Result<R::Response> {
         let live = self.live().await?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         live.waiters.lock().expect("waiters lock").insert(id, tx);
         if live.dead.load(Ordering::Acquire)
-            || live
-                .tx
-                .send(encode_request(id, &self.config.client_id, request))
-                .is_err()
+            || live.tx.send(encode_request(id, &self.config.client_id, request)).is_err()
         {
             live.waiters.lock().expect("waiters lock").remove(&id);
             live.dead.store(true, Ordering::Release);
-            return Err(Error::Disconnected {
-                addr: self.config.broker.clone(),
-                detail: "connection closed".into(),
-            });
+            return Err(Error::Disconnected { addr: self.config.broker.clone(), detail: "connection closed".into() });
         }
         let timeout = self.config.request_timeout + extra;
         let frame = match tokio::time::timeout(timeout, rx).await {
             Err(_) => {
                 live.waiters.lock().expect("waiters lock").remove(&id);
-                return Err(Error::Timeout {
-                    operation: R::API_KEY.name(),
-                    ms: timeout.as_millis() as u64,
-                });
+                return Err(Error::Timeout { operation: R::API_KEY.name(), ms: timeout.as_millis() as u64 });
             }
             Ok(Err(_)) => {
                 return Err(Error::Disconnected {
@@ -244,10 +227,7 @@ impl Connection {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         live.tx
             .send(encode_request(id, &self.config.client_id, request))
-            .map_err(|_| Error::Disconnected {
-                addr: self.config.broker.clone(),
-                detail: "connection closed".into(),
-            })
+            .map_err(|_| Error::Disconnected { addr: self.config.broker.clone(), detail: "connection closed".into() })
     }
 }
 
@@ -255,9 +235,6 @@ fn fail_all(dead: &AtomicBool, waiters: &Waiters, addr: &str, detail: &str) {
     dead.store(true, Ordering::Release);
     let drained: Vec<_> = waiters.lock().expect("waiters lock").drain().collect();
     for (_, w) in drained {
-        let _ = w.send(Err(Error::Disconnected {
-            addr: addr.to_owned(),
-            detail: detail.to_owned(),
-        }));
+        let _ = w.send(Err(Error::Disconnected { addr: addr.to_owned(), detail: detail.to_owned() }));
     }
 }

@@ -10,18 +10,14 @@ use bytes::Bytes;
 use futures::Stream;
 use tokio::task::JoinHandle;
 
-use cairn_protocol::messages::fetch::{
-    FetchGroup, FetchPartition, FetchRequest, FetchResponse, FetchTopic,
-};
+use cairn_protocol::messages::fetch::{FetchGroup, FetchPartition, FetchRequest, FetchResponse, FetchTopic};
 use cairn_protocol::messages::groups::{HeartbeatRequest, JoinGroupRequest, LeaveGroupRequest};
 use cairn_protocol::messages::list_offsets::{
-    ListOffsetsPartition, ListOffsetsRequest, ListOffsetsTopic, EARLIEST_TIMESTAMP,
-    LATEST_TIMESTAMP,
+    ListOffsetsPartition, ListOffsetsRequest, ListOffsetsTopic, EARLIEST_TIMESTAMP, LATEST_TIMESTAMP,
 };
 use cairn_protocol::messages::metadata::MetadataRequest;
 use cairn_protocol::messages::offsets::{
-    OffsetCommitPartition, OffsetCommitRequest, OffsetCommitTopic, OffsetFetchRequest,
-    OffsetFetchTopic,
+    OffsetCommitPartition, OffsetCommitRequest, OffsetCommitTopic, OffsetFetchRequest, OffsetFetchTopic,
 };
 use cairn_protocol::record_batch::BatchSplitter;
 use cairn_protocol::{ErrorCode, Header};
@@ -58,7 +54,9 @@ pub struct ConsumerConfig {
     /// Where to start when the group has no committed offset (or the offset is out of range).
     /// Default [`Offset::Earliest`]: an agent must not miss state changes.
     pub auto_offset_reset: Offset,
-    /// Commit returned positions periodically and on close. Default true.
+    /// Commit, periodically, before a rebalance and on close, the positions of records returned
+    /// by earlier polls (processing a batch and calling `poll` again marks it done:
+    /// at-least-once). Default true.
     pub auto_commit: bool,
     /// Auto-commit period. Default 5 s.
     pub auto_commit_interval: Duration,
@@ -113,10 +111,7 @@ pub struct ConsumerRecord {
 type TopicPartition = (String, u32);
 
 /// A fetch in flight and the offsets it asked for.
-type InFlightFetch = (
-    JoinHandle<Result<FetchResponse>>,
-    BTreeMap<TopicPartition, i64>,
-);
+type InFlightFetch = (JoinHandle<Result<FetchResponse>>, BTreeMap<TopicPartition, i64>);
 
 #[derive(Debug, Clone, Copy)]
 enum Position {
@@ -181,12 +176,7 @@ impl Consumer {
     }
 
     async fn partitions_of(&self, topic: &str) -> Result<u32> {
-        let resp = self
-            .conn
-            .request(&MetadataRequest {
-                topics: Some(vec![topic.to_owned()]),
-            })
-            .await?;
+        let resp = self.conn.request(&MetadataRequest { topics: Some(vec![topic.to_owned()]) }).await?;
         match resp.topics.into_iter().next() {
             Some(t) if t.error.is_ok() => Ok(t.partitions.len() as u32),
             _ => Err(Error::UnknownTopic(topic.to_owned())),
@@ -203,14 +193,9 @@ impl Consumer {
         let list = partitions.unwrap_or_else(|| (0..count).collect());
         for p in list {
             if p >= count {
-                return Err(Error::InvalidArgument(format!(
-                    "partition {p} does not exist: {topic} has {count}"
-                )));
+                return Err(Error::InvalidArgument(format!("partition {p} does not exist: {topic} has {count}")));
             }
-            self.positions.insert(
-                (topic.to_owned(), p),
-                Position::Resolve(self.config.auto_offset_reset),
-            );
+            self.positions.insert((topic.to_owned(), p), Position::Resolve(self.config.auto_offset_reset));
         }
         self.cancel_fetch();
         Ok(())
@@ -221,11 +206,8 @@ impl Consumer {
     /// # Errors
     /// No group configured, or the join failed.
     pub async fn subscribe(&mut self, topics: &[&str]) -> Result<()> {
-        let group = self
-            .config
-            .group
-            .clone()
-            .ok_or_else(|| Error::InvalidArgument("subscribe needs a group".into()))?;
+        let group =
+            self.config.group.clone().ok_or_else(|| Error::InvalidArgument("subscribe needs a group".into()))?;
         for t in topics {
             self.partitions_of(t).await?;
         }
@@ -250,8 +232,7 @@ impl Consumer {
         let key = (topic.to_owned(), partition);
         if self.positions.contains_key(&key) {
             self.positions.insert(key.clone(), Position::Resolve(to));
-            self.buffer
-                .retain(|r| !(r.topic == topic && r.partition == partition));
+            self.buffer.retain(|r| !(r.topic == topic && r.partition == partition));
             self.cancel_fetch();
         }
     }
@@ -303,19 +284,13 @@ impl Consumer {
             rebalance_timeout_ms: self.config.rebalance_timeout.as_millis() as u32,
             topics: m.topics.clone(),
         };
-        let resp = self
-            .conn
-            .request_with(&req, self.config.rebalance_timeout)
-            .await?;
+        let resp = self.conn.request_with(&req, self.config.rebalance_timeout).await?;
         let m = self.membership.as_mut().expect("membership present");
         match resp.error {
             ErrorCode::None => {}
             ErrorCode::UnknownMemberId => {
                 m.member_id.clear();
-                return Err(Error::broker(
-                    ErrorCode::UnknownMemberId,
-                    Some("rejoin as a new member".into()),
-                ));
+                return Err(Error::broker(ErrorCode::UnknownMemberId, Some("rejoin as a new member".into())));
             }
             code => return Err(Error::broker(code, None)),
         }
@@ -327,11 +302,8 @@ impl Consumer {
         let hb_conn = Connection::new(self.config.connection.clone());
         let flag = Arc::clone(&m.rejoin);
         let interval = Duration::from_millis(u64::from(resp.heartbeat_interval_ms.max(100)));
-        let hb = HeartbeatRequest {
-            group_id: group.clone(),
-            member_id: m.member_id.clone(),
-            generation_id: m.generation,
-        };
+        let hb =
+            HeartbeatRequest { group_id: group.clone(), member_id: m.member_id.clone(), generation_id: m.generation };
         m.heartbeat = Some(tokio::spawn(async move {
             loop {
                 tokio::time::sleep(interval).await;
@@ -351,11 +323,8 @@ impl Consumer {
         self.buffer.clear();
         self.positions.clear();
         self.returned.clear();
-        let assigned: Vec<(String, u32)> = resp
-            .assignment
-            .iter()
-            .flat_map(|tp| tp.partitions.iter().map(move |p| (tp.topic.clone(), *p)))
-            .collect();
+        let assigned: Vec<(String, u32)> =
+            resp.assignment.iter().flat_map(|tp| tp.partitions.iter().map(move |p| (tp.topic.clone(), *p))).collect();
         if assigned.is_empty() {
             return Ok(());
         }
@@ -374,36 +343,19 @@ impl Consumer {
         Ok(())
     }
 
-    async fn committed_offsets(
-        &self,
-        group: &str,
-        tps: &[(String, u32)],
-    ) -> Result<BTreeMap<TopicPartition, i64>> {
+    async fn committed_offsets(&self, group: &str, tps: &[(String, u32)]) -> Result<BTreeMap<TopicPartition, i64>> {
         let mut topics: Vec<OffsetFetchTopic> = Vec::new();
         for (t, p) in tps {
             match topics.iter_mut().find(|x| &x.name == t) {
                 Some(x) => x.partitions.push(*p),
-                None => topics.push(OffsetFetchTopic {
-                    name: t.clone(),
-                    partitions: vec![*p],
-                }),
+                None => topics.push(OffsetFetchTopic { name: t.clone(), partitions: vec![*p] }),
             }
         }
-        let resp = self
-            .conn
-            .request(&OffsetFetchRequest {
-                group_id: group.to_owned(),
-                topics: Some(topics),
-            })
-            .await?;
+        let resp = self.conn.request(&OffsetFetchRequest { group_id: group.to_owned(), topics: Some(topics) }).await?;
         Ok(resp
             .topics
             .into_iter()
-            .flat_map(|t| {
-                t.partitions
-                    .into_iter()
-                    .map(move |p| ((t.name.clone(), p.partition), p.offset))
-            })
+            .flat_map(|t| t.partitions.into_iter().map(move |p| ((t.name.clone(), p.partition), p.offset)))
             .collect())
     }
 
@@ -429,22 +381,14 @@ impl Consumer {
                     let req = ListOffsetsRequest {
                         topics: vec![ListOffsetsTopic {
                             name: topic.clone(),
-                            partitions: vec![ListOffsetsPartition {
-                                partition,
-                                timestamp,
-                            }],
+                            partitions: vec![ListOffsetsPartition { partition, timestamp }],
                         }],
                     };
                     let resp = self.conn.request(&req).await?;
                     let p = resp.topics.into_iter().flat_map(|t| t.partitions).next();
                     match p {
                         Some(p) if p.error.is_ok() => p.offset,
-                        Some(p) => {
-                            return Err(Error::broker(
-                                p.error,
-                                Some(format!("{topic}-{partition}")),
-                            ))
-                        }
+                        Some(p) => return Err(Error::broker(p.error, Some(format!("{topic}-{partition}")))),
                         None => return Err(Error::UnknownTopic(topic)),
                     }
                 }
@@ -470,10 +414,7 @@ impl Consumer {
             };
             match topics.iter_mut().find(|x| &x.name == t) {
                 Some(x) => x.partitions.push(fp),
-                None => topics.push(FetchTopic {
-                    name: t.clone(),
-                    partitions: vec![fp],
-                }),
+                None => topics.push(FetchTopic { name: t.clone(), partitions: vec![fp] }),
             }
         }
         let group = self.membership.as_ref().map(|m| FetchGroup {
@@ -490,10 +431,7 @@ impl Consumer {
         };
         let conn = self.conn.clone();
         let extra = self.config.fetch_max_wait;
-        self.in_flight = Some((
-            tokio::spawn(async move { conn.request_with(&req, extra).await }),
-            offsets,
-        ));
+        self.in_flight = Some((tokio::spawn(async move { conn.request_with(&req, extra).await }), offsets));
     }
 
     /// Returns the records available now, or waits up to `timeout` for some. The next fetch is
@@ -504,11 +442,7 @@ impl Consumer {
     pub async fn poll(&mut self, timeout: Duration) -> Result<Vec<ConsumerRecord>> {
         let deadline = Instant::now() + timeout;
         loop {
-            if self
-                .membership
-                .as_ref()
-                .is_some_and(|m| m.rejoin.load(Ordering::Acquire))
-            {
+            if self.membership.as_ref().is_some_and(|m| m.rejoin.load(Ordering::Acquire)) {
                 self.before_rebalance().await;
                 if let Err(e) = self.rejoin().await {
                     if !e.is_retriable()
@@ -523,12 +457,13 @@ impl Consumer {
                 }
             }
             if !self.buffer.is_empty() {
+                // Calling poll again means the records returned before were processed: commit
+                // those (at-least-once), never the ones about to be handed out.
+                self.maybe_auto_commit().await;
                 let out: Vec<_> = self.buffer.drain(..).collect();
                 for r in &out {
-                    self.returned
-                        .insert((r.topic.clone(), r.partition), r.offset + 1);
+                    self.returned.insert((r.topic.clone(), r.partition), r.offset + 1);
                 }
-                self.maybe_auto_commit().await;
                 return Ok(out);
             }
             self.resolve_positions().await?;
@@ -566,11 +501,7 @@ impl Consumer {
         }
     }
 
-    fn absorb(
-        &mut self,
-        response: FetchResponse,
-        offsets: &BTreeMap<TopicPartition, i64>,
-    ) -> Result<()> {
+    fn absorb(&mut self, response: FetchResponse, offsets: &BTreeMap<TopicPartition, i64>) -> Result<()> {
         for t in response.topics {
             for p in t.partitions {
                 let key = (t.name.clone(), p.partition);
@@ -585,8 +516,7 @@ impl Consumer {
                     ErrorCode::OffsetOutOfRange => {
                         tracing::warn!(topic = %t.name, partition = p.partition, offset = pos, log_start = p.log_start_offset,
                             log_end = p.log_end_offset, reset = ?self.config.auto_offset_reset, "offset out of range; resetting");
-                        self.positions
-                            .insert(key, Position::Resolve(self.config.auto_offset_reset));
+                        self.positions.insert(key, Position::Resolve(self.config.auto_offset_reset));
                         continue;
                     }
                     ErrorCode::RebalanceInProgress
@@ -600,12 +530,7 @@ impl Consumer {
                         }
                         continue;
                     }
-                    code => {
-                        return Err(Error::broker(
-                            code,
-                            Some(format!("fetch {}-{}", t.name, p.partition)),
-                        ))
-                    }
+                    code => return Err(Error::broker(code, Some(format!("fetch {}-{}", t.name, p.partition)))),
                 }
                 let mut next = pos;
                 for batch in BatchSplitter::new(p.records_bytes()) {
@@ -669,43 +594,25 @@ impl Consumer {
     /// # Errors
     /// As [`Consumer::commit`].
     pub async fn commit_offsets(&mut self, offsets: &BTreeMap<(String, u32), i64>) -> Result<()> {
-        let group = self
-            .config
-            .group
-            .clone()
-            .ok_or_else(|| Error::InvalidArgument("commit needs a group".into()))?;
+        let group = self.config.group.clone().ok_or_else(|| Error::InvalidArgument("commit needs a group".into()))?;
         self.last_commit = Instant::now();
         if offsets.is_empty() {
             return Ok(());
         }
         let mut topics: Vec<OffsetCommitTopic> = Vec::new();
         for ((t, p), o) in offsets {
-            let part = OffsetCommitPartition {
-                partition: *p,
-                offset: *o,
-                metadata: None,
-            };
+            let part = OffsetCommitPartition { partition: *p, offset: *o, metadata: None };
             match topics.iter_mut().find(|x| &x.name == t) {
                 Some(x) => x.partitions.push(part),
-                None => topics.push(OffsetCommitTopic {
-                    name: t.clone(),
-                    partitions: vec![part],
-                }),
+                None => topics.push(OffsetCommitTopic { name: t.clone(), partitions: vec![part] }),
             }
         }
         let (member_id, generation_id) = match &self.membership {
             Some(m) => (m.member_id.clone(), m.generation),
             None => (String::new(), -1),
         };
-        let resp = self
-            .conn
-            .request(&OffsetCommitRequest {
-                group_id: group,
-                member_id,
-                generation_id,
-                topics,
-            })
-            .await?;
+        let resp =
+            self.conn.request(&OffsetCommitRequest { group_id: group, member_id, generation_id, topics }).await?;
         for t in resp.topics {
             for (p, code) in t.partitions {
                 if !code.is_ok() {
@@ -721,24 +628,15 @@ impl Consumer {
     /// # Errors
     /// The commit's error; the group is left regardless.
     pub async fn close(mut self) -> Result<()> {
-        let committed = if self.config.auto_commit && self.config.group.is_some() {
-            self.commit().await
-        } else {
-            Ok(())
-        };
+        let committed =
+            if self.config.auto_commit && self.config.group.is_some() { self.commit().await } else { Ok(()) };
         self.cancel_fetch();
         if let Some(m) = self.membership.take() {
             if let Some(h) = m.heartbeat {
                 h.abort();
             }
             if !m.member_id.is_empty() {
-                let _ = self
-                    .conn
-                    .request(&LeaveGroupRequest {
-                        group_id: m.group,
-                        member_id: m.member_id,
-                    })
-                    .await;
+                let _ = self.conn.request(&LeaveGroupRequest { group_id: m.group, member_id: m.member_id }).await;
             }
         }
         committed
@@ -746,20 +644,17 @@ impl Consumer {
 
     /// Turns the consumer into a `Stream` of records (`while let Some(r) = stream.next().await`).
     pub fn into_stream(self) -> impl Stream<Item = Result<ConsumerRecord>> {
-        futures::stream::unfold(
-            (self, VecDeque::new()),
-            |(mut consumer, mut pending)| async move {
-                loop {
-                    if let Some(r) = pending.pop_front() {
-                        return Some((Ok(r), (consumer, pending)));
-                    }
-                    match consumer.poll(Duration::from_secs(1)).await {
-                        Ok(batch) => pending.extend(batch),
-                        Err(e) => return Some((Err(e), (consumer, pending))),
-                    }
+        futures::stream::unfold((self, VecDeque::new()), |(mut consumer, mut pending)| async move {
+            loop {
+                if let Some(r) = pending.pop_front() {
+                    return Some((Ok(r), (consumer, pending)));
                 }
-            },
-        )
+                match consumer.poll(Duration::from_secs(1)).await {
+                    Ok(batch) => pending.extend(batch),
+                    Err(e) => return Some((Err(e), (consumer, pending))),
+                }
+            }
+        })
     }
 }
 

@@ -29,9 +29,7 @@ pub mod error;
 pub mod partitioner;
 pub mod producer;
 
-pub use admin::{
-    Admin, GroupInfo, MemberInfo, NewTopic, PartitionInfo, PartitionLagInfo, TopicInfo,
-};
+pub use admin::{Admin, GroupInfo, MemberInfo, NewTopic, PartitionInfo, PartitionLagInfo, TopicInfo};
 pub use cairn_protocol::{Acks, ErrorCode, Header};
 pub use connection::{Connection, ConnectionConfig};
 pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, Offset};

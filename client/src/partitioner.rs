@@ -5,7 +5,9 @@
 //!    default partitioner, bit for bit, so the same key lands on the same partition in Cairn and
 //!    in Kafka clients, always.
 //! 3. Otherwise (no key), the producer sticks to one partition until that partition's batch is
-//!    sent, then moves to the next (sticky round-robin): big batches without hot spots.
+//!    full, then moves to the next (sticky round-robin): big batches without hot spots. Under
+//!    light load batches leave on `linger` before filling, so keyless records may stay on one
+//!    partition for a while.
 
 /// Kafka's murmur2 (seed `0x9747b28c`), as in `org.apache.kafka.common.utils.Utils.murmur2`.
 pub fn murmur2(data: &[u8]) -> i32 {
@@ -57,20 +59,14 @@ mod tests {
         assert_eq!(murmur2(b"foobar"), -790_332_482);
         assert_eq!(murmur2(b"a-little-bit-long-string"), -985_981_536);
         assert_eq!(murmur2(b"a-little-bit-longer-string"), -1_486_304_829);
-        assert_eq!(
-            murmur2(b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8"),
-            -58_897_971
-        );
+        assert_eq!(murmur2(b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8"), -58_897_971);
         assert_eq!(murmur2(b"abc"), 479_470_107);
     }
 
     #[test]
     fn the_same_key_always_maps_to_the_same_partition() {
         for n in 1..20 {
-            assert_eq!(
-                partition_for_key(b"task-17", n),
-                partition_for_key(b"task-17", n)
-            );
+            assert_eq!(partition_for_key(b"task-17", n), partition_for_key(b"task-17", n));
             assert!(partition_for_key(b"task-17", n) < n);
         }
     }

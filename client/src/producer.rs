@@ -81,11 +81,7 @@ pub struct ProducerRecord {
 impl ProducerRecord {
     /// A record with a value.
     pub fn new(topic: impl Into<String>, value: impl Into<Bytes>) -> ProducerRecord {
-        ProducerRecord {
-            topic: topic.into(),
-            value: Some(value.into()),
-            ..ProducerRecord::default()
-        }
+        ProducerRecord { topic: topic.into(), value: Some(value.into()), ..ProducerRecord::default() }
     }
     /// Sets the key.
     pub fn key(mut self, key: impl Into<Bytes>) -> Self {
@@ -99,10 +95,7 @@ impl ProducerRecord {
     }
     /// Adds a header.
     pub fn header(mut self, key: impl Into<String>, value: impl Into<Bytes>) -> Self {
-        self.headers.push(Header {
-            key: key.into(),
-            value: Some(value.into()),
-        });
+        self.headers.push(Header { key: key.into(), value: Some(value.into()) });
         self
     }
     /// Sets the timestamp.
@@ -159,17 +152,10 @@ impl Delivery {
                 return match outcome {
                     Ok(base) => Ok(RecordMetadata {
                         partition: self.batch.partition,
-                        offset: if *base < 0 {
-                            -1
-                        } else {
-                            base + i64::from(self.index)
-                        },
+                        offset: if *base < 0 { -1 } else { base + i64::from(self.index) },
                     }),
                     Err((Some(code), message)) => Err(Error::broker(*code, Some(message.clone()))),
-                    Err((None, message)) => Err(Error::Disconnected {
-                        addr: String::new(),
-                        detail: message.clone(),
-                    }),
+                    Err((None, message)) => Err(Error::Disconnected { addr: String::new(), detail: message.clone() }),
                 };
             }
             notified.await;
@@ -259,9 +245,7 @@ impl Producer {
     /// Invalid settings or an unreachable broker.
     pub async fn connect(config: ProducerConfig) -> Result<Producer> {
         if config.batch_bytes_max < 1024 || config.buffer_bytes_max < config.batch_bytes_max {
-            return Err(Error::InvalidArgument(
-                "batch_bytes_max must be >= 1024 and <= buffer_bytes_max".into(),
-            ));
+            return Err(Error::InvalidArgument("batch_bytes_max must be >= 1024 and <= buffer_bytes_max".into()));
         }
         let conn = Connection::connect(config.connection.clone()).await?;
         let inner = Arc::new(Inner {
@@ -281,36 +265,16 @@ impl Producer {
     }
 
     async fn partition_count(&self, topic: &str) -> Result<u32> {
-        if let Some(n) = self
-            .inner
-            .partitions
-            .lock()
-            .expect("partitions lock")
-            .get(topic)
-        {
+        if let Some(n) = self.inner.partitions.lock().expect("partitions lock").get(topic) {
             return Ok(*n);
         }
-        let resp = self
-            .inner
-            .conn
-            .request(&MetadataRequest {
-                topics: Some(vec![topic.to_owned()]),
-            })
-            .await?;
-        let t = resp
-            .topics
-            .into_iter()
-            .next()
-            .ok_or_else(|| Error::UnknownTopic(topic.to_owned()))?;
+        let resp = self.inner.conn.request(&MetadataRequest { topics: Some(vec![topic.to_owned()]) }).await?;
+        let t = resp.topics.into_iter().next().ok_or_else(|| Error::UnknownTopic(topic.to_owned()))?;
         if !t.error.is_ok() || t.partitions.is_empty() {
             return Err(Error::UnknownTopic(topic.to_owned()));
         }
         let n = t.partitions.len() as u32;
-        self.inner
-            .partitions
-            .lock()
-            .expect("partitions lock")
-            .insert(topic.to_owned(), n);
+        self.inner.partitions.lock().expect("partitions lock").insert(topic.to_owned(), n);
         Ok(n)
     }
 
@@ -328,8 +292,7 @@ impl Producer {
         let timestamp = record.timestamp.unwrap_or_else(now_ms);
         let key = record.key.as_deref();
         let value = record.value.as_deref();
-        let size =
-            RecordBatchBuilder::new().record_size(timestamp, key, value, &record.headers) + 8;
+        let size = RecordBatchBuilder::new().record_size(timestamp, key, value, &record.headers) + 8;
         if size + BATCH_HEADER_LEN > inner.config.batch_bytes_max {
             return Err(Error::InvalidArgument(format!(
                 "record of {size} bytes does not fit in batch_bytes_max {}",
@@ -344,60 +307,38 @@ impl Producer {
                 )));
             }
         }
-        let permit = Arc::clone(&inner.memory)
-            .acquire_many_owned(size as u32)
-            .await
-            .map_err(|_| Error::Closed)?;
+        let permit = Arc::clone(&inner.memory).acquire_many_owned(size as u32).await.map_err(|_| Error::Closed)?;
         permit.forget();
         let mut state = inner.state.lock().expect("producer state");
         let partition = match (record.partition, key) {
             (Some(p), _) => p,
             (None, Some(k)) => partition_for_key(k, count),
-            (None, None) => *state
-                .sticky
-                .entry(record.topic.clone())
-                .or_insert_with(|| (now_ms() as u32) % count),
+            (None, None) => *state.sticky.entry(record.topic.clone()).or_insert_with(|| (now_ms() as u32) % count),
         };
-        let queue = state
-            .queues
-            .entry((record.topic.clone(), partition))
-            .or_default();
+        let queue = state.queues.entry((record.topic.clone(), partition)).or_default();
         let mut sealed = false;
-        if queue
-            .open
-            .as_ref()
-            .is_some_and(|o| o.builder.size_bytes() + size > inner.config.batch_bytes_max)
-        {
+        if queue.open.as_ref().is_some_and(|o| o.builder.size_bytes() + size > inner.config.batch_bytes_max) {
             seal(queue);
             sealed = true;
         }
         let open = queue.open.get_or_insert_with(|| OpenBatch {
             builder: RecordBatchBuilder::with_capacity(inner.config.batch_bytes_max.min(64 * 1024)),
             created: Instant::now(),
-            result: Arc::new(BatchResult {
-                partition,
-                outcome: OnceLock::new(),
-                done: Notify::new(),
-            }),
+            result: Arc::new(BatchResult { partition, outcome: OnceLock::new(), done: Notify::new() }),
             reserved: 0,
         });
         let first = open.builder.is_empty();
         let index = open.builder.len() as u32;
         open.builder.push(timestamp, key, value, &record.headers);
         open.reserved += size;
-        let delivery = Delivery {
-            batch: Arc::clone(&open.result),
-            index,
-        };
+        let delivery = Delivery { batch: Arc::clone(&open.result), index };
         inner.outstanding.fetch_add(1, Ordering::AcqRel);
         if open.builder.size_bytes() + 64 >= inner.config.batch_bytes_max {
             seal(queue);
             sealed = true;
         }
         if sealed && record.partition.is_none() && key.is_none() && count > 1 {
-            state
-                .sticky
-                .insert(record.topic.clone(), (partition + 1) % count);
+            state.sticky.insert(record.topic.clone(), (partition + 1) % count);
         }
         drop(state);
         if sealed || first {
@@ -462,10 +403,7 @@ fn seal(queue: &mut PartitionQueue) {
 }
 
 fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 /// Takes at most one sendable batch per partition. Returns them and when to look again.
@@ -506,9 +444,7 @@ fn collect(inner: &Inner) -> (Vec<Sendable>, Option<Instant>) {
         q.in_flight = inner.config.acks != Acks::None;
         out.push((tp.clone(), batch));
     }
-    state
-        .queues
-        .retain(|_, q| q.open.is_some() || !q.ready.is_empty() || q.in_flight);
+    state.queues.retain(|_, q| q.open.is_some() || !q.ready.is_empty() || q.in_flight);
     (out, next)
 }
 
@@ -516,9 +452,7 @@ async fn sender(inner: Arc<Inner>) {
     loop {
         let (batches, next) = collect(&inner);
         if batches.is_empty() {
-            if inner.closed.load(Ordering::Acquire)
-                && inner.outstanding.load(Ordering::Acquire) == 0
-            {
+            if inner.closed.load(Ordering::Acquire) && inner.outstanding.load(Ordering::Acquire) == 0 {
                 return;
             }
             let wake = inner.wake.notified();
@@ -550,29 +484,14 @@ async fn send_request(inner: &Arc<Inner>, mut batches: Vec<Sendable>) {
     for ((topic, partition), b) in batches.iter_mut() {
         b.first_sent.get_or_insert(now);
         b.attempts += 1;
-        let part = ProducePartition {
-            partition: *partition,
-            records: b.bytes.clone(),
-        };
+        let part = ProducePartition { partition: *partition, records: b.bytes.clone() };
         match by_topic.iter_mut().find(|t| &t.name == topic) {
             Some(t) => t.partitions.push(part),
-            None => by_topic.push(ProduceTopic {
-                name: topic.clone(),
-                partitions: vec![part],
-            }),
+            None => by_topic.push(ProduceTopic { name: topic.clone(), partitions: vec![part] }),
         }
     }
-    let timeout_ms = inner
-        .config
-        .connection
-        .request_timeout
-        .as_millis()
-        .min(u128::from(u32::MAX)) as u32;
-    let req = ProduceRequest {
-        acks: inner.config.acks,
-        timeout_ms,
-        topics: by_topic,
-    };
+    let timeout_ms = inner.config.connection.request_timeout.as_millis().min(u128::from(u32::MAX)) as u32;
+    let req = ProduceRequest { acks: inner.config.acks, timeout_ms, topics: by_topic };
     if inner.config.acks == Acks::None {
         let result = inner.conn.send_only(&req).await;
         for (_, b) in batches {
@@ -586,52 +505,26 @@ async fn send_request(inner: &Arc<Inner>, mut batches: Vec<Sendable>) {
     }
     match inner.conn.request(&req).await {
         Ok(resp) => {
-            let mut results: HashMap<(String, u32), (ErrorCode, Option<String>, i64)> =
-                HashMap::new();
+            let mut results: HashMap<(String, u32), (ErrorCode, Option<String>, i64)> = HashMap::new();
             for t in resp.topics {
                 for p in t.partitions {
-                    results.insert(
-                        (t.name.clone(), p.partition),
-                        (p.error, p.message, p.base_offset),
-                    );
+                    results.insert((t.name.clone(), p.partition), (p.error, p.message, p.base_offset));
                 }
             }
             for (tp, b) in batches {
-                let (code, message, base) = results.remove(&tp).unwrap_or((
-                    ErrorCode::Unknown,
-                    Some("no result for partition".into()),
-                    -1,
-                ));
+                let (code, message, base) =
+                    results.remove(&tp).unwrap_or((ErrorCode::Unknown, Some("no result for partition".into()), -1));
                 if code.is_ok() {
                     release_partition(inner, &tp);
                     finish(inner, b, Ok(base));
                 } else if code.is_retriable() {
-                    retry(
-                        inner,
-                        tp,
-                        b,
-                        (
-                            Some(code),
-                            message.unwrap_or_else(|| code.message().to_owned()),
-                        ),
-                    );
+                    retry(inner, tp, b, (Some(code), message.unwrap_or_else(|| code.message().to_owned())));
                 } else {
                     if code == ErrorCode::UnknownTopicOrPartition {
-                        inner
-                            .partitions
-                            .lock()
-                            .expect("partitions lock")
-                            .remove(&tp.0);
+                        inner.partitions.lock().expect("partitions lock").remove(&tp.0);
                     }
                     release_partition(inner, &tp);
-                    finish(
-                        inner,
-                        b,
-                        Err((
-                            Some(code),
-                            message.unwrap_or_else(|| code.message().to_owned()),
-                        )),
-                    );
+                    finish(inner, b, Err((Some(code), message.unwrap_or_else(|| code.message().to_owned()))));
                 }
             }
         }
@@ -649,23 +542,15 @@ async fn send_request(inner: &Arc<Inner>, mut batches: Vec<Sendable>) {
     }
 }
 
-fn retry(
-    inner: &Arc<Inner>,
-    tp: (String, u32),
-    mut b: SealedBatch,
-    why: (Option<ErrorCode>, String),
-) {
+fn retry(inner: &Arc<Inner>, tp: (String, u32), mut b: SealedBatch, why: (Option<ErrorCode>, String)) {
     let elapsed = b.first_sent.map_or(Duration::ZERO, |t| t.elapsed());
     if elapsed >= inner.config.delivery_timeout {
         release_partition(inner, &tp);
         finish(inner, b, Err(why));
         return;
     }
-    let backoff = inner
-        .config
-        .retry_backoff
-        .saturating_mul(1 << b.attempts.min(4))
-        .min(Duration::from_secs(1));
+    let backoff =
+        inner.config.retry_backoff.saturating_mul(1 << b.attempts.saturating_sub(1).min(4)).min(Duration::from_secs(1));
     tracing::debug!(topic = %tp.0, partition = tp.1, attempt = b.attempts, error = %why.1, "retrying batch");
     b.not_before = Instant::now() + backoff;
     let mut state = inner.state.lock().expect("producer state");
@@ -675,13 +560,7 @@ fn retry(
 }
 
 fn release_partition(inner: &Inner, tp: &(String, u32)) {
-    if let Some(q) = inner
-        .state
-        .lock()
-        .expect("producer state")
-        .queues
-        .get_mut(tp)
-    {
+    if let Some(q) = inner.state.lock().expect("producer state").queues.get_mut(tp) {
         q.in_flight = false;
     }
 }

@@ -14,24 +14,13 @@ use serde_json::Value;
 
 fn hex(v: &Value) -> Option<Vec<u8>> {
     let s = v.as_str()?;
-    Some(
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
-            .collect(),
-    )
+    Some((0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex")).collect())
 }
 
 fn main() {
-    let out = PathBuf::from(
-        std::env::args()
-            .nth(1)
-            .expect("usage: golden_encode OUT_DIR"),
-    );
-    let manifest_path =
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/manifest.json");
-    let manifest: Value =
-        serde_json::from_slice(&std::fs::read(manifest_path).expect("manifest")).expect("json");
+    let out = PathBuf::from(std::env::args().nth(1).expect("usage: golden_encode OUT_DIR"));
+    let manifest_path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/golden/manifest.json");
+    let manifest: Value = serde_json::from_slice(&std::fs::read(manifest_path).expect("manifest")).expect("json");
     std::fs::create_dir_all(&out).expect("create output dir");
     for case in manifest["cases"].as_array().expect("cases") {
         let mut b = RecordBatchBuilder::new();
@@ -40,10 +29,7 @@ fn main() {
                 .as_array()
                 .expect("headers")
                 .iter()
-                .map(|h| Header {
-                    key: h[0].as_str().expect("key").to_owned(),
-                    value: hex(&h[1]).map(Bytes::from),
-                })
+                .map(|h| Header { key: h[0].as_str().expect("key").to_owned(), value: hex(&h[1]).map(Bytes::from) })
                 .collect();
             b.push(
                 r["timestamp"].as_i64().expect("ts"),

@@ -106,12 +106,7 @@ impl ApiKey {
     pub fn check_version(self, version: u16) -> Result<(), DecodeError> {
         let (min, max) = self.supported_versions();
         if version < min || version > max {
-            return Err(DecodeError::UnsupportedVersion {
-                api: self.name(),
-                version,
-                min,
-                max,
-            });
+            return Err(DecodeError::UnsupportedVersion { api: self.name(), version, min, max });
         }
         Ok(())
     }
@@ -175,19 +170,8 @@ pub fn decode_request_header(frame: Bytes) -> Result<(RequestHeader, WireReader)
     let mut r = WireReader::new(frame);
     let fixed = (|| Ok::<_, DecodeError>((r.u16()?, r.u16()?, r.u32()?)))();
     let (api_key, api_version, correlation_id) = fixed.map_err(HeaderError::Unreadable)?;
-    let client_id = r.string().map_err(|error| HeaderError::Invalid {
-        correlation_id,
-        error,
-    })?;
-    Ok((
-        RequestHeader {
-            api_key,
-            api_version,
-            correlation_id,
-            client_id,
-        },
-        r,
-    ))
+    let client_id = r.string().map_err(|error| HeaderError::Invalid { correlation_id, error })?;
+    Ok((RequestHeader { api_key, api_version, correlation_id, client_id }, r))
 }
 
 /// Encodes a whole request frame (length prefix included) as chunks.
@@ -256,9 +240,7 @@ pub fn response_correlation_id(frame: &Bytes) -> Result<u32, DecodeError> {
 /// # Errors
 /// [`DecodeError`] when the frame is malformed.
 #[allow(clippy::type_complexity)]
-pub fn decode_response<B: Decode>(
-    frame: Bytes,
-) -> Result<(u32, Result<B, ResponseError>), DecodeError> {
+pub fn decode_response<B: Decode>(frame: Bytes) -> Result<(u32, Result<B, ResponseError>), DecodeError> {
     let mut r = WireReader::new(frame);
     let correlation_id = r.u32()?;
     let code = r.u16()?;

@@ -7,7 +7,7 @@
 //! ```
 //!
 //! Decoding happens in two steps (is a whole frame here? then hand it over) and the length is
-//! checked against [`FrameCodec::frame_bytes_max`] before a single byte is reserved for it.
+//! checked against [`FrameCodec::frame_bytes_max`] before any byte of the frame is buffered.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
@@ -71,14 +71,13 @@ impl Decoder for FrameCodec {
         }
         let len = u32::from_be_bytes([src[0], src[1], src[2], src[3]]);
         if len > self.frame_bytes_max {
-            return Err(FrameError::TooLarge {
-                len: u64::from(len),
-                max: self.frame_bytes_max,
-            });
+            return Err(FrameError::TooLarge { len: u64::from(len), max: self.frame_bytes_max });
         }
         let total = FRAME_PREFIX_LEN + len as usize;
         if src.len() < total {
-            src.reserve(total - src.len());
+            // No up-front reservation for the whole frame: memory grows with the bytes that
+            // actually arrive, so a peer announcing large frames and trickling bytes holds
+            // only what it sent.
             return Ok(None);
         }
         src.advance(FRAME_PREFIX_LEN);
@@ -94,10 +93,7 @@ impl Encoder<Vec<Bytes>> for FrameCodec {
     fn encode(&mut self, payload: Vec<Bytes>, dst: &mut BytesMut) -> Result<(), FrameError> {
         let len: usize = payload.iter().map(Bytes::len).sum();
         if len > self.frame_bytes_max as usize {
-            return Err(FrameError::TooLarge {
-                len: len as u64,
-                max: self.frame_bytes_max,
-            });
+            return Err(FrameError::TooLarge { len: len as u64, max: self.frame_bytes_max });
         }
         dst.reserve(FRAME_PREFIX_LEN + len);
         dst.put_u32(len as u32);
@@ -117,10 +113,7 @@ impl FrameCodec {
         let len: usize = chunks.iter().map(Bytes::len).sum();
         let payload = len.saturating_sub(FRAME_PREFIX_LEN);
         if payload > self.frame_bytes_max as usize {
-            return Err(FrameError::TooLarge {
-                len: payload as u64,
-                max: self.frame_bytes_max,
-            });
+            return Err(FrameError::TooLarge { len: payload as u64, max: self.frame_bytes_max });
         }
         dst.reserve(len);
         for chunk in chunks {
@@ -140,10 +133,7 @@ mod tests {
         let mut buf = BytesMut::from(&[0u8, 0, 0, 5, 1, 2][..]);
         assert!(codec.decode(&mut buf).unwrap().is_none());
         buf.extend_from_slice(&[3, 4, 5, 9]);
-        assert_eq!(
-            &codec.decode(&mut buf).unwrap().unwrap()[..],
-            &[1, 2, 3, 4, 5]
-        );
+        assert_eq!(&codec.decode(&mut buf).unwrap().unwrap()[..], &[1, 2, 3, 4, 5]);
         assert_eq!(&buf[..], &[9]);
     }
 
@@ -153,13 +143,7 @@ mod tests {
         let mut buf = BytesMut::from(&[0xffu8, 0xff, 0xff, 0xff][..]);
         let cap_before = buf.capacity();
         let err = codec.decode(&mut buf).unwrap_err();
-        assert!(matches!(
-            err,
-            FrameError::TooLarge {
-                len: 4_294_967_295,
-                max: 1024
-            }
-        ));
+        assert!(matches!(err, FrameError::TooLarge { len: 4_294_967_295, max: 1024 }));
         assert_eq!(buf.capacity(), cap_before);
     }
 
@@ -167,12 +151,7 @@ mod tests {
     fn encode_then_decode_round_trips() {
         let mut codec = FrameCodec::default();
         let mut buf = BytesMut::new();
-        codec
-            .encode(
-                vec![Bytes::from_static(b"ab"), Bytes::from_static(b"cd")],
-                &mut buf,
-            )
-            .unwrap();
+        codec.encode(vec![Bytes::from_static(b"ab"), Bytes::from_static(b"cd")], &mut buf).unwrap();
         assert_eq!(&codec.decode(&mut buf).unwrap().unwrap()[..], b"abcd");
     }
 }

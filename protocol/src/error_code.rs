@@ -150,34 +150,26 @@ impl ErrorCode {
             ErrorCode::UnsupportedVersion => "the broker does not support this API or API version",
             ErrorCode::UnknownTopicOrPartition => "the topic or partition does not exist",
             ErrorCode::OffsetOutOfRange => "the offset is outside the partition's log",
-            ErrorCode::CorruptBatch => {
-                "the record batch failed validation (length, magic, attributes or CRC32C)"
-            }
+            ErrorCode::CorruptBatch => "the record batch failed validation (length, magic, attributes or CRC32C)",
             ErrorCode::BatchTooLarge => "the record batch is larger than the broker allows",
             ErrorCode::StorageFull => "the broker's disk is full or below its free-space floor",
             ErrorCode::StorageError => "the broker failed to read or write its disk",
             ErrorCode::TopicAlreadyExists => "a topic with this name already exists",
             ErrorCode::InvalidTopicName => "topic names are 1-249 characters from [A-Za-z0-9._-]",
-            ErrorCode::InvalidPartitions => {
-                "the partition count is zero or above the broker's limit"
-            }
+            ErrorCode::InvalidPartitions => "the partition count is zero or above the broker's limit",
             ErrorCode::InvalidConfig => "a topic config key is unknown or its value is invalid",
             ErrorCode::RequestTimedOut => "the request did not complete in time",
             ErrorCode::NotCoordinator => "this broker is not the group's coordinator",
             ErrorCode::IllegalGeneration => "the group generation is stale; rejoin the group",
             ErrorCode::UnknownMemberId => "the group does not know this member; rejoin the group",
             ErrorCode::RebalanceInProgress => "the group is rebalancing; rejoin the group",
-            ErrorCode::InvalidSessionTimeout => {
-                "the session timeout is outside the broker's allowed range"
-            }
+            ErrorCode::InvalidSessionTimeout => "the session timeout is outside the broker's allowed range",
             ErrorCode::GroupIdNotFound => "the group does not exist",
             ErrorCode::ShuttingDown => "the broker is shutting down",
             ErrorCode::ResourceLimit => "a broker resource limit was reached; retry later",
             ErrorCode::NotAssigned => "the partition is not assigned to this member",
             ErrorCode::InvalidGroupId => "group ids are 1-249 characters",
-            ErrorCode::OffsetMetadataTooLarge => {
-                "the offset metadata is longer than the broker allows"
-            }
+            ErrorCode::OffsetMetadataTooLarge => "the offset metadata is longer than the broker allows",
         }
     }
 

@@ -30,8 +30,8 @@ pub mod record_batch;
 pub mod wire;
 
 pub use api::{
-    decode_body, decode_request_header, decode_response, encode_error_response, encode_request,
-    encode_response, ApiKey, Decode, Encode, HeaderError, Request, RequestHeader, ResponseError,
+    decode_body, decode_request_header, decode_response, encode_error_response, encode_request, encode_response,
+    ApiKey, Decode, Encode, HeaderError, Request, RequestHeader, ResponseError,
 };
 pub use codec::{FrameCodec, FrameError, FRAME_BYTES_MAX_DEFAULT};
 pub use error::DecodeError;
@@ -46,10 +46,7 @@ use messages::{
     create_topics::CreateTopicsRequest,
     delete_topics::DeleteTopicsRequest,
     fetch::FetchRequest,
-    groups::{
-        DescribeGroupsRequest, HeartbeatRequest, JoinGroupRequest, LeaveGroupRequest,
-        ListGroupsRequest,
-    },
+    groups::{DescribeGroupsRequest, HeartbeatRequest, JoinGroupRequest, LeaveGroupRequest, ListGroupsRequest},
     list_offsets::ListOffsetsRequest,
     metadata::MetadataRequest,
     offsets::{OffsetCommitRequest, OffsetFetchRequest},
@@ -82,8 +79,7 @@ impl AnyRequest {
     /// # Errors
     /// [`DecodeError::UnknownApiKey`], [`DecodeError::UnsupportedVersion`], or any body error.
     pub fn decode(header: &RequestHeader, body: WireReader) -> Result<AnyRequest, DecodeError> {
-        let key =
-            ApiKey::from_u16(header.api_key).ok_or(DecodeError::UnknownApiKey(header.api_key))?;
+        let key = ApiKey::from_u16(header.api_key).ok_or(DecodeError::UnknownApiKey(header.api_key))?;
         // ApiVersions has one layout in every version, so any client can negotiate with it.
         if key != ApiKey::ApiVersions {
             key.check_version(header.api_version)?;
@@ -135,9 +131,6 @@ pub fn decode_request(frame: bytes::Bytes) -> Result<(RequestHeader, AnyRequest)
     let (header, body) = decode_request_header(frame)?;
     match AnyRequest::decode(&header, body) {
         Ok(req) => Ok((header, req)),
-        Err(error) => Err(HeaderError::Invalid {
-            correlation_id: header.correlation_id,
-            error,
-        }),
+        Err(error) => Err(HeaderError::Invalid { correlation_id: header.correlation_id, error }),
     }
 }

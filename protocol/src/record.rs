@@ -124,8 +124,7 @@ impl<'a> RecordCursor<'a> {
         if len == -1 {
             return Ok(None);
         }
-        let len =
-            usize::try_from(len).map_err(|_| self.malformed(index, "negative field length"))?;
+        let len = usize::try_from(len).map_err(|_| self.malformed(index, "negative field length"))?;
         if len > self.end - self.pos {
             return Err(self.malformed(index, "field runs past the end of the record"));
         }
@@ -171,17 +170,14 @@ pub(crate) fn scan_record(
     let key = rc.field(index)?;
     let value = rc.field(index)?;
     let header_count = rc.varint(index)?;
-    let header_count =
-        usize::try_from(header_count).map_err(|_| cur.malformed(index, "negative header count"))?;
+    let header_count = usize::try_from(header_count).map_err(|_| cur.malformed(index, "negative header count"))?;
     // Each header takes at least two bytes; never allocate more than the record could hold.
     if header_count > (record_end - rc.pos) / 2 {
         return Err(cur.malformed(index, "header count larger than the record"));
     }
     let mut headers = Vec::with_capacity(if keep_headers { header_count } else { 0 });
     for _ in 0..header_count {
-        let k = rc
-            .field(index)?
-            .ok_or_else(|| cur.malformed(index, "null header key"))?;
+        let k = rc.field(index)?.ok_or_else(|| cur.malformed(index, "null header key"))?;
         if std::str::from_utf8(&cur.buf[k.0..k.1]).is_err() {
             return Err(cur.malformed(index, "header key is not UTF-8"));
         }
@@ -194,13 +190,7 @@ pub(crate) fn scan_record(
         return Err(cur.malformed(index, "record length does not match its fields"));
     }
     cur.pos = record_end;
-    Ok(RecordSpan {
-        timestamp_delta,
-        offset_delta,
-        key,
-        value,
-        headers,
-    })
+    Ok(RecordSpan { timestamp_delta, offset_delta, key, value, headers })
 }
 
 /// Encoded size of a record's body (everything after its length varint).
@@ -264,14 +254,8 @@ mod tests {
 
     #[test]
     fn varints_match_kafkas_zigzag_encoding() {
-        let cases: [(i64, &[u8]); 6] = [
-            (0, &[0x00]),
-            (-1, &[0x01]),
-            (1, &[0x02]),
-            (63, &[0x7e]),
-            (-65, &[0x81, 0x01]),
-            (300, &[0xd8, 0x04]),
-        ];
+        let cases: [(i64, &[u8]); 6] =
+            [(0, &[0x00]), (-1, &[0x01]), (1, &[0x02]), (63, &[0x7e]), (-65, &[0x81, 0x01]), (300, &[0xd8, 0x04])];
         for (v, want) in cases {
             let mut out = BytesMut::new();
             put_varlong(&mut out, v);

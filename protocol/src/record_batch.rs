@@ -193,10 +193,7 @@ impl BatchHeader {
     /// [`BatchError::Truncated`] when `buf` is shorter than the header.
     pub fn parse(buf: &[u8]) -> Result<BatchHeader, BatchError> {
         if buf.len() < BATCH_HEADER_LEN {
-            return Err(BatchError::Truncated {
-                need: BATCH_HEADER_LEN,
-                have: buf.len(),
-            });
+            return Err(BatchError::Truncated { need: BATCH_HEADER_LEN, have: buf.len() });
         }
         Ok(BatchHeader {
             base_offset: be_i64(buf, BASE_OFFSET_AT),
@@ -269,28 +266,18 @@ pub fn set_base_offset(batch: &mut [u8], base_offset: i64) {
 pub fn check_batch(buf: &[u8]) -> Result<BatchHeader, BatchError> {
     let header = BatchHeader::parse(buf)?;
     let declared = i64::from(header.batch_length);
-    if declared < (BATCH_HEADER_LEN - LOG_OVERHEAD) as i64
-        || declared as usize != buf.len() - LOG_OVERHEAD
-    {
-        return Err(BatchError::LengthMismatch {
-            declared,
-            actual: buf.len() - LOG_OVERHEAD,
-        });
+    if declared < (BATCH_HEADER_LEN - LOG_OVERHEAD) as i64 || declared as usize != buf.len() - LOG_OVERHEAD {
+        return Err(BatchError::LengthMismatch { declared, actual: buf.len() - LOG_OVERHEAD });
     }
     if header.magic != MAGIC_V2 {
         return Err(BatchError::UnsupportedMagic(header.magic));
     }
     let computed = compute_crc(buf);
     if computed != header.crc {
-        return Err(BatchError::CrcMismatch {
-            stored: header.crc,
-            computed,
-        });
+        return Err(BatchError::CrcMismatch { stored: header.crc, computed });
     }
     if header.attributes & !ATTR_KNOWN_BITS != 0 {
-        return Err(BatchError::UnknownAttributes(
-            header.attributes & !ATTR_KNOWN_BITS,
-        ));
+        return Err(BatchError::UnknownAttributes(header.attributes & !ATTR_KNOWN_BITS));
     }
     if header.compression() != 0 {
         return Err(BatchError::UnsupportedCompression(header.compression()));
@@ -306,10 +293,7 @@ pub fn check_batch(buf: &[u8]) -> Result<BatchHeader, BatchError> {
 /// The first problem found, as a [`BatchError`].
 pub fn validate_for_append(buf: &[u8], batch_bytes_max: usize) -> Result<BatchHeader, BatchError> {
     if buf.len() > batch_bytes_max {
-        return Err(BatchError::TooLarge {
-            len: buf.len(),
-            max: batch_bytes_max,
-        });
+        return Err(BatchError::TooLarge { len: buf.len(), max: batch_bytes_max });
     }
     let header = check_batch(buf)?;
     if header.attributes & ATTR_TRANSACTIONAL != 0 {
@@ -322,10 +306,7 @@ pub fn validate_for_append(buf: &[u8], batch_bytes_max: usize) -> Result<BatchHe
         return Err(BatchError::UnsupportedFeature("delete horizon"));
     }
     if header.record_count <= 0 {
-        return Err(BatchError::RecordCountMismatch {
-            declared: header.record_count.into(),
-            found: 0,
-        });
+        return Err(BatchError::RecordCountMismatch { declared: header.record_count.into(), found: 0 });
     }
     if header.last_offset_delta != header.record_count - 1 {
         return Err(BatchError::LastOffsetDeltaMismatch {
@@ -337,31 +318,19 @@ pub fn validate_for_append(buf: &[u8], batch_bytes_max: usize) -> Result<BatchHe
     let count = header.record_count as usize;
     // Each record takes at least 7 bytes; a count the bytes cannot hold is a mismatch.
     if count > (buf.len() - BATCH_HEADER_LEN) / 7 {
-        return Err(BatchError::RecordCountMismatch {
-            declared: count as i64,
-            found: 0,
-        });
+        return Err(BatchError::RecordCountMismatch { declared: count as i64, found: 0 });
     }
     for index in 0..count {
         if cur.pos >= buf.len() {
-            return Err(BatchError::RecordCountMismatch {
-                declared: count as i64,
-                found: index,
-            });
+            return Err(BatchError::RecordCountMismatch { declared: count as i64, found: index });
         }
         let span = scan_record(&mut cur, index, false)?;
         if span.offset_delta != index as i32 {
-            return Err(BatchError::OffsetDeltaGap {
-                index,
-                delta: span.offset_delta,
-            });
+            return Err(BatchError::OffsetDeltaGap { index, delta: span.offset_delta });
         }
     }
     if cur.pos != buf.len() {
-        return Err(BatchError::MalformedRecord {
-            index: count,
-            detail: "bytes after the last record",
-        });
+        return Err(BatchError::MalformedRecord { index: count, detail: "bytes after the last record" });
     }
     Ok(header)
 }
@@ -395,12 +364,7 @@ impl RecordBatch {
 
     /// Iterates the records; each item is an error if that record is malformed.
     pub fn records(&self) -> RecordIter<'_> {
-        RecordIter {
-            batch: self,
-            pos: BATCH_HEADER_LEN,
-            index: 0,
-            failed: false,
-        }
+        RecordIter { batch: self, pos: BATCH_HEADER_LEN, index: 0, failed: false }
     }
 }
 
@@ -424,10 +388,7 @@ impl Iterator for RecordIter<'_> {
         let bytes = &self.batch.bytes;
         if self.pos >= bytes.len() {
             self.failed = true;
-            return Some(Err(BatchError::RecordCountMismatch {
-                declared: count as i64,
-                found: self.index,
-            }));
+            return Some(Err(BatchError::RecordCountMismatch { declared: count as i64, found: self.index }));
         }
         let mut cur = RecordCursor::new(bytes, self.pos, bytes.len());
         let span = match scan_record(&mut cur, self.index, true) {
@@ -443,10 +404,7 @@ impl Iterator for RecordIter<'_> {
         let headers = span
             .headers
             .into_iter()
-            .map(|(a, b, v)| Header {
-                key: String::from_utf8_lossy(&bytes[a..b]).into_owned(),
-                value: slice(v),
-            })
+            .map(|(a, b, v)| Header { key: String::from_utf8_lossy(&bytes[a..b]).into_owned(), value: slice(v) })
             .collect();
         let h = &self.batch.header;
         // With log-append time, every record carries the batch's max timestamp (Kafka's rule).
@@ -490,10 +448,7 @@ impl Iterator for BatchSplitter {
         let total = peek_total_len(rest)?;
         if total < BATCH_HEADER_LEN as i64 {
             self.pos = self.bytes.len();
-            return Some(Err(BatchError::LengthMismatch {
-                declared: total - LOG_OVERHEAD as i64,
-                actual: rest.len(),
-            }));
+            return Some(Err(BatchError::LengthMismatch { declared: total - LOG_OVERHEAD as i64, actual: rest.len() }));
         }
         let total = total as usize;
         if total > rest.len() {
@@ -571,48 +526,19 @@ impl RecordBatchBuilder {
     }
 
     /// Bytes pushing this record would add.
-    pub fn record_size(
-        &self,
-        timestamp: i64,
-        key: Option<&[u8]>,
-        value: Option<&[u8]>,
-        headers: &[Header],
-    ) -> usize {
-        let base = if self.count == 0 {
-            timestamp
-        } else {
-            self.base_timestamp
-        };
-        let body = record_body_len(
-            timestamp.wrapping_sub(base),
-            self.count,
-            key,
-            value,
-            headers,
-        );
+    pub fn record_size(&self, timestamp: i64, key: Option<&[u8]>, value: Option<&[u8]>, headers: &[Header]) -> usize {
+        let base = if self.count == 0 { timestamp } else { self.base_timestamp };
+        let body = record_body_len(timestamp.wrapping_sub(base), self.count, key, value, headers);
         crate::record::varint_len(body as i32) + body
     }
 
     /// Appends a record with the given timestamp (ms since the epoch).
-    pub fn push(
-        &mut self,
-        timestamp: i64,
-        key: Option<&[u8]>,
-        value: Option<&[u8]>,
-        headers: &[Header],
-    ) {
+    pub fn push(&mut self, timestamp: i64, key: Option<&[u8]>, value: Option<&[u8]>, headers: &[Header]) {
         if self.count == 0 {
             self.base_timestamp = timestamp;
         }
         self.max_timestamp = self.max_timestamp.max(timestamp);
-        put_record(
-            &mut self.buf,
-            timestamp.wrapping_sub(self.base_timestamp),
-            self.count,
-            key,
-            value,
-            headers,
-        );
+        put_record(&mut self.buf, timestamp.wrapping_sub(self.base_timestamp), self.count, key, value, headers);
         self.count += 1;
     }
 
@@ -629,17 +555,12 @@ impl RecordBatchBuilder {
         b[LEADER_EPOCH_AT..LEADER_EPOCH_AT + 4].copy_from_slice(&(-1i32).to_be_bytes());
         b[MAGIC_AT] = MAGIC_V2 as u8;
         b[ATTRIBUTES_AT..ATTRIBUTES_AT + 2].copy_from_slice(&0u16.to_be_bytes());
-        b[LAST_OFFSET_DELTA_AT..LAST_OFFSET_DELTA_AT + 4]
-            .copy_from_slice(&(self.count - 1).to_be_bytes());
-        b[BASE_TIMESTAMP_AT..BASE_TIMESTAMP_AT + 8]
-            .copy_from_slice(&self.base_timestamp.to_be_bytes());
-        b[MAX_TIMESTAMP_AT..MAX_TIMESTAMP_AT + 8]
-            .copy_from_slice(&self.max_timestamp.to_be_bytes());
+        b[LAST_OFFSET_DELTA_AT..LAST_OFFSET_DELTA_AT + 4].copy_from_slice(&(self.count - 1).to_be_bytes());
+        b[BASE_TIMESTAMP_AT..BASE_TIMESTAMP_AT + 8].copy_from_slice(&self.base_timestamp.to_be_bytes());
+        b[MAX_TIMESTAMP_AT..MAX_TIMESTAMP_AT + 8].copy_from_slice(&self.max_timestamp.to_be_bytes());
         b[PRODUCER_ID_AT..PRODUCER_ID_AT + 8].copy_from_slice(&self.producer_id.to_be_bytes());
-        b[PRODUCER_EPOCH_AT..PRODUCER_EPOCH_AT + 2]
-            .copy_from_slice(&self.producer_epoch.to_be_bytes());
-        b[BASE_SEQUENCE_AT..BASE_SEQUENCE_AT + 4]
-            .copy_from_slice(&self.base_sequence.to_be_bytes());
+        b[PRODUCER_EPOCH_AT..PRODUCER_EPOCH_AT + 2].copy_from_slice(&self.producer_epoch.to_be_bytes());
+        b[BASE_SEQUENCE_AT..BASE_SEQUENCE_AT + 4].copy_from_slice(&self.base_sequence.to_be_bytes());
         b[RECORD_COUNT_AT..RECORD_COUNT_AT + 4].copy_from_slice(&self.count.to_be_bytes());
         let crc = compute_crc(b);
         b[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_be_bytes());
@@ -658,20 +579,9 @@ mod tests {
             1_700_000_000_005,
             None,
             Some(b"v2"),
-            &[Header {
-                key: "h".into(),
-                value: Some(Bytes::from_static(b"x")),
-            }],
+            &[Header { key: "h".into(), value: Some(Bytes::from_static(b"x")) }],
         );
-        b.push(
-            1_699_999_999_999,
-            Some(b""),
-            None,
-            &[Header {
-                key: "n".into(),
-                value: None,
-            }],
-        );
+        b.push(1_699_999_999_999, Some(b""), None, &[Header { key: "n".into(), value: None }]);
         b.build()
     }
 
@@ -708,10 +618,7 @@ mod tests {
         let mut bytes = BytesMut::from(&sample()[..]);
         let last = bytes.len() - 1;
         bytes[last] ^= 0x01;
-        assert!(matches!(
-            check_batch(&bytes),
-            Err(BatchError::CrcMismatch { .. })
-        ));
+        assert!(matches!(check_batch(&bytes), Err(BatchError::CrcMismatch { .. })));
     }
 
     #[test]
@@ -720,10 +627,7 @@ mod tests {
         bytes[ATTRIBUTES_AT] = 0x80;
         let crc = compute_crc(&bytes);
         bytes[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_be_bytes());
-        assert_eq!(
-            check_batch(&bytes),
-            Err(BatchError::UnknownAttributes(0x8000))
-        );
+        assert_eq!(check_batch(&bytes), Err(BatchError::UnknownAttributes(0x8000)));
     }
 
     #[test]
@@ -732,10 +636,7 @@ mod tests {
         bytes[ATTRIBUTES_AT + 1] = 0x03;
         let crc = compute_crc(&bytes);
         bytes[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_be_bytes());
-        assert_eq!(
-            check_batch(&bytes),
-            Err(BatchError::UnsupportedCompression(3))
-        );
+        assert_eq!(check_batch(&bytes), Err(BatchError::UnsupportedCompression(3)));
     }
 
     #[test]
@@ -757,9 +658,7 @@ mod tests {
         buf.extend_from_slice(&one);
         buf.extend_from_slice(&one);
         buf.extend_from_slice(&one[..20]);
-        let batches: Vec<_> = BatchSplitter::new(buf.freeze())
-            .collect::<Result<_, _>>()
-            .unwrap();
+        let batches: Vec<_> = BatchSplitter::new(buf.freeze()).collect::<Result<_, _>>().unwrap();
         assert_eq!(batches.len(), 2);
     }
 }

@@ -49,11 +49,7 @@ impl WireReader {
     fn take(&mut self, need: usize) -> Result<&[u8], DecodeError> {
         let have = self.remaining();
         if need > have {
-            return Err(DecodeError::UnexpectedEnd {
-                offset: self.pos,
-                need,
-                have,
-            });
+            return Err(DecodeError::UnexpectedEnd { offset: self.pos, need, have });
         }
         let start = self.pos;
         self.pos += need;
@@ -96,10 +92,7 @@ impl WireReader {
         match self.u8()? {
             0 => Ok(false),
             1 => Ok(true),
-            other => Err(DecodeError::InvalidValue {
-                field: "bool",
-                value: i64::from(other),
-            }),
+            other => Err(DecodeError::InvalidValue { field: "bool", value: i64::from(other) }),
         }
     }
 
@@ -107,10 +100,7 @@ impl WireReader {
     pub fn string(&mut self) -> Result<String, DecodeError> {
         let len = self.u16()?;
         if len == NULL_U16 {
-            return Err(DecodeError::InvalidValue {
-                field: "string length",
-                value: -1,
-            });
+            return Err(DecodeError::InvalidValue { field: "string length", value: -1 });
         }
         self.utf8(usize::from(len))
     }
@@ -127,19 +117,14 @@ impl WireReader {
     fn utf8(&mut self, len: usize) -> Result<String, DecodeError> {
         let offset = self.pos;
         let raw = self.take(len)?;
-        std::str::from_utf8(raw)
-            .map(str::to_owned)
-            .map_err(|_| DecodeError::InvalidUtf8 { offset })
+        std::str::from_utf8(raw).map(str::to_owned).map_err(|_| DecodeError::InvalidUtf8 { offset })
     }
 
     /// Reads `bytes` as a zero-copy slice of the frame.
     pub fn bytes(&mut self) -> Result<Bytes, DecodeError> {
         let len = self.u32()?;
         if len == NULL_U32 {
-            return Err(DecodeError::InvalidValue {
-                field: "bytes length",
-                value: -1,
-            });
+            return Err(DecodeError::InvalidValue { field: "bytes length", value: -1 });
         }
         self.slice(len as usize)
     }
@@ -157,11 +142,7 @@ impl WireReader {
     pub fn slice(&mut self, len: usize) -> Result<Bytes, DecodeError> {
         let have = self.remaining();
         if len > have {
-            return Err(DecodeError::UnexpectedEnd {
-                offset: self.pos,
-                need: len,
-                have,
-            });
+            return Err(DecodeError::UnexpectedEnd { offset: self.pos, need: len, have });
         }
         let out = self.buf.slice(self.pos..self.pos + len);
         self.pos += len;
@@ -178,10 +159,7 @@ impl WireReader {
     ) -> Result<Vec<T>, DecodeError> {
         let count = self.u32()?;
         if count == NULL_U32 {
-            return Err(DecodeError::InvalidValue {
-                field: "array count",
-                value: -1,
-            });
+            return Err(DecodeError::InvalidValue { field: "array count", value: -1 });
         }
         self.array_body(count, min_element_bytes, &mut element)
     }
@@ -196,8 +174,7 @@ impl WireReader {
         if count == NULL_U32 {
             return Ok(None);
         }
-        self.array_body(count, min_element_bytes, &mut element)
-            .map(Some)
+        self.array_body(count, min_element_bytes, &mut element).map(Some)
     }
 
     fn array_body<T>(
@@ -209,11 +186,7 @@ impl WireReader {
         let count = count as usize;
         let need = count.saturating_mul(min_element_bytes.max(1));
         if need > self.remaining() {
-            return Err(DecodeError::UnexpectedEnd {
-                offset: self.pos,
-                need,
-                have: self.remaining(),
-            });
+            return Err(DecodeError::UnexpectedEnd { offset: self.pos, need, have: self.remaining() });
         }
         let mut out = Vec::with_capacity(count);
         for _ in 0..count {
@@ -261,11 +234,7 @@ impl WireWriter {
     pub fn with_capacity(capacity: usize) -> Self {
         let mut head = BytesMut::with_capacity(capacity.max(4));
         head.put_u32(0);
-        WireWriter {
-            head,
-            chunks: Vec::new(),
-            len: 4,
-        }
+        WireWriter { head, chunks: Vec::new(), len: 4 }
     }
 
     /// Bytes written so far, including the 4-byte length prefix.
@@ -390,10 +359,7 @@ impl WireWriter {
             self.chunks.push(self.head.split().freeze());
         }
         let body = u32::try_from(self.len - 4).expect("frame over 4 GiB");
-        let first = self
-            .chunks
-            .first_mut()
-            .expect("the length prefix is always present");
+        let first = self.chunks.first_mut().expect("the length prefix is always present");
         let mut with_len = BytesMut::from(&first[..]);
         with_len[..4].copy_from_slice(&body.to_be_bytes());
         *first = with_len.freeze();
@@ -438,20 +404,13 @@ mod tests {
         w.i64(-5);
         let chunks = w.finish();
         assert_eq!(chunks.len(), 3, "the large field is its own chunk");
-        assert_eq!(
-            chunks[1].as_ptr(),
-            big.as_ptr(),
-            "no copy of the large field"
-        );
+        assert_eq!(chunks[1].as_ptr(), big.as_ptr(), "no copy of the large field");
         let mut all = BytesMut::new();
         for c in &chunks {
             all.extend_from_slice(c);
         }
         let all = all.freeze();
-        assert_eq!(
-            u32::from_be_bytes(all[..4].try_into().unwrap()) as usize,
-            all.len() - 4
-        );
+        assert_eq!(u32::from_be_bytes(all[..4].try_into().unwrap()) as usize, all.len() - 4);
         let mut r = WireReader::new(all.slice(4..));
         assert_eq!(r.string().unwrap(), "hello");
         assert_eq!(r.nullable_string().unwrap(), None);
@@ -463,9 +422,6 @@ mod tests {
     #[test]
     fn invalid_utf8_is_a_typed_error() {
         let mut r = WireReader::new(Bytes::from_static(&[0, 2, 0xff, 0xfe]));
-        assert_eq!(
-            r.string().unwrap_err(),
-            DecodeError::InvalidUtf8 { offset: 2 }
-        );
+        assert_eq!(r.string().unwrap_err(), DecodeError::InvalidUtf8 { offset: 2 });
     }
 }

@@ -19,12 +19,7 @@ fn golden_dir() -> PathBuf {
 
 fn hex(v: &Value) -> Option<Vec<u8>> {
     let s = v.as_str()?;
-    Some(
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
-            .collect(),
-    )
+    Some((0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect())
 }
 
 /// `(timestamp, key, value, headers)` of one manifest record.
@@ -36,9 +31,7 @@ struct Case {
 }
 
 fn cases() -> Vec<Case> {
-    let manifest: Value =
-        serde_json::from_slice(&std::fs::read(golden_dir().join("manifest.json")).unwrap())
-            .unwrap();
+    let manifest: Value = serde_json::from_slice(&std::fs::read(golden_dir().join("manifest.json")).unwrap()).unwrap();
     manifest["cases"]
         .as_array()
         .unwrap()
@@ -54,17 +47,9 @@ fn cases() -> Vec<Case> {
                         .as_array()
                         .unwrap()
                         .iter()
-                        .map(|h| Header {
-                            key: h[0].as_str().unwrap().to_owned(),
-                            value: hex(&h[1]).map(Bytes::from),
-                        })
+                        .map(|h| Header { key: h[0].as_str().unwrap().to_owned(), value: hex(&h[1]).map(Bytes::from) })
                         .collect();
-                    (
-                        r["timestamp"].as_i64().unwrap(),
-                        hex(&r["key"]),
-                        hex(&r["value"]),
-                        headers,
-                    )
+                    (r["timestamp"].as_i64().unwrap(), hex(&r["key"]), hex(&r["value"]), headers)
                 })
                 .collect(),
         })
@@ -83,10 +68,7 @@ fn build(case: &Case) -> Bytes {
 #[test]
 fn batches_written_by_kafka_python_decode_to_the_manifest_records() {
     let cases = cases();
-    assert!(
-        cases.len() >= 6,
-        "the manifest should cover at least six cases"
-    );
+    assert!(cases.len() >= 6, "the manifest should cover at least six cases");
     for case in &cases {
         let path = golden_dir().join(format!("{}.kafka-python.bin", case.name));
         let bytes = Bytes::from(std::fs::read(&path).unwrap());
@@ -97,18 +79,8 @@ fn batches_written_by_kafka_python_decode_to_the_manifest_records() {
         for (i, (got, (ts, key, value, headers))) in records.iter().zip(&case.records).enumerate() {
             assert_eq!(got.offset, i as i64, "{} record {i}", case.name);
             assert_eq!(got.timestamp, *ts, "{} record {i}", case.name);
-            assert_eq!(
-                got.key.as_deref(),
-                key.as_deref(),
-                "{} record {i}",
-                case.name
-            );
-            assert_eq!(
-                got.value.as_deref(),
-                value.as_deref(),
-                "{} record {i}",
-                case.name
-            );
+            assert_eq!(got.key.as_deref(), key.as_deref(), "{} record {i}", case.name);
+            assert_eq!(got.value.as_deref(), value.as_deref(), "{} record {i}", case.name);
             assert_eq!(&got.headers, headers, "{} record {i}", case.name);
         }
     }
@@ -117,27 +89,11 @@ fn batches_written_by_kafka_python_decode_to_the_manifest_records() {
 #[test]
 fn our_builder_reproduces_kafka_python_byte_for_byte_except_the_leader_epoch() {
     for case in &cases() {
-        let theirs =
-            std::fs::read(golden_dir().join(format!("{}.kafka-python.bin", case.name))).unwrap();
+        let theirs = std::fs::read(golden_dir().join(format!("{}.kafka-python.bin", case.name))).unwrap();
         let ours = build(case);
         assert_eq!(ours.len(), theirs.len(), "{}: length", case.name);
-        assert_eq!(
-            &ours[..12],
-            &theirs[..12],
-            "{}: base offset and length",
-            case.name
-        );
-        assert_eq!(
-            &ours[12..16],
-            &(-1i32).to_be_bytes(),
-            "{}: our leader epoch",
-            case.name
-        );
-        assert_eq!(
-            &ours[16..],
-            &theirs[16..],
-            "{}: magic, CRC, header and records",
-            case.name
-        );
+        assert_eq!(&ours[..12], &theirs[..12], "{}: base offset and length", case.name);
+        assert_eq!(&ours[12..16], &(-1i32).to_be_bytes(), "{}: our leader epoch", case.name);
+        assert_eq!(&ours[16..], &theirs[16..], "{}: magic, CRC, header and records", case.name);
     }
 }

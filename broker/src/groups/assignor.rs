@@ -18,14 +18,9 @@ pub(crate) fn assign(
     partitions: &HashMap<String, u32>,
     previous: &Assignment,
 ) -> Assignment {
-    let mut out: Assignment = subscriptions
-        .keys()
-        .map(|m| (m.clone(), Vec::new()))
-        .collect();
-    let prev_owner: HashMap<(&str, u32), &str> = previous
-        .iter()
-        .flat_map(|(m, tps)| tps.iter().map(move |(t, p)| ((t.as_str(), *p), m.as_str())))
-        .collect();
+    let mut out: Assignment = subscriptions.keys().map(|m| (m.clone(), Vec::new())).collect();
+    let prev_owner: HashMap<(&str, u32), &str> =
+        previous.iter().flat_map(|(m, tps)| tps.iter().map(move |(t, p)| ((t.as_str(), *p), m.as_str()))).collect();
     let mut topics: Vec<&String> = subscriptions.values().flatten().collect();
     topics.sort();
     topics.dedup();
@@ -33,11 +28,7 @@ pub(crate) fn assign(
         let Some(&n) = partitions.get(topic) else {
             continue;
         };
-        let members: Vec<&String> = subscriptions
-            .iter()
-            .filter(|(_, ts)| ts.contains(topic))
-            .map(|(m, _)| m)
-            .collect();
+        let members: Vec<&String> = subscriptions.iter().filter(|(_, ts)| ts.contains(topic)).map(|(m, _)| m).collect();
         if members.is_empty() || n == 0 {
             continue;
         }
@@ -46,18 +37,15 @@ pub(crate) fn assign(
         let mut held: HashMap<&str, u32> = members.iter().map(|m| (m.as_str(), 0)).collect();
         let mut unassigned = Vec::new();
         for p in 0..n {
-            let keep = prev_owner
-                .get(&(topic.as_str(), p))
-                .and_then(|owner| held.get_key_value(owner).map(|(k, v)| (*k, *v)));
+            let keep =
+                prev_owner.get(&(topic.as_str(), p)).and_then(|owner| held.get_key_value(owner).map(|(k, v)| (*k, *v)));
             match keep {
                 Some((owner, count)) if count < base || (count == base && extras > 0) => {
                     if count == base {
                         extras -= 1;
                     }
                     *held.get_mut(owner).expect("member present") += 1;
-                    out.get_mut(owner)
-                        .expect("member present")
-                        .push((topic.clone(), p));
+                    out.get_mut(owner).expect("member present").push((topic.clone(), p));
                 }
                 _ => unassigned.push(p),
             }
@@ -73,9 +61,7 @@ pub(crate) fn assign(
                 extras -= 1;
             }
             *held.get_mut(owner).expect("member present") += 1;
-            out.get_mut(owner)
-                .expect("member present")
-                .push((topic.clone(), p));
+            out.get_mut(owner).expect("member present").push((topic.clone(), p));
         }
     }
     for tps in out.values_mut() {
@@ -89,10 +75,7 @@ mod tests {
     use super::*;
 
     fn subs(members: &[&str], topic: &str) -> BTreeMap<String, Vec<String>> {
-        members
-            .iter()
-            .map(|m| (m.to_string(), vec![topic.to_string()]))
-            .collect()
+        members.iter().map(|m| (m.to_string(), vec![topic.to_string()])).collect()
     }
 
     #[test]

@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 use cairn_protocol::messages::groups::{
-    GroupDescription, GroupListing, JoinGroupRequest, JoinGroupResponse, MemberDescription,
-    PartitionLag, TopicPartitions,
+    GroupDescription, GroupListing, JoinGroupRequest, JoinGroupResponse, MemberDescription, PartitionLag,
+    TopicPartitions,
 };
 use cairn_protocol::ErrorCode;
 
@@ -85,13 +85,7 @@ impl Group {
 
     fn start_rebalance(&mut self, now: Instant, max: Duration) {
         if self.state != State::Rebalancing {
-            let timeout = self
-                .members
-                .values()
-                .map(|m| m.rebalance_timeout)
-                .max()
-                .unwrap_or(max)
-                .min(max);
+            let timeout = self.members.values().map(|m| m.rebalance_timeout).max().unwrap_or(max).min(max);
             self.state = State::Rebalancing;
             self.rebalance_deadline = Some(now + timeout);
             for m in self.members.values_mut() {
@@ -102,9 +96,7 @@ impl Group {
     }
 
     fn owns(&self, member: &str, topic: &str, partition: u32) -> bool {
-        self.assignment
-            .get(member)
-            .is_some_and(|tps| tps.iter().any(|(t, p)| t == topic && *p == partition))
+        self.assignment.get(member).is_some_and(|tps| tps.iter().any(|(t, p)| t == topic && *p == partition))
     }
 }
 
@@ -125,9 +117,7 @@ pub struct Coordinator {
 
 impl std::fmt::Debug for Coordinator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Coordinator")
-            .field("config", &self.config)
-            .finish_non_exhaustive()
+        f.debug_struct("Coordinator").field("config", &self.config).finish_non_exhaustive()
     }
 }
 
@@ -150,10 +140,7 @@ impl Coordinator {
         tracing::info!(committed = committed.len(), "loaded committed offsets");
         Ok(Coordinator {
             config,
-            inner: Mutex::new(Inner {
-                groups: HashMap::new(),
-                committed,
-            }),
+            inner: Mutex::new(Inner { groups: HashMap::new(), committed }),
             offsets_log,
             commit_lock: Mutex::new(()),
             next_member: AtomicU64::new(1),
@@ -162,20 +149,10 @@ impl Coordinator {
 
     fn new_member_id(&self, client_id: &str) -> String {
         let n = self.next_member.fetch_add(1, Ordering::Relaxed);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let prefix: String = client_id
-            .chars()
-            .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
-            .take(32)
-            .collect();
-        format!(
-            "{}-{:x}-{n}",
-            if prefix.is_empty() { "member" } else { &prefix },
-            nanos & 0xffff_ffff
-        )
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let prefix: String = client_id.chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(32).collect();
+        format!("{}-{:x}-{n}", if prefix.is_empty() { "member" } else { &prefix }, nanos & 0xffff_ffff)
     }
 
     /// Handles a join: registers the member and waits for the rebalance it takes part in.
@@ -196,16 +173,12 @@ impl Coordinator {
             return fail(ErrorCode::InvalidGroupId, req.member_id);
         }
         let c = &self.config;
-        if req.session_timeout_ms < c.session_timeout_ms_min
-            || req.session_timeout_ms > c.session_timeout_ms_max
-        {
+        if req.session_timeout_ms < c.session_timeout_ms_min || req.session_timeout_ms > c.session_timeout_ms_max {
             return fail(ErrorCode::InvalidSessionTimeout, req.member_id);
         }
         let session_timeout = Duration::from_millis(u64::from(req.session_timeout_ms));
-        let rebalance_timeout = Duration::from_millis(u64::from(
-            req.rebalance_timeout_ms
-                .clamp(1, c.rebalance_timeout_ms_max),
-        ));
+        let rebalance_timeout =
+            Duration::from_millis(u64::from(req.rebalance_timeout_ms.clamp(1, c.rebalance_timeout_ms_max)));
         let max_rebalance = Duration::from_millis(u64::from(c.rebalance_timeout_ms_max));
         let member_id;
         {
@@ -213,18 +186,13 @@ impl Coordinator {
             if !inner.groups.contains_key(&req.group_id) && inner.groups.len() >= c.groups_max {
                 return fail(ErrorCode::ResourceLimit, req.member_id);
             }
-            let group = inner
-                .groups
-                .entry(req.group_id.clone())
-                .or_insert_with(Group::new);
+            let group = inner.groups.entry(req.group_id.clone()).or_insert_with(Group::new);
             let now = Instant::now();
             // Static members get their old id back.
             let existing = match &req.group_instance_id {
-                Some(inst) => group
-                    .members
-                    .iter()
-                    .find(|(_, m)| m.instance_id.as_ref() == Some(inst))
-                    .map(|(id, _)| id.clone()),
+                Some(inst) => {
+                    group.members.iter().find(|(_, m)| m.instance_id.as_ref() == Some(inst)).map(|(id, _)| id.clone())
+                }
                 None if !req.member_id.is_empty() => {
                     if !group.members.contains_key(&req.member_id) {
                         return fail(ErrorCode::UnknownMemberId, req.member_id);
@@ -311,10 +279,7 @@ impl Coordinator {
             // Re-check after arming, then wait (the reaper also wakes us at the deadline).
             let stable = {
                 let inner = self.inner.lock().expect("groups lock");
-                inner
-                    .groups
-                    .get(&req.group_id)
-                    .is_some_and(|g| g.state == State::Stable)
+                inner.groups.get(&req.group_id).is_some_and(|g| g.state == State::Stable)
             };
             if !stable {
                 let _ = tokio::time::timeout(Duration::from_millis(500), notified).await;
@@ -322,28 +287,14 @@ impl Coordinator {
         }
     }
 
-    fn joined_response(
-        &self,
-        group: &Group,
-        member_id: &str,
-        error: ErrorCode,
-    ) -> JoinGroupResponse {
-        let session = group
-            .members
-            .get(member_id)
-            .map_or(Duration::from_secs(10), |m| m.session_timeout);
+    fn joined_response(&self, group: &Group, member_id: &str, error: ErrorCode) -> JoinGroupResponse {
+        let session = group.members.get(member_id).map_or(Duration::from_secs(10), |m| m.session_timeout);
         JoinGroupResponse {
             error,
             generation_id: group.generation,
             member_id: member_id.to_owned(),
             heartbeat_interval_ms: (session.as_millis() / 3).max(100) as u32,
-            assignment: to_topic_partitions(
-                group
-                    .assignment
-                    .get(member_id)
-                    .map(Vec::as_slice)
-                    .unwrap_or(&[]),
-            ),
+            assignment: to_topic_partitions(group.assignment.get(member_id).map(Vec::as_slice).unwrap_or(&[])),
         }
     }
 
@@ -358,39 +309,24 @@ impl Coordinator {
             return;
         }
         if expired && !all_joined {
-            let stragglers: Vec<String> = group
-                .members
-                .iter()
-                .filter(|(_, m)| !m.joined)
-                .map(|(id, _)| id.clone())
-                .collect();
+            let stragglers: Vec<String> =
+                group.members.iter().filter(|(_, m)| !m.joined).map(|(id, _)| id.clone()).collect();
             for id in stragglers {
                 tracing::warn!(member = %id, "removed from group: did not rejoin within the rebalance timeout");
                 group.members.remove(&id);
             }
         }
-        let subscriptions: BTreeMap<String, Vec<String>> = group
-            .members
-            .iter()
-            .map(|(id, m)| (id.clone(), m.topics.clone()))
-            .collect();
+        let subscriptions: BTreeMap<String, Vec<String>> =
+            group.members.iter().map(|(id, m)| (id.clone(), m.topics.clone())).collect();
         group.assignment = assign(&subscriptions, partitions, &group.assignment);
         group.generation += 1;
-        group.state = if group.members.is_empty() {
-            State::Empty
-        } else {
-            State::Stable
-        };
+        group.state = if group.members.is_empty() { State::Empty } else { State::Stable };
         group.rebalance_deadline = None;
         for m in group.members.values_mut() {
             m.joined = false;
             m.last_seen = now;
         }
-        tracing::info!(
-            generation = group.generation,
-            members = group.members.len(),
-            "rebalance complete"
-        );
+        tracing::info!(generation = group.generation, members = group.members.len(), "rebalance complete");
         group.changed.notify_waiters();
     }
 
@@ -553,13 +489,8 @@ impl Coordinator {
         {
             let inner = self.inner.lock().expect("groups lock");
             for (topic, partition, offset, metadata) in &entries {
-                let mut code =
-                    self.check_commit(&inner, group_id, member_id, generation, topic, *partition);
-                if code.is_ok()
-                    && metadata
-                        .as_ref()
-                        .is_some_and(|m| m.len() > self.config.offset_metadata_bytes_max)
-                {
+                let mut code = self.check_commit(&inner, group_id, member_id, generation, topic, *partition);
+                if code.is_ok() && metadata.as_ref().is_some_and(|m| m.len() > self.config.offset_metadata_bytes_max) {
                     code = ErrorCode::OffsetMetadataTooLarge;
                 }
                 if code.is_ok() && *offset < 0 {
@@ -568,11 +499,7 @@ impl Coordinator {
                 if code.is_ok() {
                     accepted.push((
                         (group_id.to_owned(), topic.clone(), *partition),
-                        Some(Committed {
-                            offset: *offset,
-                            commit_timestamp_ms: now_ms,
-                            metadata: metadata.clone(),
-                        }),
+                        Some(Committed { offset: *offset, commit_timestamp_ms: now_ms, metadata: metadata.clone() }),
                     ));
                 }
                 codes.push(code);
@@ -581,30 +508,18 @@ impl Coordinator {
         if accepted.is_empty() {
             return Ok((codes, None));
         }
-        let info = self
-            .offsets_log
-            .append(&offsets_store::encode_batch(&accepted, now_ms))?;
+        let info = self.offsets_log.append(&offsets_store::encode_batch(&accepted, now_ms))?;
         let mut inner = self.inner.lock().expect("groups lock");
         for (key, value) in accepted {
             if let Some(v) = value {
                 inner.committed.insert(key, v);
             }
         }
-        Ok((
-            codes,
-            Some(PendingCommit {
-                log: Arc::clone(&self.offsets_log),
-                offset: info.next_offset,
-            }),
-        ))
+        Ok((codes, Some(PendingCommit { log: Arc::clone(&self.offsets_log), offset: info.next_offset })))
     }
 
     /// Committed offsets of a group: for the given partitions, or everything it committed.
-    pub fn committed(
-        &self,
-        group_id: &str,
-        wanted: Option<Vec<(String, u32)>>,
-    ) -> Vec<CommittedEntry> {
+    pub fn committed(&self, group_id: &str, wanted: Option<Vec<(String, u32)>>) -> Vec<CommittedEntry> {
         let inner = self.inner.lock().expect("groups lock");
         let lookup = |t: &str, p: u32| {
             inner
@@ -624,13 +539,7 @@ impl Coordinator {
                 .committed
                 .range((group_id.to_owned(), String::new(), 0)..)
                 .take_while(|((g, _, _), _)| g == group_id)
-                .map(|((_, t, p), c)| {
-                    (
-                        t.clone(),
-                        *p,
-                        Some((c.offset, c.metadata.clone(), c.commit_timestamp_ms)),
-                    )
-                })
+                .map(|((_, t, p), c)| (t.clone(), *p, Some((c.offset, c.metadata.clone(), c.commit_timestamp_ms))))
                 .collect(),
         }
     }
@@ -640,21 +549,13 @@ impl Coordinator {
         let _serial = self.commit_lock.lock().expect("commit lock");
         let doomed: Vec<(OffsetKey, Option<Committed>)> = {
             let inner = self.inner.lock().expect("groups lock");
-            inner
-                .committed
-                .keys()
-                .filter(|(_, t, _)| t == topic)
-                .map(|k| (k.clone(), None))
-                .collect()
+            inner.committed.keys().filter(|(_, t, _)| t == topic).map(|k| (k.clone(), None)).collect()
         };
         if doomed.is_empty() {
             return;
         }
         let now = crate::storage::system_clock()();
-        if let Err(e) = self
-            .offsets_log
-            .append(&offsets_store::encode_batch(&doomed, now))
-        {
+        if let Err(e) = self.offsets_log.append(&offsets_store::encode_batch(&doomed, now)) {
             tracing::error!(topic, error = %e, "could not record removal of a deleted topic's offsets");
             return;
         }
@@ -672,15 +573,9 @@ impl Coordinator {
         names
             .into_iter()
             .map(|g| {
-                let (state, members) = inner
-                    .groups
-                    .get(&g)
-                    .map_or((State::Empty, 0), |gr| (gr.state, gr.members.len()));
-                GroupListing {
-                    group_id: g,
-                    state: state.name().to_owned(),
-                    members: members as u32,
-                }
+                let (state, members) =
+                    inner.groups.get(&g).map_or((State::Empty, 0), |gr| (gr.state, gr.members.len()));
+                GroupListing { group_id: g, state: state.name().to_owned(), members: members as u32 }
             })
             .collect()
     }
@@ -699,8 +594,7 @@ impl Coordinator {
             for m in g.members.values() {
                 for t in &m.topics {
                     if let Some(topic) = store.topic(t) {
-                        partitions
-                            .extend((0..topic.partitions.len() as u32).map(|p| (t.clone(), p)));
+                        partitions.extend((0..topic.partitions.len() as u32).map(|p| (t.clone(), p)));
                     }
                 }
             }
@@ -718,25 +612,11 @@ impl Coordinator {
         let offsets = partitions
             .into_iter()
             .map(|(topic, partition)| {
-                let committed = inner
-                    .committed
-                    .get(&(group_id.to_owned(), topic.clone(), partition))
-                    .map_or(-1, |c| c.offset);
-                let end = store
-                    .partition(&topic, partition)
-                    .map_or(-1, |p| p.log_end_offset() as i64);
-                let lag = if committed < 0 || end < 0 {
-                    -1
-                } else {
-                    (end - committed).max(0)
-                };
-                PartitionLag {
-                    topic,
-                    partition,
-                    committed_offset: committed,
-                    log_end_offset: end,
-                    lag,
-                }
+                let committed =
+                    inner.committed.get(&(group_id.to_owned(), topic.clone(), partition)).map_or(-1, |c| c.offset);
+                let end = store.partition(&topic, partition).map_or(-1, |p| p.log_end_offset() as i64);
+                let lag = if committed < 0 || end < 0 { -1 } else { (end - committed).max(0) };
+                PartitionLag { topic, partition, committed_offset: committed, log_end_offset: end, lag }
             })
             .collect();
         GroupDescription {
@@ -752,9 +632,7 @@ impl Coordinator {
                             member_id: id.clone(),
                             group_instance_id: m.instance_id.clone(),
                             client_id: m.client_id.clone(),
-                            assignment: to_topic_partitions(
-                                g.assignment.get(id).map(Vec::as_slice).unwrap_or(&[]),
-                            ),
+                            assignment: to_topic_partitions(g.assignment.get(id).map(Vec::as_slice).unwrap_or(&[])),
                         })
                         .collect()
                 })
@@ -773,11 +651,7 @@ impl Coordinator {
             let Some(log) = store.partition(topic, *partition) else {
                 continue;
             };
-            let labels = [
-                ("group", group.clone()),
-                ("topic", topic.clone()),
-                ("partition", partition.to_string()),
-            ];
+            let labels = [("group", group.clone()), ("topic", topic.clone()), ("partition", partition.to_string())];
             metrics::gauge!("cairn_consumer_group_committed_offset", &labels).set(c.offset as f64);
             let lag = (log.log_end_offset() as i64 - c.offset).max(0);
             metrics::gauge!("cairn_consumer_group_lag", &labels).set(lag as f64);
@@ -786,8 +660,7 @@ impl Coordinator {
         names.extend(inner.committed.keys().map(|(g, _, _)| g));
         for g in names {
             let members = inner.groups.get(g).map_or(0, |gr| gr.members.len());
-            metrics::gauge!("cairn_consumer_group_members", "group" => g.clone())
-                .set(members as f64);
+            metrics::gauge!("cairn_consumer_group_members", "group" => g.clone()).set(members as f64);
         }
     }
 
@@ -803,18 +676,11 @@ impl Coordinator {
         let _serial = self.commit_lock.lock().expect("commit lock");
         let state: Vec<(OffsetKey, Option<Committed>)> = {
             let inner = self.inner.lock().expect("groups lock");
-            inner
-                .committed
-                .iter()
-                .map(|(k, v)| (k.clone(), Some(v.clone())))
-                .collect()
+            inner.committed.iter().map(|(k, v)| (k.clone(), Some(v.clone()))).collect()
         };
         let start = self.offsets_log.roll_now()?;
         for chunk in state.chunks(1000) {
-            self.offsets_log.append(&offsets_store::encode_batch(
-                chunk,
-                crate::storage::system_clock()(),
-            ))?;
+            self.offsets_log.append(&offsets_store::encode_batch(chunk, crate::storage::system_clock()()))?;
         }
         self.offsets_log.sync()?;
         let removed = self.offsets_log.delete_segments_below(start)?;
@@ -833,10 +699,7 @@ fn to_topic_partitions(tps: &[(String, u32)]) -> Vec<TopicPartitions> {
     for (t, p) in tps {
         match out.last_mut() {
             Some(last) if &last.topic == t => last.partitions.push(*p),
-            _ => out.push(TopicPartitions {
-                topic: t.clone(),
-                partitions: vec![*p],
-            }),
+            _ => out.push(TopicPartitions { topic: t.clone(), partitions: vec![*p] }),
         }
     }
     out

@@ -36,9 +36,7 @@ pub(crate) struct Committed {
 }
 
 /// Opens (creating) the offsets topic and replays it.
-pub(crate) fn open(
-    store: &LogStore,
-) -> Result<(Arc<PartitionLog>, BTreeMap<OffsetKey, Committed>), StorageError> {
+pub(crate) fn open(store: &LogStore) -> Result<(Arc<PartitionLog>, BTreeMap<OffsetKey, Committed>), StorageError> {
     let log = match store.partition(OFFSETS_TOPIC, 0) {
         Some(p) => p,
         None => {
@@ -63,10 +61,7 @@ pub(crate) fn open(
                     let record = record?;
                     next = record.offset as u64 + 1;
                     let Some(key) = record.key.as_deref().and_then(decode_key) else {
-                        tracing::warn!(
-                            offset = record.offset,
-                            "skipping unreadable committed-offset record"
-                        );
+                        tracing::warn!(offset = record.offset, "skipping unreadable committed-offset record");
                         continue;
                     };
                     match record.value.as_deref().map(decode_value) {
@@ -76,10 +71,9 @@ pub(crate) fn open(
                         Some(Some(v)) => {
                             state.insert(key, v);
                         }
-                        Some(None) => tracing::warn!(
-                            offset = record.offset,
-                            "skipping unreadable committed-offset value"
-                        ),
+                        Some(None) => {
+                            tracing::warn!(offset = record.offset, "skipping unreadable committed-offset value")
+                        }
                     }
                 }
             }
@@ -153,16 +147,9 @@ fn decode_value(mut b: &[u8]) -> Option<Committed> {
     let offset = i64::from_be_bytes(take(&mut b, 8)?.try_into().ok()?);
     let commit_timestamp_ms = i64::from_be_bytes(take(&mut b, 8)?.try_into().ok()?);
     let len = u16::from_be_bytes(take(&mut b, 2)?.try_into().ok()?);
-    let metadata = if len == u16::MAX {
-        None
-    } else {
-        Some(String::from_utf8(take(&mut b, len as usize)?.to_vec()).ok()?)
-    };
-    b.is_empty().then_some(Committed {
-        offset,
-        commit_timestamp_ms,
-        metadata,
-    })
+    let metadata =
+        if len == u16::MAX { None } else { Some(String::from_utf8(take(&mut b, len as usize)?.to_vec()).ok()?) };
+    b.is_empty().then_some(Committed { offset, commit_timestamp_ms, metadata })
 }
 
 #[cfg(test)]
@@ -174,11 +161,7 @@ mod tests {
         let key = ("g".to_string(), "t-1".to_string(), 7);
         assert_eq!(decode_key(&encode_key(&key)), Some(key));
         for metadata in [None, Some(String::new()), Some("note".to_string())] {
-            let c = Committed {
-                offset: 42,
-                commit_timestamp_ms: 5,
-                metadata,
-            };
+            let c = Committed { offset: 42, commit_timestamp_ms: 5, metadata };
             assert_eq!(decode_value(&encode_value(&c)), Some(c));
         }
         assert_eq!(decode_value(&[1, 2, 3]), None);

@@ -5,9 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cairn_protocol::messages::fetch::{
-    FetchPartitionResponse, FetchRequest, FetchResponse, FetchTopicResponse,
-};
+use cairn_protocol::messages::fetch::{FetchPartitionResponse, FetchRequest, FetchResponse, FetchTopicResponse};
 use cairn_protocol::ErrorCode;
 
 use super::{count_records, first_error, storage_error_code, Ctx, Reply};
@@ -16,12 +14,7 @@ use crate::storage::StorageError;
 
 pub(crate) fn fetch(ctx: Ctx, req: FetchRequest) -> Reply {
     let (response, bytes) = read_once(&ctx.broker, &req);
-    let error = first_error(
-        response
-            .topics
-            .iter()
-            .flat_map(|t| t.partitions.iter().map(|p| p.error)),
-    );
+    let error = first_error(response.topics.iter().flat_map(|t| t.partitions.iter().map(|p| p.error)));
     let broker = &ctx.broker;
     let satisfied = bytes >= req.min_bytes as usize || req.max_wait_ms == 0 || error.is_some();
     if satisfied {
@@ -40,12 +33,7 @@ pub(crate) fn fetch(ctx: Ctx, req: FetchRequest) -> Reply {
         let response = park(&broker, &req).await;
         broker.parked_fetches.fetch_sub(1, Ordering::AcqRel);
         record(&broker, &response);
-        let error = first_error(
-            response
-                .topics
-                .iter()
-                .flat_map(|t| t.partitions.iter().map(|p| p.error)),
-        );
+        let error = first_error(response.topics.iter().flat_map(|t| t.partitions.iter().map(|p| p.error)));
         (response, error)
     })
 }
@@ -57,11 +45,7 @@ async fn park(broker: &Broker, req: &FetchRequest) -> FetchResponse {
     let notifiers: Vec<_> = req
         .topics
         .iter()
-        .flat_map(|t| {
-            t.partitions
-                .iter()
-                .map(move |p| broker.notifier(&t.name, p.partition))
-        })
+        .flat_map(|t| t.partitions.iter().map(move |p| broker.notifier(&t.name, p.partition)))
         .collect();
     loop {
         let mut waits: Vec<Pin<Box<tokio::sync::futures::Notified<'_>>>> =
@@ -70,10 +54,7 @@ async fn park(broker: &Broker, req: &FetchRequest) -> FetchResponse {
             w.as_mut().enable();
         }
         let (response, bytes) = read_once(broker, req);
-        let has_error = response
-            .topics
-            .iter()
-            .any(|t| t.partitions.iter().any(|p| !p.error.is_ok()));
+        let has_error = response.topics.iter().any(|t| t.partitions.iter().any(|p| !p.error.is_ok()));
         if bytes >= req.min_bytes as usize || has_error {
             return response;
         }
@@ -94,26 +75,12 @@ fn read_once(broker: &Broker, req: &FetchRequest) -> (FetchResponse, usize) {
         let topic = broker.store.topic(&t.name);
         let mut partitions = Vec::with_capacity(t.partitions.len());
         for p in &t.partitions {
-            let Some(log) = topic
-                .as_ref()
-                .and_then(|topic| topic.partitions.get(p.partition as usize))
-            else {
-                partitions.push(FetchPartitionResponse::empty(
-                    p.partition,
-                    ErrorCode::UnknownTopicOrPartition,
-                    -1,
-                    -1,
-                ));
+            let Some(log) = topic.as_ref().and_then(|topic| topic.partitions.get(p.partition as usize)) else {
+                partitions.push(FetchPartitionResponse::empty(p.partition, ErrorCode::UnknownTopicOrPartition, -1, -1));
                 continue;
             };
             if let Some(g) = &req.group {
-                let code = broker.groups.check_fetch(
-                    &g.group_id,
-                    &g.member_id,
-                    g.generation_id,
-                    &t.name,
-                    p.partition,
-                );
+                let code = broker.groups.check_fetch(&g.group_id, &g.member_id, g.generation_id, &t.name, p.partition);
                 if !code.is_ok() {
                     partitions.push(FetchPartitionResponse::empty(
                         p.partition,
@@ -127,12 +94,7 @@ fn read_once(broker: &Broker, req: &FetchRequest) -> (FetchResponse, usize) {
             let start = log.log_start_offset() as i64;
             let end = log.log_end_offset() as i64;
             if p.fetch_offset < 0 {
-                partitions.push(FetchPartitionResponse::empty(
-                    p.partition,
-                    ErrorCode::OffsetOutOfRange,
-                    start,
-                    end,
-                ));
+                partitions.push(FetchPartitionResponse::empty(p.partition, ErrorCode::OffsetOutOfRange, start, end));
                 continue;
             }
             // Budget spent: later partitions get nothing this time (but no error).
@@ -142,12 +104,7 @@ fn read_once(broker: &Broker, req: &FetchRequest) -> (FetchResponse, usize) {
                 u64::from(p.partition_max_bytes).min(budget)
             };
             if max == 0 {
-                partitions.push(FetchPartitionResponse::empty(
-                    p.partition,
-                    ErrorCode::None,
-                    start,
-                    end,
-                ));
+                partitions.push(FetchPartitionResponse::empty(p.partition, ErrorCode::None, start, end));
                 continue;
             }
             match log.read(p.fetch_offset as u64, max) {
@@ -165,8 +122,7 @@ fn read_once(broker: &Broker, req: &FetchRequest) -> (FetchResponse, usize) {
                 }
                 Err(e) => {
                     if !matches!(e, StorageError::OffsetOutOfRange { .. }) {
-                        metrics::counter!("cairn_storage_errors_total", "kind" => e.kind())
-                            .increment(1);
+                        metrics::counter!("cairn_storage_errors_total", "kind" => e.kind()).increment(1);
                         tracing::warn!(topic = %t.name, partition = p.partition, error = %e, "fetch read failed");
                     }
                     partitions.push(FetchPartitionResponse::empty(
@@ -178,21 +134,14 @@ fn read_once(broker: &Broker, req: &FetchRequest) -> (FetchResponse, usize) {
                 }
             }
         }
-        topics.push(FetchTopicResponse {
-            name: t.name.clone(),
-            partitions,
-        });
+        topics.push(FetchTopicResponse { name: t.name.clone(), partitions });
     }
     (FetchResponse { topics }, total)
 }
 
 fn record(broker: &Broker, response: &FetchResponse) {
     for t in &response.topics {
-        let bytes: usize = t
-            .partitions
-            .iter()
-            .map(FetchPartitionResponse::records_len)
-            .sum();
+        let bytes: usize = t.partitions.iter().map(FetchPartitionResponse::records_len).sum();
         if bytes == 0 {
             continue;
         }

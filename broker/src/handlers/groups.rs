@@ -8,12 +8,12 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 
 use cairn_protocol::messages::groups::{
-    DescribeGroupsRequest, DescribeGroupsResponse, ErrorOnlyResponse, HeartbeatRequest,
-    JoinGroupRequest, LeaveGroupRequest, ListGroupsResponse,
+    DescribeGroupsRequest, DescribeGroupsResponse, ErrorOnlyResponse, HeartbeatRequest, JoinGroupRequest,
+    LeaveGroupRequest, ListGroupsResponse,
 };
 use cairn_protocol::messages::offsets::{
-    OffsetCommitRequest, OffsetCommitResponse, OffsetFetchPartitionResponse, OffsetFetchRequest,
-    OffsetFetchResponse, OffsetFetchTopicResponse, PartitionErrors,
+    OffsetCommitRequest, OffsetCommitResponse, OffsetFetchPartitionResponse, OffsetFetchRequest, OffsetFetchResponse,
+    OffsetFetchTopicResponse, PartitionErrors,
 };
 use cairn_protocol::ErrorCode;
 
@@ -22,12 +22,7 @@ use crate::server::Broker;
 
 /// Partition counts of every topic, for assignment.
 pub(crate) fn partition_counts(broker: &Broker) -> HashMap<String, u32> {
-    broker
-        .store
-        .topics()
-        .iter()
-        .map(|t| (t.name.clone(), t.partitions.len() as u32))
-        .collect()
+    broker.store.topics().iter().map(|t| (t.name.clone(), t.partitions.len() as u32)).collect()
 }
 
 pub(crate) fn join_group(ctx: Ctx, req: JoinGroupRequest) -> Reply {
@@ -42,10 +37,7 @@ pub(crate) fn join_group(ctx: Ctx, req: JoinGroupRequest) -> Reply {
 }
 
 pub(crate) fn heartbeat(ctx: Ctx, req: HeartbeatRequest) -> Reply {
-    let error = ctx
-        .broker
-        .groups
-        .heartbeat(&req.group_id, &req.member_id, req.generation_id);
+    let error = ctx.broker.groups.heartbeat(&req.group_id, &req.member_id, req.generation_id);
     ctx.reply(&ErrorOnlyResponse { error }, Some(error))
 }
 
@@ -55,18 +47,12 @@ pub(crate) fn leave_group(ctx: Ctx, req: LeaveGroupRequest) -> Reply {
 }
 
 pub(crate) fn list_groups(ctx: Ctx) -> Reply {
-    let response = ListGroupsResponse {
-        groups: ctx.broker.groups.list(),
-    };
+    let response = ListGroupsResponse { groups: ctx.broker.groups.list() };
     ctx.reply(&response, None)
 }
 
 pub(crate) fn describe_groups(ctx: Ctx, req: DescribeGroupsRequest) -> Reply {
-    let groups = req
-        .groups
-        .iter()
-        .map(|g| ctx.broker.groups.describe(g, &ctx.broker.store))
-        .collect();
+    let groups = req.groups.iter().map(|g| ctx.broker.groups.describe(g, &ctx.broker.store)).collect();
     let response = DescribeGroupsResponse { groups };
     ctx.reply(&response, None)
 }
@@ -76,30 +62,12 @@ pub(crate) fn offset_commit(ctx: Ctx, req: OffsetCommitRequest) -> Reply {
     let entries: Vec<(String, u32, i64, Option<String>)> = req
         .topics
         .iter()
-        .flat_map(|t| {
-            t.partitions
-                .iter()
-                .map(move |p| (t.name.clone(), p.partition, p.offset, p.metadata.clone()))
-        })
+        .flat_map(|t| t.partitions.iter().map(move |p| (t.name.clone(), p.partition, p.offset, p.metadata.clone())))
         .collect();
-    let shape: Vec<(String, Vec<u32>)> = req
-        .topics
-        .iter()
-        .map(|t| {
-            (
-                t.name.clone(),
-                t.partitions.iter().map(|p| p.partition).collect(),
-            )
-        })
-        .collect();
+    let shape: Vec<(String, Vec<u32>)> =
+        req.topics.iter().map(|t| (t.name.clone(), t.partitions.iter().map(|p| p.partition).collect())).collect();
     let now = crate::storage::system_clock()();
-    let (codes, pending) = match broker.groups.commit(
-        &req.group_id,
-        &req.member_id,
-        req.generation_id,
-        entries,
-        now,
-    ) {
+    let (codes, pending) = match broker.groups.commit(&req.group_id, &req.member_id, req.generation_id, entries, now) {
         Ok(r) => r,
         Err(e) => {
             tracing::error!(group = %req.group_id, error = %e, "storing committed offsets failed");
@@ -114,10 +82,7 @@ pub(crate) fn offset_commit(ctx: Ctx, req: OffsetCommitRequest) -> Reply {
             .into_iter()
             .map(|(name, parts)| PartitionErrors {
                 name,
-                partitions: parts
-                    .into_iter()
-                    .map(|p| (p, it.next().unwrap_or(ErrorCode::Unknown)))
-                    .collect(),
+                partitions: parts.into_iter().map(|p| (p, it.next().unwrap_or(ErrorCode::Unknown))).collect(),
             })
             .collect();
         OffsetCommitResponse { topics }
@@ -145,16 +110,11 @@ pub(crate) fn offset_commit(ctx: Ctx, req: OffsetCommitRequest) -> Reply {
         };
         let codes: Vec<ErrorCode> = match failure {
             None => codes,
-            Some(f) => codes
-                .into_iter()
-                .map(|c| if c.is_ok() { f } else { c })
-                .collect(),
+            Some(f) => codes.into_iter().map(|c| if c.is_ok() { f } else { c }).collect(),
         };
         let compactor = Arc::clone(&broker);
         let compacted = tokio::task::spawn_blocking(move || {
-            compactor
-                .groups
-                .compact_offsets(compactor.config.groups.offsets_snapshot_bytes)
+            compactor.groups.compact_offsets(compactor.config.groups.offsets_snapshot_bytes)
         })
         .await;
         if let Ok(Err(e)) = compacted {
@@ -166,11 +126,9 @@ pub(crate) fn offset_commit(ctx: Ctx, req: OffsetCommitRequest) -> Reply {
 }
 
 pub(crate) fn offset_fetch(ctx: Ctx, req: OffsetFetchRequest) -> Reply {
-    let wanted = req.topics.map(|ts| {
-        ts.into_iter()
-            .flat_map(|t| t.partitions.into_iter().map(move |p| (t.name.clone(), p)))
-            .collect()
-    });
+    let wanted = req
+        .topics
+        .map(|ts| ts.into_iter().flat_map(|t| t.partitions.into_iter().map(move |p| (t.name.clone(), p))).collect());
     let found = ctx.broker.groups.committed(&req.group_id, wanted);
     let mut topics: Vec<OffsetFetchTopicResponse> = Vec::new();
     for (topic, partition, committed) in found {
@@ -184,10 +142,7 @@ pub(crate) fn offset_fetch(ctx: Ctx, req: OffsetFetchRequest) -> Reply {
         };
         match topics.last_mut() {
             Some(t) if t.name == topic => t.partitions.push(entry),
-            _ => topics.push(OffsetFetchTopicResponse {
-                name: topic,
-                partitions: vec![entry],
-            }),
+            _ => topics.push(OffsetFetchTopicResponse { name: topic, partitions: vec![entry] }),
         }
     }
     ctx.reply(&OffsetFetchResponse { topics }, None)

@@ -62,11 +62,8 @@ impl Ctx {
                 Err(e) => {
                     tracing::error!(error = %e, api = self.api.name(), "handler panicked");
                     self.done(Some(ErrorCode::Unknown));
-                    let _ = tx.send(cairn_protocol::encode_error_response(
-                        self.corr,
-                        ErrorCode::Unknown,
-                        "internal error",
-                    ));
+                    let _ =
+                        tx.send(cairn_protocol::encode_error_response(self.corr, ErrorCode::Unknown, "internal error"));
                 }
             }
         });
@@ -111,21 +108,11 @@ pub(crate) fn count_records(chunks: &[Bytes]) -> u64 {
     for chunk in chunks {
         let mut pos = 0usize;
         while pos + 61 <= chunk.len() {
-            let len = i32::from_be_bytes([
-                chunk[pos + 8],
-                chunk[pos + 9],
-                chunk[pos + 10],
-                chunk[pos + 11],
-            ]);
+            let len = i32::from_be_bytes([chunk[pos + 8], chunk[pos + 9], chunk[pos + 10], chunk[pos + 11]]);
             if len <= 0 {
                 break;
             }
-            n += u64::from(u32::from_be_bytes([
-                chunk[pos + 57],
-                chunk[pos + 58],
-                chunk[pos + 59],
-                chunk[pos + 60],
-            ]));
+            n += u64::from(u32::from_be_bytes([chunk[pos + 57], chunk[pos + 58], chunk[pos + 59], chunk[pos + 60]]));
             pos += 12 + len as usize;
         }
     }

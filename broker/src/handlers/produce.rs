@@ -21,31 +21,21 @@ struct Waiter {
 
 pub(crate) fn produce(ctx: Ctx, req: ProduceRequest) -> Reply {
     let broker = &ctx.broker;
-    let mut response = ProduceResponse {
-        topics: Vec::with_capacity(req.topics.len()),
-    };
+    let mut response = ProduceResponse { topics: Vec::with_capacity(req.topics.len()) };
     let mut waiters = Vec::new();
     for (ti, t) in req.topics.iter().enumerate() {
         let topic = lookup_topic(&ctx, &t.name);
         let metrics = topic.as_ref().map(|_| broker.topic_metrics(&t.name));
         let mut partitions = Vec::with_capacity(t.partitions.len());
         for (pi, p) in t.partitions.iter().enumerate() {
-            let Some(log) = topic
-                .as_ref()
-                .and_then(|topic| topic.partitions.get(p.partition as usize))
-            else {
-                partitions.push(ProducePartitionResponse::error(
-                    p.partition,
-                    ErrorCode::UnknownTopicOrPartition,
-                    None,
-                ));
+            let Some(log) = topic.as_ref().and_then(|topic| topic.partitions.get(p.partition as usize)) else {
+                partitions.push(ProducePartitionResponse::error(p.partition, ErrorCode::UnknownTopicOrPartition, None));
                 continue;
             };
             match log.append(&p.records) {
                 Ok(info) => {
                     if let Some(m) = &metrics {
-                        m.produce_records
-                            .increment(info.next_offset - info.base_offset);
+                        m.produce_records.increment(info.next_offset - info.base_offset);
                         m.produce_bytes.increment(p.records.len() as u64);
                     }
                     broker.notify_append(&t.name, p.partition);
@@ -64,29 +54,16 @@ pub(crate) fn produce(ctx: Ctx, req: ProduceRequest) -> Reply {
                 Err(e) => {
                     let code = storage_error_code(&e);
                     if !matches!(e, StorageError::InvalidBatch(_)) {
-                        metrics::counter!("cairn_storage_errors_total", "kind" => e.kind())
-                            .increment(1);
+                        metrics::counter!("cairn_storage_errors_total", "kind" => e.kind()).increment(1);
                     }
                     tracing::debug!(topic = %t.name, partition = p.partition, error = %e, "produce rejected");
-                    partitions.push(ProducePartitionResponse::error(
-                        p.partition,
-                        code,
-                        Some(e.to_string()),
-                    ));
+                    partitions.push(ProducePartitionResponse::error(p.partition, code, Some(e.to_string())));
                 }
             }
         }
-        response.topics.push(ProduceTopicResponse {
-            name: t.name.clone(),
-            partitions,
-        });
+        response.topics.push(ProduceTopicResponse { name: t.name.clone(), partitions });
     }
-    let error = first_error(
-        response
-            .topics
-            .iter()
-            .flat_map(|t| t.partitions.iter().map(|p| p.error)),
-    );
+    let error = first_error(response.topics.iter().flat_map(|t| t.partitions.iter().map(|p| p.error)));
     if req.acks == Acks::None {
         ctx.done(error);
         return Reply::Nothing;
@@ -102,35 +79,20 @@ pub(crate) fn produce(ctx: Ctx, req: ProduceRequest) -> Reply {
             let (code, message) = match outcome {
                 Ok(Ok(Ok(()))) => continue,
                 Ok(Ok(Err(e))) => (storage_error_code(&e), e.to_string()),
-                Ok(Err(_)) => (
-                    ErrorCode::StorageError,
-                    "the flusher stopped before syncing".to_owned(),
-                ),
-                Err(_) => (
-                    ErrorCode::RequestTimedOut,
-                    format!("not durable within timeout_ms {}", timeout.as_millis()),
-                ),
+                Ok(Err(_)) => (ErrorCode::StorageError, "the flusher stopped before syncing".to_owned()),
+                Err(_) => {
+                    (ErrorCode::RequestTimedOut, format!("not durable within timeout_ms {}", timeout.as_millis()))
+                }
             };
             let p = &mut response.topics[w.topic].partitions[w.partition];
             *p = ProducePartitionResponse::error(p.partition, code, Some(message));
         }
-        let error = first_error(
-            response
-                .topics
-                .iter()
-                .flat_map(|t| t.partitions.iter().map(|p| p.error)),
-        );
+        let error = first_error(response.topics.iter().flat_map(|t| t.partitions.iter().map(|p| p.error)));
         (response, error)
     })
 }
 
-fn wait_durable(
-    ctx: &Ctx,
-    log: &Arc<PartitionLog>,
-    offset: u64,
-    topic: usize,
-    partition: usize,
-) -> Waiter {
+fn wait_durable(ctx: &Ctx, log: &Arc<PartitionLog>, offset: u64, topic: usize, partition: usize) -> Waiter {
     let (tx, rx) = oneshot::channel();
     ctx.broker.store.sync_async(
         Arc::clone(log),
@@ -139,11 +101,7 @@ fn wait_durable(
             let _ = tx.send(r);
         }),
     );
-    Waiter {
-        topic,
-        partition,
-        rx,
-    }
+    Waiter { topic, partition, rx }
 }
 
 /// Finds a topic, creating it when `auto_create_topics` is on.
@@ -156,16 +114,9 @@ pub(crate) fn lookup_topic(ctx: &Ctx, name: &str) -> Option<Arc<Topic>> {
         return None;
     }
     let config = broker.store.config().topic_defaults();
-    match broker
-        .store
-        .create_topic(name, broker.config.default_partitions, config)
-    {
+    match broker.store.create_topic(name, broker.config.default_partitions, config) {
         Ok(t) => {
-            tracing::info!(
-                topic = name,
-                partitions = broker.config.default_partitions,
-                "auto-created topic"
-            );
+            tracing::info!(topic = name, partitions = broker.config.default_partitions, "auto-created topic");
             Some(t)
         }
         Err(StorageError::TopicExists(_)) => broker.store.topic(name),

@@ -1,12 +1,8 @@
 //! Metadata, CreateTopics and DeleteTopics.
 
-use cairn_protocol::messages::create_topics::{
-    CreateTopicsRequest, CreateTopicsResponse, TopicResult,
-};
+use cairn_protocol::messages::create_topics::{CreateTopicsRequest, CreateTopicsResponse, TopicResult};
 use cairn_protocol::messages::delete_topics::{DeleteTopicsRequest, DeleteTopicsResponse};
-use cairn_protocol::messages::metadata::{
-    MetadataRequest, MetadataResponse, PartitionMetadata, TopicMetadata,
-};
+use cairn_protocol::messages::metadata::{MetadataRequest, MetadataResponse, PartitionMetadata, TopicMetadata};
 use cairn_protocol::messages::ConfigEntry;
 use cairn_protocol::ErrorCode;
 
@@ -19,12 +15,7 @@ fn describe(t: &Topic) -> TopicMetadata {
         error: ErrorCode::None,
         name: t.name.clone(),
         internal: t.internal,
-        configs: t
-            .config
-            .entries()
-            .into_iter()
-            .map(|(key, value)| ConfigEntry { key, value })
-            .collect(),
+        configs: t.config.entries().into_iter().map(|(key, value)| ConfigEntry { key, value }).collect(),
         partitions: t
             .partitions
             .iter()
@@ -40,13 +31,7 @@ fn describe(t: &Topic) -> TopicMetadata {
 
 pub(crate) fn metadata(ctx: Ctx, req: MetadataRequest) -> Reply {
     let topics = match &req.topics {
-        None => ctx
-            .broker
-            .store
-            .topics()
-            .iter()
-            .map(|t| describe(t))
-            .collect(),
+        None => ctx.broker.store.topics().iter().map(|t| describe(t)).collect(),
         Some(names) => names
             .iter()
             .map(|name| match lookup_topic(&ctx, name) {
@@ -80,10 +65,7 @@ pub(crate) fn create_topics(ctx: Ctx, req: CreateTopicsRequest) -> Reply {
                 if t.partitions == 0 || t.partitions > broker.config.partitions_max {
                     return fail(
                         ErrorCode::InvalidPartitions,
-                        format!(
-                            "partitions must be 1..={}, got {}",
-                            broker.config.partitions_max, t.partitions
-                        ),
+                        format!("partitions must be 1..={}, got {}", broker.config.partitions_max, t.partitions),
                     );
                 }
                 if t.name.starts_with("__") {
@@ -101,11 +83,7 @@ pub(crate) fn create_topics(ctx: Ctx, req: CreateTopicsRequest) -> Reply {
                 match broker.store.create_topic(&t.name, t.partitions, config) {
                     Ok(_) => {
                         tracing::info!(topic = %t.name, partitions = t.partitions, "created topic");
-                        TopicResult {
-                            name: t.name.clone(),
-                            error: ErrorCode::None,
-                            message: None,
-                        }
+                        TopicResult { name: t.name.clone(), error: ErrorCode::None, message: None }
                     }
                     Err(e) => fail(storage_error_code(&e), e.to_string()),
                 }
@@ -133,17 +111,11 @@ pub(crate) fn delete_topics(ctx: Ctx, req: DeleteTopicsRequest) -> Reply {
                     Ok(()) => {
                         tracing::info!(topic = %name, "deleted topic");
                         broker.groups.forget_topic(name);
-                        TopicResult {
-                            name: name.clone(),
-                            error: ErrorCode::None,
-                            message: None,
-                        }
+                        TopicResult { name: name.clone(), error: ErrorCode::None, message: None }
                     }
-                    Err(e) => TopicResult {
-                        name: name.clone(),
-                        error: storage_error_code(&e),
-                        message: Some(e.to_string()),
-                    },
+                    Err(e) => {
+                        TopicResult { name: name.clone(), error: storage_error_code(&e), message: Some(e.to_string()) }
+                    }
                 }
             })
             .collect();

@@ -30,6 +30,9 @@ pub(crate) enum Pending {
     Later(oneshot::Receiver<Vec<Bytes>>),
 }
 
+/// Initial read buffer per connection; it grows only as large frames actually arrive.
+const READ_BUFFER_BYTES: usize = 8 * 1024;
+
 /// Most buffers handed to one `writev`.
 const IOV_MAX: usize = 512;
 /// Stop gathering more ready responses into one write past this many bytes.
@@ -40,21 +43,27 @@ pub(crate) async fn run(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr
         tracing::debug!(%peer, error = %e, "set_nodelay failed");
     }
     let (rd, wr) = stream.into_split();
-    let mut frames = FramedRead::with_capacity(
-        rd,
-        FrameCodec::new(broker.config.frame_bytes_max),
-        64 * 1024,
-    );
+    let mut frames = FramedRead::with_capacity(rd, FrameCodec::new(broker.config.frame_bytes_max), READ_BUFFER_BYTES);
     let (tx, rx) = mpsc::channel::<Pending>(broker.config.connection_in_flight_max);
     let writer = tokio::spawn(write_loop(wr, rx, peer));
     let idle = Duration::from_millis(broker.config.idle_timeout_ms);
+    let frame_timeout = Duration::from_millis(broker.config.frame_timeout_ms);
     tracing::debug!(%peer, "connection opened");
     loop {
+        // Between requests the idle timeout applies; once part of a frame has arrived, the rest
+        // must follow within frame_timeout_ms (a client trickling bytes is cut off).
+        let partial = !frames.read_buffer().is_empty();
+        let limit = if partial { frame_timeout.min(idle) } else { idle };
         let next = tokio::select! {
             _ = broker.shutdown.cancelled() => break,
-            r = tokio::time::timeout(idle, frames.next()) => r,
+            r = tokio::time::timeout(limit, frames.next()) => r,
         };
         let frame = match next {
+            Err(_) if partial => {
+                tracing::warn!(%peer, frame_timeout_ms = broker.config.frame_timeout_ms, "closing connection: request frame incomplete in time");
+                metrics::counter!("cairn_requests_total", "api" => "unknown", "result" => "FRAME_TIMEOUT").increment(1);
+                break;
+            }
             Err(_) => {
                 tracing::info!(%peer, idle_ms = broker.config.idle_timeout_ms, "closing idle connection");
                 break;
@@ -62,7 +71,8 @@ pub(crate) async fn run(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr
             Ok(None) => break,
             Ok(Some(Err(FrameError::TooLarge { len, max }))) => {
                 tracing::warn!(%peer, len, max, "closing connection: frame exceeds frame_bytes_max");
-                metrics::counter!("cairn_requests_total", "api" => "unknown", "result" => "FRAME_TOO_LARGE").increment(1);
+                metrics::counter!("cairn_requests_total", "api" => "unknown", "result" => "FRAME_TOO_LARGE")
+                    .increment(1);
                 break;
             }
             Ok(Some(Err(FrameError::Io(e)))) => {
@@ -94,11 +104,7 @@ pub(crate) async fn run(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr
     tracing::debug!(%peer, "connection closed");
 }
 
-async fn write_loop(
-    mut wr: OwnedWriteHalf,
-    mut rx: mpsc::Receiver<Pending>,
-    peer: SocketAddr,
-) -> std::io::Result<()> {
+async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Pending>, peer: SocketAddr) -> std::io::Result<()> {
     let mut out: Vec<Bytes> = Vec::with_capacity(64);
     while let Some(first) = rx.recv().await {
         let mut gathered = resolve(first, &mut out).await;

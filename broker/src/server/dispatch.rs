@@ -9,9 +9,7 @@ use tokio::sync::oneshot;
 
 use cairn_protocol::api::encode_error_response;
 use cairn_protocol::messages::api_versions::ApiVersionsResponse;
-use cairn_protocol::{
-    decode_request, encode_response, AnyRequest, DecodeError, ErrorCode, HeaderError,
-};
+use cairn_protocol::{decode_request, encode_response, AnyRequest, DecodeError, ErrorCode, HeaderError};
 
 use super::Broker;
 use crate::handlers;
@@ -36,52 +34,27 @@ pub(crate) fn dispatch(broker: &Arc<Broker>, frame: Bytes, peer: SocketAddr) -> 
             tracing::warn!(%peer, error = %e, "closing connection: request header unreadable");
             return Reply::Close;
         }
-        Err(HeaderError::Invalid {
-            correlation_id,
-            error,
-        }) => {
+        Err(HeaderError::Invalid { correlation_id, error }) => {
             let code = match error {
-                DecodeError::UnknownApiKey(_) | DecodeError::UnsupportedVersion { .. } => {
-                    ErrorCode::UnsupportedVersion
-                }
+                DecodeError::UnknownApiKey(_) | DecodeError::UnsupportedVersion { .. } => ErrorCode::UnsupportedVersion,
                 _ => ErrorCode::InvalidRequest,
             };
             tracing::info!(%peer, correlation_id, error = %error, "rejecting request");
-            metrics::counter!("cairn_requests_total", "api" => "unknown", "result" => code.name())
-                .increment(1);
-            return Reply::Now(encode_error_response(
-                correlation_id,
-                code,
-                &error.to_string(),
-            ));
+            metrics::counter!("cairn_requests_total", "api" => "unknown", "result" => code.name()).increment(1);
+            return Reply::Now(encode_error_response(correlation_id, code, &error.to_string()));
         }
     };
     let corr = header.correlation_id;
     let api = request.api_key();
     if broker.shutdown.is_cancelled() {
-        broker
-            .requests
-            .record(api, Some(ErrorCode::ShuttingDown.name()), started.elapsed());
-        return Reply::Now(encode_error_response(
-            corr,
-            ErrorCode::ShuttingDown,
-            "the broker is shutting down",
-        ));
+        broker.requests.record(api, Some(ErrorCode::ShuttingDown.name()), started.elapsed());
+        return Reply::Now(encode_error_response(corr, ErrorCode::ShuttingDown, "the broker is shutting down"));
     }
-    let ctx = handlers::Ctx {
-        broker: Arc::clone(broker),
-        corr,
-        started,
-        api,
-        client_id: header.client_id,
-    };
+    let ctx = handlers::Ctx { broker: Arc::clone(broker), corr, started, api, client_id: header.client_id };
     match request {
         AnyRequest::ApiVersions(_) => {
             ctx.done(None);
-            Reply::Now(encode_response(
-                corr,
-                &ApiVersionsResponse::supported(env!("CARGO_PKG_VERSION")),
-            ))
+            Reply::Now(encode_response(corr, &ApiVersionsResponse::supported(env!("CARGO_PKG_VERSION"))))
         }
         AnyRequest::Metadata(r) => handlers::topics::metadata(ctx, r),
         AnyRequest::CreateTopics(r) => handlers::topics::create_topics(ctx, r),

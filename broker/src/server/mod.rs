@@ -7,7 +7,7 @@ pub(crate) use dispatch::Reply;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -18,7 +18,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::BrokerConfig;
 use crate::groups::Coordinator;
-use crate::metrics::{RequestMetrics, TopicMetrics};
+use crate::metrics::{Health, RequestMetrics, TopicMetrics};
 use crate::storage::LogStore;
 
 /// State shared by every connection.
@@ -32,8 +32,8 @@ pub struct Broker {
     pub groups: Coordinator,
     /// Cancelled when shutdown begins.
     pub shutdown: CancellationToken,
-    /// Set once recovery is done and the listener accepts clients.
-    pub ready: AtomicBool,
+    /// Readiness as reported by `/readyz`.
+    pub health: Arc<Health>,
     /// Open client connections.
     pub connections: AtomicUsize,
     pub(crate) parked_fetches: AtomicUsize,
@@ -44,18 +44,13 @@ pub struct Broker {
 
 impl Broker {
     /// Wraps an opened store.
-    pub fn new(
-        config: BrokerConfig,
-        store: LogStore,
-        groups: Coordinator,
-        shutdown: CancellationToken,
-    ) -> Broker {
+    pub fn new(config: BrokerConfig, store: LogStore, groups: Coordinator, health: Arc<Health>) -> Broker {
         Broker {
             config,
             store,
             groups,
-            shutdown,
-            ready: AtomicBool::new(false),
+            shutdown: health.shutdown.clone(),
+            health,
             connections: AtomicUsize::new(0),
             parked_fetches: AtomicUsize::new(0),
             requests: RequestMetrics::default(),
@@ -70,13 +65,7 @@ impl Broker {
         if let Some(n) = self.notifiers.read().expect("notifiers lock").get(&key) {
             return Arc::clone(n);
         }
-        Arc::clone(
-            self.notifiers
-                .write()
-                .expect("notifiers lock")
-                .entry(key)
-                .or_default(),
-        )
+        Arc::clone(self.notifiers.write().expect("notifiers lock").entry(key).or_default())
     }
 
     /// Wakes fetches parked on a partition.
@@ -89,12 +78,7 @@ impl Broker {
 
     /// Throughput counters of a topic.
     pub(crate) fn topic_metrics(&self, topic: &str) -> TopicMetrics {
-        if let Some(m) = self
-            .topic_metrics
-            .read()
-            .expect("topic metrics lock")
-            .get(topic)
-        {
+        if let Some(m) = self.topic_metrics.read().expect("topic metrics lock").get(topic) {
             return m.clone();
         }
         self.topic_metrics
@@ -143,10 +127,7 @@ pub async fn serve(broker: Arc<Broker>, listener: TcpListener) {
     tracker.close();
     let grace = Duration::from_millis(broker.config.shutdown_timeout_ms);
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-        tracing::warn!(
-            open = tracker.len(),
-            "shutdown timeout: abandoning connections still open"
-        );
+        tracing::warn!(open = tracker.len(), "shutdown timeout: abandoning connections still open");
     }
 }
 

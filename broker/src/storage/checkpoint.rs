@@ -73,9 +73,7 @@ fn parse(buf: &[u8]) -> Option<HashMap<(String, u32), u64>> {
     for _ in 0..n {
         let len = u16::from_be_bytes(body.get(pos..pos + 2)?.try_into().ok()?) as usize;
         pos += 2;
-        let topic = std::str::from_utf8(body.get(pos..pos + len)?)
-            .ok()?
-            .to_owned();
+        let topic = std::str::from_utf8(body.get(pos..pos + len)?).ok()?.to_owned();
         pos += len;
         let partition = u32::from_be_bytes(body.get(pos..pos + 4)?.try_into().ok()?);
         let offset = u64::from_be_bytes(body.get(pos + 4..pos + 12)?.try_into().ok()?);

@@ -61,10 +61,7 @@ impl TopicConfig {
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(StorageError::InvalidConfig(m));
         if self.segment_bytes < 4096 || self.segment_bytes > SEGMENT_BYTES_MAX {
-            return bad(format!(
-                "segment_bytes must be 4096..={SEGMENT_BYTES_MAX}, got {}",
-                self.segment_bytes
-            ));
+            return bad(format!("segment_bytes must be 4096..={SEGMENT_BYTES_MAX}, got {}", self.segment_bytes));
         }
         if self.batch_bytes_max < 128 || u64::from(self.batch_bytes_max) > self.segment_bytes {
             return bad(format!(
@@ -87,26 +84,21 @@ impl TopicConfig {
     /// [`StorageError::InvalidConfig`] for unknown keys or unparsable values.
     pub fn set(&mut self, key: &str, value: &str) -> Result<()> {
         let num = |v: &str| -> Result<i64> {
-            v.trim()
-                .parse::<i64>()
-                .map_err(|_| StorageError::InvalidConfig(format!("{key}: {v:?} is not a number")))
+            v.trim().parse::<i64>().map_err(|_| StorageError::InvalidConfig(format!("{key}: {v:?} is not a number")))
         };
         let positive = |v: &str| -> Result<u64> {
             let n = num(v)?;
-            u64::try_from(n).ok().filter(|n| *n > 0).ok_or_else(|| {
-                StorageError::InvalidConfig(format!("{key} must be positive, got {n}"))
-            })
+            u64::try_from(n)
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| StorageError::InvalidConfig(format!("{key} must be positive, got {n}")))
         };
         let optional = |v: &str| -> Result<Option<NonZeroU64>> {
             match num(v)? {
                 -1 => Ok(None),
                 n => NonZeroU64::new(u64::try_from(n).unwrap_or(0))
                     .map(Some)
-                    .ok_or_else(|| {
-                        StorageError::InvalidConfig(format!(
-                            "{key} must be positive or -1, got {n}"
-                        ))
-                    }),
+                    .ok_or_else(|| StorageError::InvalidConfig(format!("{key} must be positive or -1, got {n}"))),
             }
         };
         match key {
@@ -116,9 +108,8 @@ impl TopicConfig {
             "retention_bytes" => self.retention_bytes = optional(value)?,
             "flush_interval_ms" => self.flush_interval_ms = positive(value)?,
             "batch_bytes_max" => {
-                self.batch_bytes_max = u32::try_from(positive(value)?).map_err(|_| {
-                    StorageError::InvalidConfig("batch_bytes_max is too large".into())
-                })?
+                self.batch_bytes_max = u32::try_from(positive(value)?)
+                    .map_err(|_| StorageError::InvalidConfig("batch_bytes_max is too large".into()))?
             }
             "cleanup_policy" => {
                 self.cleanup_policy = match value {
@@ -131,11 +122,7 @@ impl TopicConfig {
                     }
                 }
             }
-            other => {
-                return Err(StorageError::InvalidConfig(format!(
-                    "unknown topic config key {other:?}"
-                )))
-            }
+            other => return Err(StorageError::InvalidConfig(format!("unknown topic config key {other:?}"))),
         }
         Ok(())
     }
@@ -148,10 +135,7 @@ impl TopicConfig {
             ("segment_ms".into(), self.segment_ms.to_string()),
             ("retention_ms".into(), opt(self.retention_ms)),
             ("retention_bytes".into(), opt(self.retention_bytes)),
-            (
-                "flush_interval_ms".into(),
-                self.flush_interval_ms.to_string(),
-            ),
+            ("flush_interval_ms".into(), self.flush_interval_ms.to_string()),
             ("cleanup_policy".into(), self.cleanup_policy.as_str().into()),
             ("batch_bytes_max".into(), self.batch_bytes_max.to_string()),
         ]
@@ -246,9 +230,7 @@ impl StorageConfig {
         if self.open_segments_max < 16 {
             return bad("open_segments_max must be at least 16");
         }
-        if self.preallocate_bytes_min < 4096
-            || self.preallocate_bytes_max < self.preallocate_bytes_min
-        {
+        if self.preallocate_bytes_min < 4096 || self.preallocate_bytes_max < self.preallocate_bytes_min {
             return bad("preallocate_bytes_min must be >= 4096 and <= preallocate_bytes_max");
         }
         if self.retention_check_interval_ms == 0 || self.checkpoint_interval_ms == 0 {

@@ -69,10 +69,7 @@ impl DiskMonitor {
             self.refresh();
             let free = self.free_bytes();
             if free < self.floor_bytes {
-                return Err(StorageError::StorageFull {
-                    free_bytes: free,
-                    floor_bytes: self.floor_bytes,
-                });
+                return Err(StorageError::StorageFull { free_bytes: free, floor_bytes: self.floor_bytes });
             }
         }
         Ok(())
@@ -81,8 +78,7 @@ impl DiskMonitor {
     /// Test and fault-injection hook: report `free` bytes instead of the real figure
     /// (`None` restores the real one).
     pub fn set_free_bytes_override(&self, free: Option<u64>) {
-        self.override_free
-            .store(free.unwrap_or(u64::MAX), Ordering::Relaxed);
+        self.override_free.store(free.unwrap_or(u64::MAX), Ordering::Relaxed);
         self.refresh();
     }
 }

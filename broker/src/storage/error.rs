@@ -65,16 +65,9 @@ impl StorageError {
     /// Wraps an I/O error with what we were doing and where.
     pub fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> StorageError {
         if source.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error()) {
-            return StorageError::StorageFull {
-                free_bytes: 0,
-                floor_bytes: 0,
-            };
+            return StorageError::StorageFull { free_bytes: 0, floor_bytes: 0 };
         }
-        StorageError::Io {
-            op,
-            path: path.into(),
-            source,
-        }
+        StorageError::Io { op, path: path.into(), source }
     }
 
     /// A short label for the `cairn_storage_errors_total{kind}` metric.
@@ -85,9 +78,7 @@ impl StorageError {
             StorageError::InvalidBatch(_) => "invalid_batch",
             StorageError::Io { .. } => "io",
             StorageError::Poisoned(_) => "poisoned",
-            StorageError::TopicExists(_)
-            | StorageError::UnknownTopic(_)
-            | StorageError::InvalidTopicName(_) => "topic",
+            StorageError::TopicExists(_) | StorageError::UnknownTopic(_) | StorageError::InvalidTopicName(_) => "topic",
             StorageError::InvalidConfig(_) => "config",
             StorageError::Closed => "closed",
         }

@@ -22,11 +22,7 @@ pub type FlushDone = Box<dyn FnOnce(Result<()>) + Send>;
 /// A request to make a partition durable up to an offset.
 pub(crate) enum FlushRequest {
     /// Sync `partition` until `offset` (exclusive) is durable, then call `done`.
-    Sync {
-        partition: Arc<PartitionLog>,
-        offset: u64,
-        done: FlushDone,
-    },
+    Sync { partition: Arc<PartitionLog>, offset: u64, done: FlushDone },
     /// Stop the thread.
     Stop,
 }
@@ -58,9 +54,7 @@ pub(crate) fn run(rx: Receiver<FlushRequest>, store: Weak<StoreInner>) {
                 }
             }
         }
-        if last_checkpoint.elapsed()
-            >= Duration::from_millis(store.shared.config.checkpoint_interval_ms)
-        {
+        if last_checkpoint.elapsed() >= Duration::from_millis(store.shared.config.checkpoint_interval_ms) {
             last_checkpoint = Instant::now();
             if let Err(e) = store.write_checkpoint(false) {
                 tracing::error!(error = %e, "writing the recovery checkpoint failed");
@@ -74,12 +68,7 @@ fn serve(batch: Vec<FlushRequest>) {
     type Waiting = (Arc<PartitionLog>, Vec<(u64, FlushDone)>);
     let mut by_partition: HashMap<*const PartitionLog, Waiting> = HashMap::new();
     for req in batch {
-        if let FlushRequest::Sync {
-            partition,
-            offset,
-            done,
-        } = req
-        {
+        if let FlushRequest::Sync { partition, offset, done } = req {
             by_partition
                 .entry(Arc::as_ptr(&partition))
                 .or_insert_with(|| (Arc::clone(&partition), Vec::new()))
@@ -95,9 +84,7 @@ fn serve(batch: Vec<FlushRequest>) {
                 Ok(durable) => Err(StorageError::Io {
                     op: "sync",
                     path: partition.dir().to_owned(),
-                    source: std::io::Error::other(format!(
-                        "durable offset {durable} is below {offset}"
-                    )),
+                    source: std::io::Error::other(format!("durable offset {durable} is below {offset}")),
                 }),
                 Err(e) => Err(StorageError::Io {
                     op: "sync",

@@ -91,19 +91,13 @@ impl SegmentIndex {
             self.offsets.push(OffsetEntry { rel, pos });
             if let Some(before) = self.max_timestamp_before {
                 if self.times.last().is_none_or(|t| before > t.timestamp) {
-                    self.times.push(TimeEntry {
-                        timestamp: before,
-                        rel,
-                    });
+                    self.times.push(TimeEntry { timestamp: before, rel });
                 }
             }
             self.bytes_since_entry = 0;
         }
         self.bytes_since_entry += u64::from(len);
-        self.max_timestamp_before = Some(
-            self.max_timestamp_before
-                .map_or(max_timestamp, |m| m.max(max_timestamp)),
-        );
+        self.max_timestamp_before = Some(self.max_timestamp_before.map_or(max_timestamp, |m| m.max(max_timestamp)));
         true
     }
 
@@ -159,10 +153,7 @@ impl SegmentIndex {
     /// partial entry, or has entries out of order: the caller rebuilds from the log.
     pub(crate) fn decode(offsets: &[u8], times: &[u8]) -> Option<SegmentIndex> {
         let offsets = entries(offsets, OFFSET_MAGIC, INDEX_HEADER_LEN, OFFSET_ENTRY_LEN)?
-            .map(|e| OffsetEntry {
-                rel: be_u32(&e[0..4]),
-                pos: be_u32(&e[4..8]),
-            })
+            .map(|e| OffsetEntry { rel: be_u32(&e[0..4]), pos: be_u32(&e[4..8]) })
             .collect::<Vec<_>>();
         let max_timestamp = time_index_max_timestamp(times)?;
         let times = entries(times, TIME_MAGIC, TIME_HEADER_LEN, TIME_ENTRY_LEN)?
@@ -171,21 +162,12 @@ impl SegmentIndex {
                 rel: be_u32(&e[8..12]),
             })
             .collect::<Vec<_>>();
-        let ordered = offsets
-            .windows(2)
-            .all(|w| w[0].rel < w[1].rel && w[0].pos < w[1].pos)
-            && times
-                .windows(2)
-                .all(|w| w[0].timestamp < w[1].timestamp && w[0].rel < w[1].rel);
+        let ordered = offsets.windows(2).all(|w| w[0].rel < w[1].rel && w[0].pos < w[1].pos)
+            && times.windows(2).all(|w| w[0].timestamp < w[1].timestamp && w[0].rel < w[1].rel);
         if !ordered || offsets.is_empty() {
             return None;
         }
-        Some(SegmentIndex {
-            offsets,
-            times,
-            bytes_since_entry: 0,
-            max_timestamp_before: max_timestamp,
-        })
+        Some(SegmentIndex { offsets, times, bytes_since_entry: 0, max_timestamp_before: max_timestamp })
     }
 }
 
@@ -200,10 +182,7 @@ fn header(magic: &[u8; 8], body: usize) -> Vec<u8> {
 /// The segment max timestamp stored in a time index header: `None` if the header is invalid,
 /// `Some(None)` for an empty segment.
 pub(crate) fn time_index_max_timestamp(buf: &[u8]) -> Option<Option<i64>> {
-    if buf.len() < TIME_HEADER_LEN
-        || &buf[..8] != TIME_MAGIC
-        || be_u32(&buf[8..12]) != FORMAT_VERSION
-    {
+    if buf.len() < TIME_HEADER_LEN || &buf[..8] != TIME_MAGIC || be_u32(&buf[8..12]) != FORMAT_VERSION {
         return None;
     }
     let ts = i64::from_be_bytes(buf[16..24].try_into().expect("8 bytes"));
@@ -274,17 +253,11 @@ mod tests {
         assert_eq!(back.offsets, idx.offsets);
         assert_eq!(back.times, idx.times);
         assert_eq!(back.max_timestamp(), Some(109));
-        assert!(
-            SegmentIndex::decode(&o[..o.len() - 1], &t).is_none(),
-            "partial entry"
-        );
+        assert!(SegmentIndex::decode(&o[..o.len() - 1], &t).is_none(), "partial entry");
         assert!(SegmentIndex::decode(&[], &t).is_none(), "missing file");
         let mut zeroed = o.clone();
         zeroed[INDEX_HEADER_LEN..].fill(0);
-        assert!(
-            SegmentIndex::decode(&zeroed, &t).is_none(),
-            "zero-filled entries"
-        );
+        assert!(SegmentIndex::decode(&zeroed, &t).is_none(), "zero-filled entries");
     }
 
     #[test]

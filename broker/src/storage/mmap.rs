@@ -32,21 +32,13 @@ impl LogMap {
     /// the part within the file's length may be touched.
     pub(crate) fn writable(file: &File, capacity: usize) -> io::Result<LogMap> {
         let raw = MmapOptions::new().len(capacity).map_raw(file)?;
-        Ok(LogMap {
-            raw,
-            capacity,
-            writable: true,
-        })
+        Ok(LogMap { raw, capacity, writable: true })
     }
 
     /// Maps the first `len` bytes of `file` read-only.
     pub(crate) fn read_only(file: &File, len: usize) -> io::Result<LogMap> {
         let raw = MmapOptions::new().len(len.max(1)).map_raw_read_only(file)?;
-        Ok(LogMap {
-            raw,
-            capacity: len,
-            writable: false,
-        })
+        Ok(LogMap { raw, capacity: len, writable: false })
     }
 
     /// Copies `data` into the mapping at `pos`.
@@ -58,21 +50,13 @@ impl LogMap {
     /// If the mapping is read-only or the range exceeds the mapping: both are programming errors.
     pub(crate) fn write(&self, pos: usize, data: &[u8]) {
         assert!(self.writable, "write into a read-only mapping");
-        assert!(
-            pos.checked_add(data.len())
-                .is_some_and(|end| end <= self.capacity),
-            "write past the mapping"
-        );
+        assert!(pos.checked_add(data.len()).is_some_and(|end| end <= self.capacity), "write past the mapping");
         // SAFETY: the range is inside the mapping (checked above) and inside the file's allocated
         // length (caller's contract), so the pages exist. No shared slice of this range exists,
         // because readers only look below the published length and the range is above it; the
         // appender is the only writer (it holds the partition's append lock).
         unsafe {
-            std::ptr::copy_nonoverlapping(
-                data.as_ptr(),
-                self.raw.as_mut_ptr().add(pos),
-                data.len(),
-            );
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.raw.as_mut_ptr().add(pos), data.len());
         }
     }
 
@@ -84,12 +68,7 @@ impl LogMap {
     /// # Panics
     /// If the range exceeds the mapping.
     pub(crate) fn slice(&self, start: usize, len: usize) -> &[u8] {
-        assert!(
-            start
-                .checked_add(len)
-                .is_some_and(|end| end <= self.capacity),
-            "read past the mapping"
-        );
+        assert!(start.checked_add(len).is_some_and(|end| end <= self.capacity), "read past the mapping");
         if len == 0 {
             return &[];
         }
@@ -125,11 +104,7 @@ impl AsRef<[u8]> for MapSlice {
 pub(crate) fn shared_bytes(map: &Arc<LogMap>, start: usize, len: usize) -> Bytes {
     // Check the range once here; `as_ref` re-checks but can then never fail.
     let _ = map.slice(start, len);
-    Bytes::from_owner(MapSlice {
-        map: Arc::clone(map),
-        start,
-        len,
-    })
+    Bytes::from_owner(MapSlice { map: Arc::clone(map), start, len })
 }
 
 #[cfg(test)]
@@ -140,13 +115,7 @@ mod tests {
     fn writes_become_visible_through_shared_bytes_and_outlive_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("x.log");
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
         file.set_len(4096).unwrap();
         let map = Arc::new(LogMap::writable(&file, 1 << 20).unwrap());
         map.write(10, b"hello");

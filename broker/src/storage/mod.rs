@@ -93,9 +93,7 @@ pub(crate) struct Shared {
 
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Shared")
-            .field("config", &self.config)
-            .finish_non_exhaustive()
+        f.debug_struct("Shared").field("config", &self.config).finish_non_exhaustive()
     }
 }
 
@@ -106,8 +104,7 @@ impl Shared {
 
     /// Marks a segment as just used (for least-recently-used eviction).
     pub(crate) fn touch(&self, seg: &Segment) {
-        seg.last_used
-            .store(self.tick.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
+        seg.last_used.store(self.tick.fetch_add(1, Ordering::Relaxed), Ordering::Relaxed);
     }
 
     pub(crate) fn note_mapped(&self, seg: &Segment) {
@@ -128,10 +125,7 @@ pub(crate) struct StoreInner {
 impl StoreInner {
     pub(crate) fn partitions(&self) -> Vec<Arc<PartitionLog>> {
         let topics = self.topics.read().expect("topics lock");
-        topics
-            .values()
-            .flat_map(|t| t.partitions.iter().cloned())
-            .collect()
+        topics.values().flat_map(|t| t.partitions.iter().cloned()).collect()
     }
 
     /// Writes the recovery points: durable offsets while running, end offsets at clean close.
@@ -140,11 +134,7 @@ impl StoreInner {
             .partitions()
             .iter()
             .map(|p| {
-                let offset = if at_close {
-                    p.log_end_offset()
-                } else {
-                    p.durable_offset()
-                };
+                let offset = if at_close { p.log_end_offset() } else { p.durable_offset() };
                 (p.topic().to_owned(), p.partition(), offset)
             })
             .collect();
@@ -154,11 +144,7 @@ impl StoreInner {
     /// Unmaps the least recently used segments while more than the budget are mapped.
     pub(crate) fn enforce_segment_budget(&self) -> usize {
         let max = self.shared.config.open_segments_max;
-        let mut mapped: Vec<Arc<Segment>> = self
-            .partitions()
-            .iter()
-            .flat_map(|p| p.mapped_segments())
-            .collect();
+        let mut mapped: Vec<Arc<Segment>> = self.partitions().iter().flat_map(|p| p.mapped_segments()).collect();
         if mapped.len() <= max {
             return 0;
         }
@@ -171,10 +157,7 @@ impl StoreInner {
                 evicted += 1;
             }
         }
-        tracing::debug!(
-            evicted,
-            "unmapped cold segments to stay within open_segments_max"
-        );
+        tracing::debug!(evicted, "unmapped cold segments to stay within open_segments_max");
         evicted
     }
 }
@@ -189,9 +172,7 @@ pub struct LogStore {
 
 impl std::fmt::Debug for LogStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LogStore")
-            .field("dir", &self.inner.dir)
-            .finish_non_exhaustive()
+        f.debug_struct("LogStore").field("dir", &self.inner.dir).finish_non_exhaustive()
     }
 }
 
@@ -201,28 +182,16 @@ impl LogStore {
     ///
     /// # Errors
     /// Invalid config, another broker holding the directory, or I/O failures during recovery.
-    pub fn open(
-        dir: &Path,
-        config: StorageConfig,
-        clock: Clock,
-    ) -> Result<(LogStore, RecoveryReport)> {
+    pub fn open(dir: &Path, config: StorageConfig, clock: Clock) -> Result<(LogStore, RecoveryReport)> {
         config.validate()?;
         let started = std::time::Instant::now();
         std::fs::create_dir_all(dir).map_err(|e| StorageError::io("create directory", dir, e))?;
         let lock = lock_dir(dir)?;
         let disk = DiskMonitor::new(dir, config.disk_free_bytes_min);
-        let shared = Arc::new(Shared {
-            config,
-            disk,
-            clock,
-            tick: AtomicU64::new(1),
-        });
+        let shared = Arc::new(Shared { config, disk, clock, tick: AtomicU64::new(1) });
         let clean = checkpoint::was_clean(dir);
         let points = checkpoint::read(dir);
-        let mut report = RecoveryReport {
-            clean,
-            ..Default::default()
-        };
+        let mut report = RecoveryReport { clean, ..Default::default() };
         let mut topics = BTreeMap::new();
         for meta in topics::load(dir)? {
             let mut partitions = Vec::with_capacity(meta.partitions as usize);
@@ -244,12 +213,7 @@ impl LogStore {
             let internal = meta.name.starts_with("__");
             topics.insert(
                 meta.name.clone(),
-                Arc::new(Topic {
-                    name: meta.name,
-                    config: meta.config,
-                    partitions,
-                    internal,
-                }),
+                Arc::new(Topic { name: meta.name, config: meta.config, partitions, internal }),
             );
         }
         checkpoint::clear_clean(dir)?;
@@ -275,15 +239,7 @@ impl LogStore {
             })?,
         ];
         report.duration = started.elapsed();
-        Ok((
-            LogStore {
-                inner,
-                threads: Mutex::new(threads),
-                stop_maintenance: stop_tx,
-                _lock: lock,
-            },
-            report,
-        ))
+        Ok((LogStore { inner, threads: Mutex::new(threads), stop_maintenance: stop_tx, _lock: lock }, report))
     }
 
     /// The data directory.
@@ -303,49 +259,28 @@ impl LogStore {
 
     /// A topic by name.
     pub fn topic(&self, name: &str) -> Option<Arc<Topic>> {
-        self.inner
-            .topics
-            .read()
-            .expect("topics lock")
-            .get(name)
-            .cloned()
+        self.inner.topics.read().expect("topics lock").get(name).cloned()
     }
 
     /// Every topic, sorted by name.
     pub fn topics(&self) -> Vec<Arc<Topic>> {
-        self.inner
-            .topics
-            .read()
-            .expect("topics lock")
-            .values()
-            .cloned()
-            .collect()
+        self.inner.topics.read().expect("topics lock").values().cloned().collect()
     }
 
     /// A partition by topic and index.
     pub fn partition(&self, topic: &str, partition: u32) -> Option<Arc<PartitionLog>> {
-        self.topic(topic)?
-            .partitions
-            .get(partition as usize)
-            .cloned()
+        self.topic(topic)?.partitions.get(partition as usize).cloned()
     }
 
     /// Creates a topic with `partitions` partitions and `config`.
     ///
     /// # Errors
     /// Invalid name or config, an existing topic, or I/O failures.
-    pub fn create_topic(
-        &self,
-        name: &str,
-        partitions: u32,
-        config: TopicConfig,
-    ) -> Result<Arc<Topic>> {
+    pub fn create_topic(&self, name: &str, partitions: u32, config: TopicConfig) -> Result<Arc<Topic>> {
         topics::validate_name(name)?;
         config.validate()?;
         if partitions == 0 {
-            return Err(StorageError::InvalidConfig(
-                "a topic needs at least one partition".into(),
-            ));
+            return Err(StorageError::InvalidConfig("a topic needs at least one partition".into()));
         }
         let _admin = self.inner.admin.lock().expect("admin lock");
         if self.inner.closed.load(Ordering::Acquire) {
@@ -360,38 +295,18 @@ impl LogStore {
             let pdir = dir.join(format!("{name}-{p}"));
             if pdir.exists() {
                 // Leftover of an interrupted deletion or creation: start clean.
-                std::fs::remove_dir_all(&pdir)
-                    .map_err(|e| StorageError::io("remove stale directory", &pdir, e))?;
+                std::fs::remove_dir_all(&pdir).map_err(|e| StorageError::io("remove stale directory", &pdir, e))?;
             }
-            let (log, _) = PartitionLog::open(
-                name,
-                p,
-                pdir,
-                config.clone(),
-                Arc::clone(&self.inner.shared),
-                None,
-            )?;
+            let (log, _) = PartitionLog::open(name, p, pdir, config.clone(), Arc::clone(&self.inner.shared), None)?;
             logs.push(Arc::new(log));
         }
         segment::sync_dir(dir)?;
-        let topic = Arc::new(Topic {
-            name: name.to_owned(),
-            config,
-            partitions: logs,
-            internal: name.starts_with("__"),
-        });
-        let mut all: Vec<topics::TopicMeta> = self
-            .topics()
-            .iter()
-            .map(|t| topics::TopicMeta::of(t))
-            .collect();
+        let topic =
+            Arc::new(Topic { name: name.to_owned(), config, partitions: logs, internal: name.starts_with("__") });
+        let mut all: Vec<topics::TopicMeta> = self.topics().iter().map(|t| topics::TopicMeta::of(t)).collect();
         all.push(topics::TopicMeta::of(&topic));
         topics::save(dir, &all)?;
-        self.inner
-            .topics
-            .write()
-            .expect("topics lock")
-            .insert(name.to_owned(), Arc::clone(&topic));
+        self.inner.topics.write().expect("topics lock").insert(name.to_owned(), Arc::clone(&topic));
         self.inner.enforce_segment_budget();
         Ok(topic)
     }
@@ -402,15 +317,9 @@ impl LogStore {
     /// Unknown topic or I/O failures.
     pub fn delete_topic(&self, name: &str) -> Result<()> {
         let _admin = self.inner.admin.lock().expect("admin lock");
-        let topic = self
-            .topic(name)
-            .ok_or_else(|| StorageError::UnknownTopic(name.to_owned()))?;
-        let all: Vec<topics::TopicMeta> = self
-            .topics()
-            .iter()
-            .filter(|t| t.name != name)
-            .map(|t| topics::TopicMeta::of(t))
-            .collect();
+        let topic = self.topic(name).ok_or_else(|| StorageError::UnknownTopic(name.to_owned()))?;
+        let all: Vec<topics::TopicMeta> =
+            self.topics().iter().filter(|t| t.name != name).map(|t| topics::TopicMeta::of(t)).collect();
         topics::save(&self.inner.dir, &all)?;
         self.inner.topics.write().expect("topics lock").remove(name);
         for p in &topic.partitions {
@@ -421,11 +330,7 @@ impl LogStore {
 
     /// Asks the flusher to make `partition` durable up to `offset` and call `done` then.
     pub fn sync_async(&self, partition: Arc<PartitionLog>, offset: u64, done: FlushDone) {
-        if let Err(e) = self.inner.flush_tx.send(FlushRequest::Sync {
-            partition,
-            offset,
-            done,
-        }) {
+        if let Err(e) = self.inner.flush_tx.send(FlushRequest::Sync { partition, offset, done }) {
             if let FlushRequest::Sync { done, .. } = e.0 {
                 done(Err(StorageError::Closed));
             }
@@ -483,10 +388,7 @@ impl Drop for LogStore {
 }
 
 fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name(name.to_owned())
-        .spawn(f)
-        .map_err(|e| StorageError::io("spawn thread", name, e))
+    std::thread::Builder::new().name(name.to_owned()).spawn(f).map_err(|e| StorageError::io("spawn thread", name, e))
 }
 
 fn lock_dir(dir: &Path) -> Result<std::fs::File> {
@@ -497,13 +399,11 @@ fn lock_dir(dir: &Path) -> Result<std::fs::File> {
         .write(true)
         .open(&path)
         .map_err(|e| StorageError::io("open", &path, e))?;
-    rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(
-        |e| StorageError::Io {
-            op: "lock (is another broker using this data directory?)",
-            path: path.clone(),
-            source: e.into(),
-        },
-    )?;
+    rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(|e| StorageError::Io {
+        op: "lock (is another broker using this data directory?)",
+        path: path.clone(),
+        source: e.into(),
+    })?;
     Ok(file)
 }
 
@@ -538,8 +438,7 @@ fn maintenance(stop: Receiver<()>, store: std::sync::Weak<StoreInner>) {
         inner.shared.disk.refresh();
         inner.enforce_segment_budget();
         since_retention += tick;
-        if since_retention >= Duration::from_millis(inner.shared.config.retention_check_interval_ms)
-        {
+        if since_retention >= Duration::from_millis(inner.shared.config.retention_check_interval_ms) {
             since_retention = Duration::ZERO;
             apply_retention_all(&inner);
         }

@@ -106,10 +106,7 @@ impl PartitionLog {
         std::fs::create_dir_all(&dir).map_err(|e| StorageError::io("create directory", &dir, e))?;
         let capacity = Self::capacity(&config);
         let recovered = recover_partition(&dir, capacity, &shared, recovery, shared.now_ms())?;
-        let active = recovered
-            .segments
-            .last()
-            .expect("recovery leaves at least one segment");
+        let active = recovered.segments.last().expect("recovery leaves at least one segment");
         let end = active.next_offset();
         let start = recovered.segments[0].base_offset;
         let log = PartitionLog {
@@ -136,9 +133,7 @@ impl PartitionLog {
     }
 
     fn capacity(config: &TopicConfig) -> u64 {
-        config
-            .segment_bytes
-            .max(LOG_HEADER_LEN + u64::from(config.batch_bytes_max))
+        config.segment_bytes.max(LOG_HEADER_LEN + u64::from(config.batch_bytes_max))
     }
 
     /// Topic name.
@@ -188,11 +183,7 @@ impl PartitionLog {
 
     /// Segments currently mapped (for the open-segments budget).
     pub(crate) fn mapped_segments(&self) -> Vec<Arc<Segment>> {
-        self.segments()
-            .iter()
-            .filter(|s| s.is_mapped())
-            .cloned()
-            .collect()
+        self.segments().iter().filter(|s| s.is_mapped()).cloned().collect()
     }
 
     pub(crate) fn segments(&self) -> Arc<Vec<Arc<Segment>>> {
@@ -240,25 +231,13 @@ impl PartitionLog {
         let interval = self.shared.config.index_interval_bytes;
         let entries_max = self.shared.config.index_entries_max();
         let indexed = active.with_index_mut(|idx| {
-            idx.on_batch(
-                rel,
-                pos as u32,
-                len as u32,
-                header.max_timestamp,
-                interval,
-                entries_max,
-            )
+            idx.on_batch(rel, pos as u32, len as u32, header.max_timestamp, interval, entries_max)
         });
         debug_assert!(indexed, "needs_roll checks for a full index");
         active.write_batch(&map, batch, base);
         active.publish(pos + len, base + count, header.max_timestamp);
         self.end_offset.store(base + count, Ordering::Release);
-        let _ = self.dirty_since_ms.compare_exchange(
-            0,
-            now.max(1),
-            Ordering::AcqRel,
-            Ordering::Relaxed,
-        );
+        let _ = self.dirty_since_ms.compare_exchange(0, now.max(1), Ordering::AcqRel, Ordering::Relaxed);
         drop(ap);
         Ok(AppendInfo {
             base_offset: base,
@@ -284,13 +263,8 @@ impl PartitionLog {
     fn roll(&self, ap: &mut Appender, now: i64) -> Result<Arc<Segment>> {
         let base = self.end_offset.load(Ordering::Acquire);
         let cfg = &self.shared.config;
-        let (seg, allocated) = Segment::create(
-            &self.dir,
-            base,
-            Self::capacity(&self.config),
-            cfg.preallocate_bytes_min,
-            now,
-        )?;
+        let (seg, allocated) =
+            Segment::create(&self.dir, base, Self::capacity(&self.config), cfg.preallocate_bytes_min, now)?;
         let seg = Arc::new(seg);
         self.shared.note_mapped(&seg);
         let mut segments = self.segments.write().expect("segments lock");
@@ -316,26 +290,16 @@ impl PartitionLog {
     pub fn read(&self, offset: u64, max_bytes: u64) -> Result<ReadResult> {
         let end = self.log_end_offset();
         let start = self.log_start_offset();
-        let out_of_range = || StorageError::OffsetOutOfRange {
-            offset,
-            log_start: start,
-            log_end: end,
-        };
+        let out_of_range = || StorageError::OffsetOutOfRange { offset, log_start: start, log_end: end };
         if offset < start || offset > end {
             return Err(out_of_range());
         }
-        let mut result = ReadResult {
-            chunks: Vec::new(),
-            log_start_offset: start,
-            log_end_offset: end,
-        };
+        let mut result = ReadResult { chunks: Vec::new(), log_start_offset: start, log_end_offset: end };
         if offset == end {
             return Ok(result);
         }
         let segments = self.segments();
-        let i = segments
-            .partition_point(|s| s.base_offset <= offset)
-            .saturating_sub(1);
+        let i = segments.partition_point(|s| s.base_offset <= offset).saturating_sub(1);
         let interval = self.shared.config.index_interval_bytes;
         let entries_max = self.shared.config.index_entries_max();
         for seg in &segments[i..] {
@@ -404,11 +368,7 @@ impl PartitionLog {
                 return Ok(self.durable_offset());
             }
             let active = Arc::clone(self.segments().last().expect("at least one segment"));
-            (
-                std::mem::take(&mut ap.pending_seal),
-                std::mem::take(&mut ap.dir_dirty),
-                active,
-            )
+            (std::mem::take(&mut ap.pending_seal), std::mem::take(&mut ap.dir_dirty), active)
         };
         let started = std::time::Instant::now();
         let interval = self.shared.config.index_interval_bytes;
@@ -432,8 +392,7 @@ impl PartitionLog {
         self.durable_offset.fetch_max(target, Ordering::AcqRel);
         let now = self.shared.now_ms().max(1);
         let still_dirty = self.log_end_offset() > target;
-        self.dirty_since_ms
-            .store(if still_dirty { now } else { 0 }, Ordering::Release);
+        self.dirty_since_ms.store(if still_dirty { now } else { 0 }, Ordering::Release);
         Ok(target)
     }
 
@@ -454,18 +413,14 @@ impl PartitionLog {
         let segments = self.segments();
         let total: u64 = segments.iter().map(|s| s.data_bytes()).sum();
         let expired = |s: &Segment| {
-            self.config.retention_ms.is_some_and(|r| {
-                s.max_timestamp()
-                    .is_some_and(|t| t.saturating_add(r.get() as i64) < now_ms)
-            })
+            self.config
+                .retention_ms
+                .is_some_and(|r| s.max_timestamp().is_some_and(|t| t.saturating_add(r.get() as i64) < now_ms))
         };
         let mut remaining = total;
         let mut doomed = 0;
         for seg in &segments[..segments.len() - 1] {
-            let over_size = self
-                .config
-                .retention_bytes
-                .is_some_and(|r| remaining > r.get());
+            let over_size = self.config.retention_bytes.is_some_and(|r| remaining > r.get());
             if !(expired(seg) || over_size) || !seg.is_seal_finished() {
                 break;
             }
@@ -495,11 +450,7 @@ impl PartitionLog {
         let segments = self.segments();
         let active = segments.last().expect("at least one segment");
         let active_breaches = !active.is_empty()
-            && (expired(active)
-                || self
-                    .config
-                    .retention_bytes
-                    .is_some_and(|r| active.data_bytes() > r.get()));
+            && (expired(active) || self.config.retention_bytes.is_some_and(|r| active.data_bytes() > r.get()));
         if active_breaches {
             let mut ap = self.appender.lock().expect("append lock");
             let current = Arc::clone(self.segments().last().expect("at least one segment"));
@@ -531,10 +482,8 @@ impl PartitionLog {
     pub fn delete_segments_below(&self, offset: u64) -> Result<RetentionOutcome> {
         let removed: Vec<Arc<Segment>> = {
             let mut list = self.segments.write().expect("segments lock");
-            let doomed = list[..list.len() - 1]
-                .iter()
-                .take_while(|s| s.next_offset() <= offset && s.is_seal_finished())
-                .count();
+            let doomed =
+                list[..list.len() - 1].iter().take_while(|s| s.next_offset() <= offset && s.is_seal_finished()).count();
             if doomed == 0 {
                 return Ok(RetentionOutcome::default());
             }

@@ -16,9 +16,7 @@ use cairn_protocol::record_batch::check_batch;
 use super::error::{Result, StorageError};
 use super::index::{read_index_file, time_index_max_timestamp, SegmentIndex, TIME_HEADER_LEN};
 use super::mmap::LogMap;
-use super::segment::{
-    parse_log_name, scan_log, stored_batch_at, sync_dir, ScanStop, Segment, LOG_HEADER_LEN,
-};
+use super::segment::{parse_log_name, scan_log, stored_batch_at, sync_dir, ScanStop, Segment, LOG_HEADER_LEN};
 use super::Shared;
 
 /// The recovered segments of one partition, and what recovery had to do.
@@ -46,28 +44,13 @@ pub(crate) fn recover_partition(
     let entries_max = shared.config.index_entries_max();
     let mut bases = list_segments(dir)?;
     if bases.is_empty() {
-        let (seg, allocated) = Segment::create(
-            dir,
-            0,
-            capacity,
-            shared.config.preallocate_bytes_min,
-            now_ms,
-        )?;
+        let (seg, allocated) = Segment::create(dir, 0, capacity, shared.config.preallocate_bytes_min, now_ms)?;
         sync_dir(dir)?;
-        return Ok(RecoveredLog {
-            segments: vec![Arc::new(seg)],
-            allocated,
-            truncated_bytes: 0,
-            scanned_segments: 0,
-        });
+        return Ok(RecoveredLog { segments: vec![Arc::new(seg)], allocated, truncated_bytes: 0, scanned_segments: 0 });
     }
     bases.sort_unstable();
     let (clean, point) = recovery.unwrap_or((false, 0));
-    let scan_from = if clean {
-        bases.len()
-    } else {
-        bases.partition_point(|b| *b <= point).saturating_sub(1)
-    };
+    let scan_from = if clean { bases.len() } else { bases.partition_point(|b| *b <= point).saturating_sub(1) };
     let mut out = RecoveredLog {
         segments: Vec::with_capacity(bases.len()),
         allocated: 0,
@@ -78,9 +61,8 @@ pub(crate) fn recover_partition(
     let mut i = 0;
     while i < bases.len() {
         let seg = Segment::existing(dir, bases[i], capacity);
-        let file_len = std::fs::metadata(seg.log_path())
-            .map_err(|e| StorageError::io("stat", seg.log_path(), e))?
-            .len();
+        let file_len =
+            std::fs::metadata(seg.log_path()).map_err(|e| StorageError::io("stat", seg.log_path(), e))?.len();
         let next_base = bases.get(i + 1).copied();
         let trusted = i < scan_from
             && if i == last {
@@ -90,16 +72,13 @@ pub(crate) fn recover_partition(
             };
         if !trusted {
             out.scanned_segments += 1;
-            let (ok, cut) =
-                scan_and_restore(&seg, file_len, next_base, i == last, interval, entries_max)?;
+            let (ok, cut) = scan_and_restore(&seg, file_len, next_base, i == last, interval, entries_max)?;
             out.truncated_bytes += cut;
             if !ok {
                 // Everything after a damaged segment follows a hole: remove it.
                 for later in &bases[i + 1..] {
                     let doomed = Segment::existing(dir, *later, capacity);
-                    let len = std::fs::metadata(doomed.log_path())
-                        .map(|m| m.len())
-                        .unwrap_or(0);
+                    let len = std::fs::metadata(doomed.log_path()).map(|m| m.len()).unwrap_or(0);
                     out.truncated_bytes += len.saturating_sub(LOG_HEADER_LEN);
                     doomed.delete_files()?;
                     tracing::warn!(segment = %doomed.log_path().display(), "removed a segment after a cut in the log");
@@ -114,9 +93,8 @@ pub(crate) fn recover_partition(
     }
     let active = out.segments.last().expect("at least one segment");
     active.unseal();
-    out.allocated = std::fs::metadata(active.log_path())
-        .map_err(|e| StorageError::io("stat", active.log_path(), e))?
-        .len();
+    out.allocated =
+        std::fs::metadata(active.log_path()).map_err(|e| StorageError::io("stat", active.log_path(), e))?.len();
     if out.truncated_bytes > 0 {
         metrics::counter!("cairn_recovery_truncated_bytes_total").increment(out.truncated_bytes);
         tracing::warn!(dir = %dir.display(), truncated_bytes = out.truncated_bytes, log_end_offset = active.next_offset(),
@@ -179,25 +157,17 @@ fn restore_clean_active(seg: &Segment, file_len: u64, point: u64, interval: u32)
         if point != seg.base_offset {
             return Ok(false);
         }
-        seg.restore(
-            LOG_HEADER_LEN,
-            seg.base_offset,
-            None,
-            Some(SegmentIndex::default()),
-        );
+        seg.restore(LOG_HEADER_LEN, seg.base_offset, None, Some(SegmentIndex::default()));
         return Ok(true);
     }
     let (index_path, time_path) = seg.index_paths();
-    let offsets =
-        read_index_file(index_path).map_err(|e| StorageError::io("read", index_path, e))?;
+    let offsets = read_index_file(index_path).map_err(|e| StorageError::io("read", index_path, e))?;
     let times = read_index_file(time_path).map_err(|e| StorageError::io("read", time_path, e))?;
     let Some(mut idx) = SegmentIndex::decode(&offsets, &times) else {
         return Ok(false);
     };
-    let file =
-        File::open(seg.log_path()).map_err(|e| StorageError::io("open", seg.log_path(), e))?;
-    let map = LogMap::read_only(&file, file_len as usize)
-        .map_err(|e| StorageError::io("mmap", seg.log_path(), e))?;
+    let file = File::open(seg.log_path()).map_err(|e| StorageError::io("open", seg.log_path(), e))?;
+    let map = LogMap::read_only(&file, file_len as usize).map_err(|e| StorageError::io("mmap", seg.log_path(), e))?;
     let data = map.slice(0, file_len as usize);
     let last = *idx.offsets.last().expect("decode rejects empty indexes");
     let mut pos = u64::from(last.pos);
@@ -206,9 +176,7 @@ fn restore_clean_active(seg: &Segment, file_len: u64, point: u64, interval: u32)
         let Some(b) = stored_batch_at(data, pos) else {
             return Ok(false);
         };
-        if b.base_offset != next
-            || check_batch(&data[pos as usize..(pos + b.total_len) as usize]).is_err()
-        {
+        if b.base_offset != next || check_batch(&data[pos as usize..(pos + b.total_len) as usize]).is_err() {
             return Ok(false);
         }
         next = b.last_offset + 1;
@@ -235,19 +203,13 @@ fn scan_and_restore(
     interval: u32,
     entries_max: usize,
 ) -> Result<(bool, u64)> {
-    let file =
-        File::open(seg.log_path()).map_err(|e| StorageError::io("open", seg.log_path(), e))?;
+    let file = File::open(seg.log_path()).map_err(|e| StorageError::io("open", seg.log_path(), e))?;
     let scan = if file_len == 0 {
         scan_log(&[], seg.base_offset, interval, entries_max)
     } else {
-        let map = LogMap::read_only(&file, file_len as usize)
-            .map_err(|e| StorageError::io("mmap", seg.log_path(), e))?;
-        scan_log(
-            map.slice(0, file_len as usize),
-            seg.base_offset,
-            interval,
-            entries_max,
-        )
+        let map =
+            LogMap::read_only(&file, file_len as usize).map_err(|e| StorageError::io("mmap", seg.log_path(), e))?;
+        scan_log(map.slice(0, file_len as usize), seg.base_offset, interval, entries_max)
     };
     drop(file);
     let mut intact = matches!(scan.stop, ScanStop::End);
@@ -263,12 +225,7 @@ fn scan_and_restore(
     if scan.valid_len < LOG_HEADER_LEN {
         // No usable header at all: start the segment afresh.
         rewrite_header(seg)?;
-        seg.restore(
-            LOG_HEADER_LEN,
-            seg.base_offset,
-            None,
-            Some(SegmentIndex::default()),
-        );
+        seg.restore(LOG_HEADER_LEN, seg.base_offset, None, Some(SegmentIndex::default()));
         return Ok((intact && is_last, cut));
     }
     let max_ts = scan.index.max_timestamp();
@@ -288,15 +245,10 @@ fn damaged_bytes(seg: &Segment, from: u64, file_len: u64) -> Result<u64> {
     if file_len <= from {
         return Ok(0);
     }
-    let file =
-        File::open(seg.log_path()).map_err(|e| StorageError::io("open", seg.log_path(), e))?;
-    let map = LogMap::read_only(&file, file_len as usize)
-        .map_err(|e| StorageError::io("mmap", seg.log_path(), e))?;
+    let file = File::open(seg.log_path()).map_err(|e| StorageError::io("open", seg.log_path(), e))?;
+    let map = LogMap::read_only(&file, file_len as usize).map_err(|e| StorageError::io("mmap", seg.log_path(), e))?;
     let tail = map.slice(from as usize, (file_len - from) as usize);
-    Ok(tail
-        .iter()
-        .rposition(|b| *b != 0)
-        .map_or(0, |p| p as u64 + 1))
+    Ok(tail.iter().rposition(|b| *b != 0).map_or(0, |p| p as u64 + 1))
 }
 
 fn rewrite_header(seg: &Segment) -> Result<()> {
@@ -305,13 +257,10 @@ fn rewrite_header(seg: &Segment) -> Result<()> {
         .write(true)
         .open(seg.log_path())
         .map_err(|e| StorageError::io("open", seg.log_path(), e))?;
-    file.set_len(0)
-        .map_err(|e| StorageError::io("truncate", seg.log_path(), e))?;
+    file.set_len(0).map_err(|e| StorageError::io("truncate", seg.log_path(), e))?;
     let mut h = [0u8; LOG_HEADER_LEN as usize];
     h[..8].copy_from_slice(b"CAIRNLOG");
     h[8..12].copy_from_slice(&1u32.to_be_bytes());
-    file.write_all_at(&h, 0)
-        .map_err(|e| StorageError::io("write header", seg.log_path(), e))?;
-    file.sync_all()
-        .map_err(|e| StorageError::io("fsync", seg.log_path(), e))
+    file.write_all_at(&h, 0).map_err(|e| StorageError::io("write header", seg.log_path(), e))?;
+    file.sync_all().map_err(|e| StorageError::io("fsync", seg.log_path(), e))
 }

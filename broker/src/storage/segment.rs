@@ -114,12 +114,7 @@ pub(crate) struct ScanOutcome {
 /// Scans `data` (a whole `.log` file or mapping) from the header: checks each batch's length,
 /// magic, attributes and CRC32C and that its base offset continues the sequence, and rebuilds the
 /// indexes. Stops at the first zero length (the preallocated tail) or damaged batch.
-pub(crate) fn scan_log(
-    data: &[u8],
-    base_offset: u64,
-    interval: u32,
-    entries_max: usize,
-) -> ScanOutcome {
+pub(crate) fn scan_log(data: &[u8], base_offset: u64, interval: u32, entries_max: usize) -> ScanOutcome {
     let mut out = ScanOutcome {
         valid_len: LOG_HEADER_LEN,
         next_offset: base_offset,
@@ -145,8 +140,7 @@ pub(crate) fn scan_log(
             return out;
         }
         if total < BATCH_HEADER_LEN as i64 || total as usize > rest.len() {
-            out.stop =
-                ScanStop::Damaged(format!("batch at byte {pos} has impossible length {total}"));
+            out.stop = ScanStop::Damaged(format!("batch at byte {pos} has impossible length {total}"));
             return out;
         }
         let batch = &rest[..total as usize];
@@ -169,14 +163,7 @@ pub(crate) fn scan_log(
             out.stop = ScanStop::Damaged(format!("batch at byte {pos} does not fit the index"));
             return out;
         };
-        if !out.index.on_batch(
-            rel,
-            p,
-            total as u32,
-            header.max_timestamp,
-            interval,
-            entries_max,
-        ) {
+        if !out.index.on_batch(rel, p, total as u32, header.max_timestamp, interval, entries_max) {
             out.stop = ScanStop::Damaged("index full while rebuilding".into());
             return out;
         }
@@ -217,11 +204,7 @@ pub(crate) struct Segment {
 impl Segment {
     fn paths(dir: &Path, base_offset: u64) -> (PathBuf, PathBuf, PathBuf) {
         let stem = segment_stem(base_offset);
-        (
-            dir.join(format!("{stem}.log")),
-            dir.join(format!("{stem}.index")),
-            dir.join(format!("{stem}.timeindex")),
-        )
+        (dir.join(format!("{stem}.log")), dir.join(format!("{stem}.index")), dir.join(format!("{stem}.timeindex")))
     }
 
     fn new(dir: &Path, base_offset: u64, capacity: u64, created_ms: i64) -> Segment {
@@ -264,10 +247,8 @@ impl Segment {
             .map_err(|e| StorageError::io("create", &seg.log_path, e))?;
         let allocated = prealloc.clamp(LOG_HEADER_LEN, capacity);
         fallocate(&file, &seg.log_path, allocated)?;
-        file.write_all_at(&log_header(), 0)
-            .map_err(|e| StorageError::io("write header", &seg.log_path, e))?;
-        let map = LogMap::writable(&file, capacity as usize)
-            .map_err(|e| StorageError::io("mmap", &seg.log_path, e))?;
+        file.write_all_at(&log_header(), 0).map_err(|e| StorageError::io("write header", &seg.log_path, e))?;
+        let map = LogMap::writable(&file, capacity as usize).map_err(|e| StorageError::io("mmap", &seg.log_path, e))?;
         *seg.map.write().expect("segment map lock") = Some(Arc::new(map));
         *seg.index.write().expect("segment index lock") = Some(SegmentIndex::default());
         // Remove index files left by an earlier incarnation of this base offset.
@@ -286,18 +267,11 @@ impl Segment {
     }
 
     /// Sets the published state after recovery.
-    pub(crate) fn restore(
-        &self,
-        len: u64,
-        next_offset: u64,
-        max_timestamp: Option<i64>,
-        index: Option<SegmentIndex>,
-    ) {
+    pub(crate) fn restore(&self, len: u64, next_offset: u64, max_timestamp: Option<i64>, index: Option<SegmentIndex>) {
         self.len.store(len, Ordering::Release);
         self.synced_len.store(len, Ordering::Release);
         self.next_offset.store(next_offset, Ordering::Release);
-        self.max_timestamp
-            .store(max_timestamp.unwrap_or(i64::MIN), Ordering::Release);
+        self.max_timestamp.store(max_timestamp.unwrap_or(i64::MIN), Ordering::Release);
         *self.index.write().expect("segment index lock") = index;
     }
 
@@ -376,10 +350,7 @@ impl Segment {
             .open(&self.log_path)
             .map_err(|e| StorageError::io("open", &self.log_path, e))?;
         let map = if sealed {
-            let len = file
-                .metadata()
-                .map_err(|e| StorageError::io("stat", &self.log_path, e))?
-                .len();
+            let len = file.metadata().map_err(|e| StorageError::io("stat", &self.log_path, e))?.len();
             LogMap::read_only(&file, len as usize)
         } else {
             LogMap::writable(&file, self.capacity as usize)
@@ -394,13 +365,7 @@ impl Segment {
     /// keep the old mapping alive. Returns whether anything was released.
     pub(crate) fn evict(&self) -> bool {
         let had_map = self.map.write().expect("segment map lock").take().is_some();
-        let had_index = self.is_sealed()
-            && self
-                .index
-                .write()
-                .expect("segment index lock")
-                .take()
-                .is_some();
+        let had_index = self.is_sealed() && self.index.write().expect("segment index lock").take().is_some();
         had_map || had_index
     }
 
@@ -431,10 +396,8 @@ impl Segment {
     /// ordered entries, every position inside the log, and the last entry pointing at a batch
     /// whose base offset matches. Anything else: rebuild from the log and rewrite the files.
     fn load_index(&self, interval: u32, entries_max: usize) -> Result<SegmentIndex> {
-        let offsets = read_index_file(&self.index_path)
-            .map_err(|e| StorageError::io("read", &self.index_path, e))?;
-        let times = read_index_file(&self.time_path)
-            .map_err(|e| StorageError::io("read", &self.time_path, e))?;
+        let offsets = read_index_file(&self.index_path).map_err(|e| StorageError::io("read", &self.index_path, e))?;
+        let times = read_index_file(&self.time_path).map_err(|e| StorageError::io("read", &self.time_path, e))?;
         let map = self.mapping()?;
         let len = self.len();
         let data = map.slice(0, len as usize);
@@ -478,11 +441,7 @@ impl Segment {
         if u64::from(last.pos) >= len || self.base_offset + u64::from(last.rel) >= next {
             return false;
         }
-        if idx
-            .times
-            .iter()
-            .any(|t| self.base_offset + u64::from(t.rel) >= next)
-        {
+        if idx.times.iter().any(|t| self.base_offset + u64::from(t.rel) >= next) {
             return false;
         }
         matches!(stored_batch_at(data, u64::from(last.pos)), Some(b) if b.base_offset == self.base_offset + u64::from(last.rel))
@@ -505,8 +464,7 @@ impl Segment {
 
     /// Appender-only: publishes a written batch to readers.
     pub(crate) fn publish(&self, new_len: u64, next_offset: u64, max_timestamp: i64) {
-        self.max_timestamp
-            .fetch_max(max_timestamp, Ordering::AcqRel);
+        self.max_timestamp.fetch_max(max_timestamp, Ordering::AcqRel);
         self.next_offset.store(next_offset, Ordering::Release);
         self.len.store(new_len, Ordering::Release);
     }
@@ -539,10 +497,8 @@ impl Segment {
             .write(true)
             .open(&self.log_path)
             .map_err(|e| StorageError::io("open", &self.log_path, e))?;
-        file.set_len(self.len())
-            .map_err(|e| StorageError::io("trim", &self.log_path, e))?;
-        file.sync_all()
-            .map_err(|e| StorageError::io("fsync", &self.log_path, e))?;
+        file.set_len(self.len()).map_err(|e| StorageError::io("trim", &self.log_path, e))?;
+        file.sync_all().map_err(|e| StorageError::io("fsync", &self.log_path, e))?;
         self.seal_finished.store(true, Ordering::Release);
         Ok(())
     }
@@ -555,10 +511,8 @@ impl Segment {
             .write(true)
             .open(&self.log_path)
             .map_err(|e| StorageError::io("open", &self.log_path, e))?;
-        file.set_len(len)
-            .map_err(|e| StorageError::io("truncate", &self.log_path, e))?;
-        file.sync_all()
-            .map_err(|e| StorageError::io("fsync", &self.log_path, e))
+        file.set_len(len).map_err(|e| StorageError::io("truncate", &self.log_path, e))?;
+        file.sync_all().map_err(|e| StorageError::io("fsync", &self.log_path, e))
     }
 
     /// Extends the active log file to `new_len` bytes of allocated space.
@@ -581,9 +535,7 @@ impl Segment {
         entries_max: usize,
     ) -> Result<Option<Bytes>> {
         let rel = u32::try_from(offset.saturating_sub(self.base_offset)).unwrap_or(u32::MAX);
-        let start = self.with_index(interval, entries_max, |idx| {
-            idx.floor(rel).map(|e| u64::from(e.pos))
-        })?;
+        let start = self.with_index(interval, entries_max, |idx| idx.floor(rel).map(|e| u64::from(e.pos)))?;
         let map = self.mapping()?;
         let len = self.len();
         let data = map.slice(0, len as usize);
@@ -605,9 +557,7 @@ impl Segment {
             }
             pos += b.total_len;
         }
-        Ok(first
-            .filter(|f| *f < pos)
-            .map(|f| shared_bytes(&map, f as usize, (pos - f) as usize)))
+        Ok(first.filter(|f| *f < pos).map(|f| shared_bytes(&map, f as usize, (pos - f) as usize)))
     }
 
     /// First `(offset, timestamp)` in this segment whose record timestamp is `>= timestamp`.
@@ -621,9 +571,7 @@ impl Segment {
         let start_rel = self.with_index(interval, entries_max, |idx| idx.time_floor(timestamp))?;
         let start_offset = self.base_offset + u64::from(start_rel.unwrap_or(0));
         let rel = u32::try_from(start_offset - self.base_offset).unwrap_or(u32::MAX);
-        let start = self.with_index(interval, entries_max, |idx| {
-            idx.floor(rel).map(|e| u64::from(e.pos))
-        })?;
+        let start = self.with_index(interval, entries_max, |idx| idx.floor(rel).map(|e| u64::from(e.pos)))?;
         let map = self.mapping()?;
         let len = self.len();
         let data = map.slice(0, len as usize);
@@ -654,10 +602,7 @@ impl Segment {
         StorageError::Io {
             op: "read",
             path: self.log_path.clone(),
-            source: std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("unreadable batch at byte {pos}"),
-            ),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, format!("unreadable batch at byte {pos}")),
         }
     }
 
@@ -676,20 +621,11 @@ impl Segment {
 
 /// Extends `file` to at least `len` bytes of allocated (not sparse) space.
 pub(crate) fn fallocate(file: &File, path: &Path, len: u64) -> Result<()> {
-    let current = file
-        .metadata()
-        .map_err(|e| StorageError::io("stat", path, e))?
-        .len();
+    let current = file.metadata().map_err(|e| StorageError::io("stat", path, e))?.len();
     if current >= len {
         return Ok(());
     }
-    rustix::fs::fallocate(
-        file,
-        rustix::fs::FallocateFlags::empty(),
-        current,
-        len - current,
-    )
-    .map_err(|e| {
+    rustix::fs::fallocate(file, rustix::fs::FallocateFlags::empty(), current, len - current).map_err(|e| {
         let e = std::io::Error::from(e);
         StorageError::io("fallocate", path, e)
     })
@@ -697,15 +633,10 @@ pub(crate) fn fallocate(file: &File, path: &Path, len: u64) -> Result<()> {
 
 /// Writes `data` to `path` atomically: temp file, fsync, rename, fsync of the directory.
 pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!(
-        "{}.tmp",
-        path.extension().and_then(|e| e.to_str()).unwrap_or("")
-    ));
+    let tmp = path.with_extension(format!("{}.tmp", path.extension().and_then(|e| e.to_str()).unwrap_or("")));
     let mut f = File::create(&tmp).map_err(|e| StorageError::io("create", &tmp, e))?;
-    f.write_all(data)
-        .map_err(|e| StorageError::io("write", &tmp, e))?;
-    f.sync_all()
-        .map_err(|e| StorageError::io("fsync", &tmp, e))?;
+    f.write_all(data).map_err(|e| StorageError::io("write", &tmp, e))?;
+    f.sync_all().map_err(|e| StorageError::io("fsync", &tmp, e))?;
     drop(f);
     std::fs::rename(&tmp, path).map_err(|e| StorageError::io("rename", path, e))?;
     if let Some(dir) = path.parent() {
@@ -716,15 +647,10 @@ pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
 
 /// fsyncs a directory so that entries created or renamed in it survive a crash.
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| StorageError::io("fsync directory", dir, e))
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| StorageError::io("fsync directory", dir, e))
 }
 
 /// Wall-clock milliseconds since the epoch.
 pub(crate) fn now_ms_wall() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }

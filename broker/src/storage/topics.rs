@@ -28,11 +28,7 @@ pub(crate) struct TopicMeta {
 
 impl TopicMeta {
     pub(crate) fn of(t: &Topic) -> TopicMeta {
-        TopicMeta {
-            name: t.name.clone(),
-            partitions: t.partitions.len() as u32,
-            config: t.config.clone(),
-        }
+        TopicMeta { name: t.name.clone(), partitions: t.partitions.len() as u32, config: t.config.clone() }
     }
 }
 
@@ -53,9 +49,7 @@ pub(crate) fn validate_name(name: &str) -> Result<()> {
         && name.len() <= 249
         && name != "."
         && name != ".."
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
     if ok {
         Ok(())
     } else {
@@ -71,8 +65,8 @@ pub(crate) fn load(dir: &Path) -> Result<Vec<TopicMeta>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(StorageError::io("read", &path, e)),
     };
-    let file: TopicsFile = serde_json::from_slice(&raw)
-        .map_err(|e| StorageError::InvalidConfig(format!("{}: {e}", path.display())))?;
+    let file: TopicsFile =
+        serde_json::from_slice(&raw).map_err(|e| StorageError::InvalidConfig(format!("{}: {e}", path.display())))?;
     if file.format != FORMAT || file.version != 1 {
         return Err(StorageError::InvalidConfig(format!(
             "{}: unsupported format {:?} version {}",
@@ -86,13 +80,8 @@ pub(crate) fn load(dir: &Path) -> Result<Vec<TopicMeta>> {
 
 /// Replaces the topic list atomically.
 pub(crate) fn save(dir: &Path, topics: &[TopicMeta]) -> Result<()> {
-    let file = TopicsFile {
-        format: FORMAT.into(),
-        version: 1,
-        topics: topics.to_vec(),
-    };
-    let raw =
-        serde_json::to_vec_pretty(&file).map_err(|e| StorageError::InvalidConfig(e.to_string()))?;
+    let file = TopicsFile { format: FORMAT.into(), version: 1, topics: topics.to_vec() };
+    let raw = serde_json::to_vec_pretty(&file).map_err(|e| StorageError::InvalidConfig(e.to_string()))?;
     write_atomic(&dir.join(FILE), &raw)
 }
 

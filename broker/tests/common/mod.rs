@@ -26,15 +26,17 @@ impl TestBroker {
 
     /// Starts a broker listening on a given address (to restart on the same port).
     pub fn start_on(dir: &Path, extra_toml: &str, listen: &str) -> TestBroker {
-        let data = dir.join("data");
+        Self::start_with_data(dir, &dir.join("data"), extra_toml, listen)
+    }
+
+    /// Starts a broker whose data directory is `data` (config and log stay in `dir`).
+    pub fn start_with_data(dir: &Path, data: &Path, extra_toml: &str, listen: &str) -> TestBroker {
+        let data = data.to_owned();
         let config = dir.join("cairn.toml");
         std::fs::write(&config, extra_toml).unwrap();
         let log = dir.join(format!(
             "broker-{}.log",
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()
         ));
         let mut child = Command::new(env!("CARGO_BIN_EXE_cairn-broker"))
             .arg("--config")
@@ -57,14 +59,9 @@ impl TestBroker {
             let _ = BufReader::new(stdout).read_line(&mut line);
             let _ = tx.send(line);
         });
-        let line = rx
-            .recv_timeout(Duration::from_secs(60))
-            .unwrap_or_else(|_| {
-                panic!(
-                    "broker did not start; log:\n{}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                )
-            });
+        let line = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
+            panic!("broker did not start; log:\n{}", std::fs::read_to_string(&log).unwrap_or_default())
+        });
         let words: Vec<&str> = line.split_whitespace().collect();
         assert!(
             words.len() >= 7,
@@ -89,17 +86,11 @@ impl TestBroker {
     }
 
     pub fn producer_config(&self) -> ProducerConfig {
-        ProducerConfig {
-            connection: self.connection(),
-            ..ProducerConfig::default()
-        }
+        ProducerConfig { connection: self.connection(), ..ProducerConfig::default() }
     }
 
     pub fn consumer_config(&self) -> ConsumerConfig {
-        ConsumerConfig {
-            connection: self.connection(),
-            ..ConsumerConfig::default()
-        }
+        ConsumerConfig { connection: self.connection(), ..ConsumerConfig::default() }
     }
 
     pub async fn admin(&self) -> Admin {
@@ -113,10 +104,7 @@ impl TestBroker {
     /// SIGTERM and wait; returns the exit status code.
     pub fn terminate(&mut self) -> Option<i32> {
         let mut child = self.child.take()?;
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(child.id().to_string())
-            .status();
+        let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = child.try_wait().unwrap() {
@@ -151,9 +139,7 @@ impl TestBroker {
     }
 
     pub fn is_running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| c.try_wait().unwrap().is_none())
+        self.child.as_mut().is_some_and(|c| c.try_wait().unwrap().is_none())
     }
 
     /// GET a path on the metrics listener; returns (status line, body).
@@ -168,18 +154,11 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (String, String) {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        write!(
-            s,
-            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-        )
-        .unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
         let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
-        (
-            head.lines().next().unwrap_or("").to_owned(),
-            body.to_owned(),
-        )
+        (head.lines().next().unwrap_or("").to_owned(), body.to_owned())
     }
 }
 
@@ -191,15 +170,9 @@ impl Drop for TestBroker {
 
 /// Runs an async test body on a fresh runtime with an overall time limit.
 pub fn run<F: std::future::Future<Output = ()>>(limit: Duration, f: F) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     rt.block_on(async {
-        tokio::time::timeout(limit, f)
-            .await
-            .expect("test exceeded its time limit");
+        tokio::time::timeout(limit, f).await.expect("test exceeded its time limit");
     });
 }
 
@@ -208,10 +181,8 @@ pub fn sibling_bin(package: &str, name: &str) -> PathBuf {
     let path = Path::new(env!("CARGO_BIN_EXE_cairn-broker")).with_file_name(name);
     if !path.exists() {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-p", package, "--bin", name])
-            .status()
-            .expect("run cargo build");
+        let status =
+            Command::new(cargo).args(["build", "-p", package, "--bin", name]).status().expect("run cargo build");
         assert!(status.success(), "building {name} failed");
     }
     path
@@ -220,11 +191,6 @@ pub fn sibling_bin(package: &str, name: &str) -> PathBuf {
 /// Sends SIGSTOP or SIGCONT to the broker.
 pub fn signal(broker: &TestBroker, sig: &str) {
     let pid = broker.child.as_ref().expect("running").id();
-    let ok = Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status()
-        .unwrap()
-        .success();
+    let ok = Command::new("kill").arg(format!("-{sig}")).arg(pid.to_string()).status().unwrap().success();
     assert!(ok, "kill -{sig} failed");
 }

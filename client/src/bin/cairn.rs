@@ -11,8 +11,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use cairn_client::{
-    Acks, Admin, ConnectionConfig, Consumer, ConsumerConfig, ConsumerRecord, Error, ErrorCode,
-    Header, NewTopic, Offset, Producer, ProducerConfig, ProducerRecord,
+    Acks, Admin, ConnectionConfig, Consumer, ConsumerConfig, ConsumerRecord, Error, ErrorCode, Header, NewTopic,
+    Offset, Producer, ProducerConfig, ProducerRecord,
 };
 
 /// Command-line client for Cairn: topics, produce, consume, groups.
@@ -20,12 +20,7 @@ use cairn_client::{
 #[command(name = "cairn", version, about, propagate_version = true)]
 struct Cli {
     /// Broker address.
-    #[arg(
-        long,
-        global = true,
-        env = "CAIRN_BROKER",
-        default_value = "127.0.0.1:7070"
-    )]
+    #[arg(long, global = true, env = "CAIRN_BROKER", default_value = "127.0.0.1:7070")]
     broker: String,
     #[command(subcommand)]
     command: Command,
@@ -156,11 +151,7 @@ struct ConsumeArgs {
     #[arg(long)]
     partition: Option<u32>,
     /// Where to start: beginning, end, an offset, or @UNIX_MS (first record at or after).
-    #[arg(
-        long,
-        default_value = "beginning",
-        value_name = "beginning|end|OFFSET|@UNIX_MS"
-    )]
+    #[arg(long, default_value = "beginning", value_name = "beginning|end|OFFSET|@UNIX_MS")]
     from: String,
     /// Consume as a member of this group (its committed offsets win over --from) and commit
     /// what was printed before exiting.
@@ -179,11 +170,7 @@ struct ConsumeArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("cairn: cannot start: {e}");
@@ -202,27 +189,15 @@ fn main() -> ExitCode {
 fn exit_code(e: &Error) -> u8 {
     match e {
         Error::UnknownTopic(_) => 3,
-        Error::Broker {
-            code: ErrorCode::UnknownTopicOrPartition | ErrorCode::GroupIdNotFound,
-            ..
-        } => 3,
-        Error::Connect { .. }
-        | Error::Disconnected { .. }
-        | Error::Timeout {
-            operation: "connect",
-            ..
-        } => 4,
+        Error::Broker { code: ErrorCode::UnknownTopicOrPartition | ErrorCode::GroupIdNotFound, .. } => 3,
+        Error::Connect { .. } | Error::Disconnected { .. } | Error::Timeout { operation: "connect", .. } => 4,
         Error::InvalidArgument(_) => 2,
         _ => 1,
     }
 }
 
 fn connection(cli_broker: &str) -> ConnectionConfig {
-    ConnectionConfig {
-        broker: cli_broker.to_owned(),
-        client_id: "cairn-cli".into(),
-        ..ConnectionConfig::default()
-    }
+    ConnectionConfig { broker: cli_broker.to_owned(), client_id: "cairn-cli".into(), ..ConnectionConfig::default() }
 }
 
 async fn run(cli: Cli) -> Result<(), Error> {
@@ -300,16 +275,8 @@ async fn topic(conn: ConnectionConfig, cmd: TopicCommand) -> Result<(), Error> {
                     topics
                         .iter()
                         .map(|t| {
-                            let records: i64 = t
-                                .partitions
-                                .iter()
-                                .map(|p| p.end_offset - p.start_offset)
-                                .sum();
-                            vec![
-                                t.name.clone(),
-                                t.partitions.len().to_string(),
-                                records.to_string(),
-                            ]
+                            let records: i64 = t.partitions.iter().map(|p| p.end_offset - p.start_offset).sum();
+                            vec![t.name.clone(), t.partitions.len().to_string(), records.to_string()]
                         })
                         .collect(),
                 ),
@@ -329,11 +296,7 @@ async fn topic(conn: ConnectionConfig, cmd: TopicCommand) -> Result<(), Error> {
                         t.partitions
                             .iter()
                             .map(|p| {
-                                vec![
-                                    p.partition.to_string(),
-                                    p.start_offset.to_string(),
-                                    p.end_offset.to_string(),
-                                ]
+                                vec![p.partition.to_string(), p.start_offset.to_string(), p.end_offset.to_string()]
                             })
                             .collect(),
                     );
@@ -355,10 +318,7 @@ async fn group(conn: ConnectionConfig, cmd: GroupCommand) -> Result<(), Error> {
             let groups = admin.list_groups().await?;
             print_table(
                 &["GROUP", "STATE", "MEMBERS"],
-                groups
-                    .into_iter()
-                    .map(|g| vec![g.group_id, g.state, g.members.to_string()])
-                    .collect(),
+                groups.into_iter().map(|g| vec![g.group_id, g.state, g.members.to_string()]).collect(),
             );
         }
         GroupCommand::Describe { group, format } => {
@@ -382,11 +342,7 @@ async fn group(conn: ConnectionConfig, cmd: GroupCommand) -> Result<(), Error> {
                                 let owner = g
                                     .members
                                     .iter()
-                                    .find(|m| {
-                                        m.assignment
-                                            .get(&p.topic)
-                                            .is_some_and(|ps| ps.contains(&p.partition))
-                                    })
+                                    .find(|m| m.assignment.get(&p.topic).is_some_and(|ps| ps.contains(&p.partition)))
                                     .map_or_else(dash, |m| m.member_id.clone());
                                 vec![
                                     p.topic.clone(),
@@ -414,20 +370,10 @@ async fn produce(conn: ConnectionConfig, args: ProduceArgs) -> Result<(), Error>
     };
     let mut headers = Vec::new();
     for h in &args.headers {
-        let (k, v) = h
-            .split_once('=')
-            .ok_or_else(|| Error::InvalidArgument(format!("--header {h:?} is not K=V")))?;
-        headers.push(Header {
-            key: k.to_owned(),
-            value: Some(bytes::Bytes::copy_from_slice(v.as_bytes())),
-        });
+        let (k, v) = h.split_once('=').ok_or_else(|| Error::InvalidArgument(format!("--header {h:?} is not K=V")))?;
+        headers.push(Header { key: k.to_owned(), value: Some(bytes::Bytes::copy_from_slice(v.as_bytes())) });
     }
-    let producer = Producer::connect(ProducerConfig {
-        connection: conn,
-        acks,
-        ..ProducerConfig::default()
-    })
-    .await?;
+    let producer = Producer::connect(ProducerConfig { connection: conn, acks, ..ProducerConfig::default() }).await?;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(1024);
     // Read stdin on a blocking thread.
     std::thread::spawn(move || {
@@ -475,29 +421,22 @@ fn parse_from(from: &str) -> Result<Offset, Error> {
             .parse()
             .map(Offset::Timestamp)
             .map_err(|_| Error::InvalidArgument(format!("--from {s}: not @UNIX_MS"))),
-        s => s.parse().map(Offset::At).map_err(|_| {
-            Error::InvalidArgument(format!(
-                "--from {s}: use beginning, end, OFFSET or @UNIX_MS"
-            ))
-        }),
+        s => s
+            .parse()
+            .map(Offset::At)
+            .map_err(|_| Error::InvalidArgument(format!("--from {s}: use beginning, end, OFFSET or @UNIX_MS"))),
     }
 }
 
 fn render(r: &ConsumerRecord, format: ValueFormat) -> String {
-    let text =
-        |b: &Option<bytes::Bytes>| b.as_ref().map(|b| String::from_utf8_lossy(b).into_owned());
+    let text = |b: &Option<bytes::Bytes>| b.as_ref().map(|b| String::from_utf8_lossy(b).into_owned());
     match format {
         ValueFormat::Value => text(&r.value).unwrap_or_default(),
         ValueFormat::Json => {
             let headers: serde_json::Map<String, serde_json::Value> = r
                 .headers
                 .iter()
-                .map(|h| {
-                    (
-                        h.key.clone(),
-                        text(&h.value).map_or(serde_json::Value::Null, serde_json::Value::String),
-                    )
-                })
+                .map(|h| (h.key.clone(), text(&h.value).map_or(serde_json::Value::Null, serde_json::Value::String)))
                 .collect();
             serde_json::json!({
                 "topic": r.topic,
@@ -527,18 +466,12 @@ async fn consume(conn: ConnectionConfig, args: ConsumeArgs) -> Result<(), Error>
     if args.group.is_some() && args.partition.is_none() {
         consumer.subscribe(&[args.topic.as_str()]).await?;
     } else {
-        consumer
-            .assign(&args.topic, args.partition.map(|p| vec![p]))
-            .await?;
+        consumer.assign(&args.topic, args.partition.map(|p| vec![p])).await?;
         consumer.seek_all(start);
     }
     // Without --follow, stop at the log end as it is now.
     let info = admin.describe_topic(&args.topic).await?;
-    let ends: BTreeMap<u32, i64> = info
-        .partitions
-        .iter()
-        .map(|p| (p.partition, p.end_offset))
-        .collect();
+    let ends: BTreeMap<u32, i64> = info.partitions.iter().map(|p| (p.partition, p.end_offset)).collect();
     let mut printed: BTreeMap<(String, u32), i64> = BTreeMap::new();
     let mut count = 0u64;
     let stdout = std::io::stdout();
@@ -549,9 +482,7 @@ async fn consume(conn: ConnectionConfig, args: ConsumeArgs) -> Result<(), Error>
         if !args.follow {
             let positions = consumer.positions();
             let done = !positions.is_empty()
-                && positions.iter().all(|((_, p), pos)| {
-                    pos.is_some_and(|o| o >= ends.get(p).copied().unwrap_or(0))
-                });
+                && positions.iter().all(|((_, p), pos)| pos.is_some_and(|o| o >= ends.get(p).copied().unwrap_or(0)));
             if done {
                 break;
             }

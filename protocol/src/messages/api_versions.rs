@@ -43,17 +43,10 @@ impl ApiVersionsResponse {
             .iter()
             .map(|k| {
                 let (min_version, max_version) = k.supported_versions();
-                ApiVersionRange {
-                    api_key: *k as u16,
-                    min_version,
-                    max_version,
-                }
+                ApiVersionRange { api_key: *k as u16, min_version, max_version }
             })
             .collect();
-        ApiVersionsResponse {
-            apis,
-            broker_version: broker_version.to_owned(),
-        }
+        ApiVersionsResponse { apis, broker_version: broker_version.to_owned() }
     }
 
     /// The peer's range for an API, if it supports it.
@@ -88,17 +81,9 @@ impl Encode for ApiVersionsResponse {
 }
 impl Decode for ApiVersionsResponse {
     fn decode(r: &mut WireReader) -> Result<Self, DecodeError> {
-        let apis = r.array(6, |r| {
-            Ok(ApiVersionRange {
-                api_key: r.u16()?,
-                min_version: r.u16()?,
-                max_version: r.u16()?,
-            })
-        })?;
-        Ok(ApiVersionsResponse {
-            apis,
-            broker_version: r.string()?,
-        })
+        let apis =
+            r.array(6, |r| Ok(ApiVersionRange { api_key: r.u16()?, min_version: r.u16()?, max_version: r.u16()? }))?;
+        Ok(ApiVersionsResponse { apis, broker_version: r.string()? })
     }
 }
 

@@ -52,11 +52,7 @@ impl TopicResult {
         w.nullable_string(self.message.as_deref());
     }
     pub(crate) fn get(r: &mut WireReader) -> Result<Self, DecodeError> {
-        Ok(TopicResult {
-            name: r.string()?,
-            error: get_error(r)?,
-            message: r.nullable_string()?,
-        })
+        Ok(TopicResult { name: r.string()?, error: get_error(r)?, message: r.nullable_string()? })
     }
 }
 
@@ -83,11 +79,7 @@ impl Encode for CreateTopicsRequest {
 impl Decode for CreateTopicsRequest {
     fn decode(r: &mut WireReader) -> Result<Self, DecodeError> {
         let topics = r.array(10, |r| {
-            Ok(CreatableTopic {
-                name: r.string()?,
-                partitions: r.u32()?,
-                configs: r.array(4, ConfigEntry::get)?,
-            })
+            Ok(CreatableTopic { name: r.string()?, partitions: r.u32()?, configs: r.array(4, ConfigEntry::get)? })
         })?;
         Ok(CreateTopicsRequest { topics })
     }
@@ -107,9 +99,7 @@ impl Encode for CreateTopicsResponse {
 }
 impl Decode for CreateTopicsResponse {
     fn decode(r: &mut WireReader) -> Result<Self, DecodeError> {
-        Ok(CreateTopicsResponse {
-            topics: r.array(6, TopicResult::get)?,
-        })
+        Ok(CreateTopicsResponse { topics: r.array(6, TopicResult::get)? })
     }
 }
 
@@ -124,24 +114,13 @@ mod tests {
             topics: vec![CreatableTopic {
                 name: "t".into(),
                 partitions: 3,
-                configs: vec![ConfigEntry {
-                    key: "segment_bytes".into(),
-                    value: "1048576".into(),
-                }],
+                configs: vec![ConfigEntry { key: "segment_bytes".into(), value: "1048576".into() }],
             }],
         });
         round_trip(&CreateTopicsResponse {
             topics: vec![
-                TopicResult {
-                    name: "t".into(),
-                    error: ErrorCode::None,
-                    message: None,
-                },
-                TopicResult {
-                    name: "u".into(),
-                    error: ErrorCode::TopicAlreadyExists,
-                    message: Some("exists".into()),
-                },
+                TopicResult { name: "t".into(), error: ErrorCode::None, message: None },
+                TopicResult { name: "u".into(), error: ErrorCode::TopicAlreadyExists, message: Some("exists".into()) },
             ],
         });
     }

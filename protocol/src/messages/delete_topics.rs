@@ -34,9 +34,7 @@ impl Encode for DeleteTopicsRequest {
 }
 impl Decode for DeleteTopicsRequest {
     fn decode(r: &mut WireReader) -> Result<Self, DecodeError> {
-        Ok(DeleteTopicsRequest {
-            topics: r.array(2, WireReader::string)?,
-        })
+        Ok(DeleteTopicsRequest { topics: r.array(2, WireReader::string)? })
     }
 }
 impl Request for DeleteTopicsRequest {
@@ -53,9 +51,7 @@ impl Encode for DeleteTopicsResponse {
 }
 impl Decode for DeleteTopicsResponse {
     fn decode(r: &mut WireReader) -> Result<Self, DecodeError> {
-        Ok(DeleteTopicsResponse {
-            topics: r.array(6, TopicResult::get)?,
-        })
+        Ok(DeleteTopicsResponse { topics: r.array(6, TopicResult::get)? })
     }
 }
 
@@ -67,15 +63,9 @@ mod tests {
 
     #[test]
     fn delete_topics_round_trips() {
-        round_trip(&DeleteTopicsRequest {
-            topics: vec!["a".into()],
-        });
+        round_trip(&DeleteTopicsRequest { topics: vec!["a".into()] });
         round_trip(&DeleteTopicsResponse {
-            topics: vec![TopicResult {
-                name: "a".into(),
-                error: ErrorCode::UnknownTopicOrPartition,
-                message: None,
-            }],
+            topics: vec![TopicResult { name: "a".into(), error: ErrorCode::UnknownTopicOrPartition, message: None }],
         });
     }
 }

@@ -108,19 +108,8 @@ pub struct FetchPartitionResponse {
 
 impl FetchPartitionResponse {
     /// A result with no records.
-    pub fn empty(
-        partition: u32,
-        error: ErrorCode,
-        log_start_offset: i64,
-        log_end_offset: i64,
-    ) -> Self {
-        FetchPartitionResponse {
-            partition,
-            error,
-            log_start_offset,
-            log_end_offset,
-            records: Vec::new(),
-        }
+    pub fn empty(partition: u32, error: ErrorCode, log_start_offset: i64, log_end_offset: i64) -> Self {
+        FetchPartitionResponse { partition, error, log_start_offset, log_end_offset, records: Vec::new() }
     }
 
     /// The records as one buffer (copies only if there are several parts).
@@ -171,37 +160,18 @@ impl Decode for FetchRequest {
         let max_bytes = r.u32()?;
         let group = match r.u8()? {
             0 => None,
-            1 => Some(FetchGroup {
-                group_id: r.string()?,
-                member_id: r.string()?,
-                generation_id: r.i32()?,
-            }),
-            other => {
-                return Err(DecodeError::InvalidValue {
-                    field: "fetch group flag",
-                    value: other.into(),
-                })
-            }
+            1 => Some(FetchGroup { group_id: r.string()?, member_id: r.string()?, generation_id: r.i32()? }),
+            other => return Err(DecodeError::InvalidValue { field: "fetch group flag", value: other.into() }),
         };
         let topics = r.array(6, |r| {
             Ok(FetchTopic {
                 name: r.string()?,
                 partitions: r.array(16, |r| {
-                    Ok(FetchPartition {
-                        partition: r.u32()?,
-                        fetch_offset: r.i64()?,
-                        partition_max_bytes: r.u32()?,
-                    })
+                    Ok(FetchPartition { partition: r.u32()?, fetch_offset: r.i64()?, partition_max_bytes: r.u32()? })
                 })?,
             })
         })?;
-        Ok(FetchRequest {
-            max_wait_ms,
-            min_bytes,
-            max_bytes,
-            group,
-            topics,
-        })
+        Ok(FetchRequest { max_wait_ms, min_bytes, max_bytes, group, topics })
     }
 }
 impl Request for FetchRequest {
@@ -236,18 +206,8 @@ impl Decode for FetchResponse {
                     let log_start_offset = r.i64()?;
                     let log_end_offset = r.i64()?;
                     let records = r.bytes()?;
-                    let records = if records.is_empty() {
-                        Vec::new()
-                    } else {
-                        vec![records]
-                    };
-                    Ok(FetchPartitionResponse {
-                        partition,
-                        error,
-                        log_start_offset,
-                        log_end_offset,
-                        records,
-                    })
+                    let records = if records.is_empty() { Vec::new() } else { vec![records] };
+                    Ok(FetchPartitionResponse { partition, error, log_start_offset, log_end_offset, records })
                 })?,
             })
         })?;
@@ -266,18 +226,10 @@ mod tests {
             max_wait_ms: 500,
             min_bytes: 1,
             max_bytes: 1 << 20,
-            group: Some(FetchGroup {
-                group_id: "g".into(),
-                member_id: "m".into(),
-                generation_id: 3,
-            }),
+            group: Some(FetchGroup { group_id: "g".into(), member_id: "m".into(), generation_id: 3 }),
             topics: vec![FetchTopic {
                 name: "t".into(),
-                partitions: vec![FetchPartition {
-                    partition: 0,
-                    fetch_offset: 5,
-                    partition_max_bytes: 1024,
-                }],
+                partitions: vec![FetchPartition { partition: 0, fetch_offset: 5, partition_max_bytes: 1024 }],
             }],
         });
         round_trip(&FetchResponse {

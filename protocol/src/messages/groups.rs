@@ -54,12 +54,7 @@ impl TopicPartitions {
         }
     }
     fn get_all(r: &mut WireReader) -> Result<Vec<TopicPartitions>, DecodeError> {
-        r.array(6, |r| {
-            Ok(TopicPartitions {
-                topic: r.string()?,
-                partitions: r.array(4, WireReader::u32)?,
-            })
-        })
+        r.array(6, |r| Ok(TopicPartitions { topic: r.string()?, partitions: r.array(4, WireReader::u32)? }))
     }
 }
 
@@ -263,11 +258,7 @@ impl Encode for HeartbeatRequest {
 }
 impl Decode for HeartbeatRequest {
     fn decode(r: &mut WireReader) -> Result<Self, DecodeError> {
-        Ok(HeartbeatRequest {
-            group_id: r.string()?,
-            member_id: r.string()?,
-            generation_id: r.i32()?,
-        })
+        Ok(HeartbeatRequest { group_id: r.string()?, member_id: r.string()?, generation_id: r.i32()? })
     }
 }
 impl Request for HeartbeatRequest {
@@ -283,10 +274,7 @@ impl Encode for LeaveGroupRequest {
 }
 impl Decode for LeaveGroupRequest {
     fn decode(r: &mut WireReader) -> Result<Self, DecodeError> {
-        Ok(LeaveGroupRequest {
-            group_id: r.string()?,
-            member_id: r.string()?,
-        })
+        Ok(LeaveGroupRequest { group_id: r.string()?, member_id: r.string()? })
     }
 }
 impl Request for LeaveGroupRequest {
@@ -301,9 +289,7 @@ impl Encode for ErrorOnlyResponse {
 }
 impl Decode for ErrorOnlyResponse {
     fn decode(r: &mut WireReader) -> Result<Self, DecodeError> {
-        Ok(ErrorOnlyResponse {
-            error: get_error(r)?,
-        })
+        Ok(ErrorOnlyResponse { error: get_error(r)? })
     }
 }
 
@@ -332,13 +318,8 @@ impl Encode for ListGroupsResponse {
 impl Decode for ListGroupsResponse {
     fn decode(r: &mut WireReader) -> Result<Self, DecodeError> {
         Ok(ListGroupsResponse {
-            groups: r.array(8, |r| {
-                Ok(GroupListing {
-                    group_id: r.string()?,
-                    state: r.string()?,
-                    members: r.u32()?,
-                })
-            })?,
+            groups: r
+                .array(8, |r| Ok(GroupListing { group_id: r.string()?, state: r.string()?, members: r.u32()? }))?,
         })
     }
 }
@@ -353,9 +334,7 @@ impl Encode for DescribeGroupsRequest {
 }
 impl Decode for DescribeGroupsRequest {
     fn decode(r: &mut WireReader) -> Result<Self, DecodeError> {
-        Ok(DescribeGroupsRequest {
-            groups: r.array(2, WireReader::string)?,
-        })
+        Ok(DescribeGroupsRequest { groups: r.array(2, WireReader::string)? })
     }
 }
 impl Request for DescribeGroupsRequest {
@@ -427,10 +406,7 @@ mod tests {
 
     #[test]
     fn group_messages_round_trip() {
-        let tp = vec![TopicPartitions {
-            topic: "t".into(),
-            partitions: vec![0, 2],
-        }];
+        let tp = vec![TopicPartitions { topic: "t".into(), partitions: vec![0, 2] }];
         round_trip(&JoinGroupRequest {
             group_id: "g".into(),
             member_id: String::new(),
@@ -446,28 +422,13 @@ mod tests {
             heartbeat_interval_ms: 3000,
             assignment: tp.clone(),
         });
-        round_trip(&HeartbeatRequest {
-            group_id: "g".into(),
-            member_id: "m".into(),
-            generation_id: 1,
-        });
-        round_trip(&LeaveGroupRequest {
-            group_id: "g".into(),
-            member_id: "m".into(),
-        });
-        round_trip(&ErrorOnlyResponse {
-            error: ErrorCode::RebalanceInProgress,
-        });
+        round_trip(&HeartbeatRequest { group_id: "g".into(), member_id: "m".into(), generation_id: 1 });
+        round_trip(&LeaveGroupRequest { group_id: "g".into(), member_id: "m".into() });
+        round_trip(&ErrorOnlyResponse { error: ErrorCode::RebalanceInProgress });
         round_trip(&ListGroupsResponse {
-            groups: vec![GroupListing {
-                group_id: "g".into(),
-                state: "stable".into(),
-                members: 3,
-            }],
+            groups: vec![GroupListing { group_id: "g".into(), state: "stable".into(), members: 3 }],
         });
-        round_trip(&DescribeGroupsRequest {
-            groups: vec!["g".into()],
-        });
+        round_trip(&DescribeGroupsRequest { groups: vec!["g".into()] });
         round_trip(&DescribeGroupsResponse {
             groups: vec![GroupDescription {
                 error: ErrorCode::None,

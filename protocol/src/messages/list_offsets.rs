@@ -95,12 +95,7 @@ impl Decode for ListOffsetsRequest {
         let topics = r.array(6, |r| {
             Ok(ListOffsetsTopic {
                 name: r.string()?,
-                partitions: r.array(12, |r| {
-                    Ok(ListOffsetsPartition {
-                        partition: r.u32()?,
-                        timestamp: r.i64()?,
-                    })
-                })?,
+                partitions: r.array(12, |r| Ok(ListOffsetsPartition { partition: r.u32()?, timestamp: r.i64()? }))?,
             })
         })?;
         Ok(ListOffsetsRequest { topics })
@@ -154,10 +149,7 @@ mod tests {
         round_trip(&ListOffsetsRequest {
             topics: vec![ListOffsetsTopic {
                 name: "t".into(),
-                partitions: vec![ListOffsetsPartition {
-                    partition: 0,
-                    timestamp: EARLIEST_TIMESTAMP,
-                }],
+                partitions: vec![ListOffsetsPartition { partition: 0, timestamp: EARLIEST_TIMESTAMP }],
             }],
         });
         round_trip(&ListOffsetsResponse {

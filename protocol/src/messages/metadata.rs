@@ -75,9 +75,7 @@ impl Encode for MetadataRequest {
 }
 impl Decode for MetadataRequest {
     fn decode(r: &mut WireReader) -> Result<Self, DecodeError> {
-        Ok(MetadataRequest {
-            topics: r.nullable_array(2, WireReader::string)?,
-        })
+        Ok(MetadataRequest { topics: r.nullable_array(2, WireReader::string)? })
     }
 }
 impl Request for MetadataRequest {
@@ -136,18 +134,13 @@ mod tests {
     #[test]
     fn metadata_round_trips() {
         round_trip(&MetadataRequest { topics: None });
-        round_trip(&MetadataRequest {
-            topics: Some(vec!["a".into(), "b.c".into()]),
-        });
+        round_trip(&MetadataRequest { topics: Some(vec!["a".into(), "b.c".into()]) });
         round_trip(&MetadataResponse {
             topics: vec![TopicMetadata {
                 error: ErrorCode::None,
                 name: "events".into(),
                 internal: false,
-                configs: vec![ConfigEntry {
-                    key: "retention_ms".into(),
-                    value: "1000".into(),
-                }],
+                configs: vec![ConfigEntry { key: "retention_ms".into(), value: "1000".into() }],
                 partitions: vec![PartitionMetadata {
                     partition: 0,
                     error: ErrorCode::None,

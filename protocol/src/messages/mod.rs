@@ -39,10 +39,7 @@ impl ConfigEntry {
         w.string(&self.value);
     }
     pub(crate) fn get(r: &mut WireReader) -> Result<Self, DecodeError> {
-        Ok(ConfigEntry {
-            key: r.string()?,
-            value: r.string()?,
-        })
+        Ok(ConfigEntry { key: r.string()?, value: r.string()? })
     }
 }
 

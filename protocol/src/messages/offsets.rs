@@ -188,10 +188,7 @@ impl Decode for OffsetCommitResponse {
     fn decode(r: &mut WireReader) -> Result<Self, DecodeError> {
         Ok(OffsetCommitResponse {
             topics: r.array(6, |r| {
-                Ok(PartitionErrors {
-                    name: r.string()?,
-                    partitions: r.array(6, |r| Ok((r.u32()?, get_error(r)?)))?,
-                })
+                Ok(PartitionErrors { name: r.string()?, partitions: r.array(6, |r| Ok((r.u32()?, get_error(r)?)))? })
             })?,
         })
     }
@@ -220,10 +217,7 @@ impl Decode for OffsetFetchRequest {
         Ok(OffsetFetchRequest {
             group_id: r.string()?,
             topics: r.nullable_array(6, |r| {
-                Ok(OffsetFetchTopic {
-                    name: r.string()?,
-                    partitions: r.array(4, WireReader::u32)?,
-                })
+                Ok(OffsetFetchTopic { name: r.string()?, partitions: r.array(4, WireReader::u32)? })
             })?,
         })
     }
@@ -283,29 +277,16 @@ mod tests {
             generation_id: 2,
             topics: vec![OffsetCommitTopic {
                 name: "t".into(),
-                partitions: vec![OffsetCommitPartition {
-                    partition: 0,
-                    offset: 10,
-                    metadata: Some("x".into()),
-                }],
+                partitions: vec![OffsetCommitPartition { partition: 0, offset: 10, metadata: Some("x".into()) }],
             }],
         });
         round_trip(&OffsetCommitResponse {
-            topics: vec![PartitionErrors {
-                name: "t".into(),
-                partitions: vec![(0, ErrorCode::IllegalGeneration)],
-            }],
+            topics: vec![PartitionErrors { name: "t".into(), partitions: vec![(0, ErrorCode::IllegalGeneration)] }],
         });
+        round_trip(&OffsetFetchRequest { group_id: "g".into(), topics: None });
         round_trip(&OffsetFetchRequest {
             group_id: "g".into(),
-            topics: None,
-        });
-        round_trip(&OffsetFetchRequest {
-            group_id: "g".into(),
-            topics: Some(vec![OffsetFetchTopic {
-                name: "t".into(),
-                partitions: vec![0, 1],
-            }]),
+            topics: Some(vec![OffsetFetchTopic { name: "t".into(), partitions: vec![0, 1] }]),
         });
         round_trip(&OffsetFetchResponse {
             topics: vec![OffsetFetchTopicResponse {

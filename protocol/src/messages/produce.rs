@@ -149,27 +149,15 @@ impl Encode for ProduceRequest {
 impl Decode for ProduceRequest {
     fn decode(r: &mut WireReader) -> Result<Self, DecodeError> {
         let acks = r.u8()?;
-        let acks = Acks::from_u8(acks).ok_or(DecodeError::InvalidValue {
-            field: "acks",
-            value: acks.into(),
-        })?;
+        let acks = Acks::from_u8(acks).ok_or(DecodeError::InvalidValue { field: "acks", value: acks.into() })?;
         let timeout_ms = r.u32()?;
         let topics = r.array(6, |r| {
             Ok(ProduceTopic {
                 name: r.string()?,
-                partitions: r.array(8, |r| {
-                    Ok(ProducePartition {
-                        partition: r.u32()?,
-                        records: r.bytes()?,
-                    })
-                })?,
+                partitions: r.array(8, |r| Ok(ProducePartition { partition: r.u32()?, records: r.bytes()? }))?,
             })
         })?;
-        Ok(ProduceRequest {
-            acks,
-            timeout_ms,
-            topics,
-        })
+        Ok(ProduceRequest { acks, timeout_ms, topics })
     }
 }
 impl Request for ProduceRequest {
@@ -227,10 +215,7 @@ mod tests {
             timeout_ms: 5000,
             topics: vec![ProduceTopic {
                 name: "t".into(),
-                partitions: vec![ProducePartition {
-                    partition: 1,
-                    records: Bytes::from_static(b"batch"),
-                }],
+                partitions: vec![ProducePartition { partition: 1, records: Bytes::from_static(b"batch") }],
             }],
         });
         round_trip(&ProduceResponse {
