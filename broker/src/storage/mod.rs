@@ -55,6 +55,14 @@ pub fn system_clock() -> Clock {
     Arc::new(segment::now_ms_wall)
 }
 
+/// Scans the bytes of a `.log` segment file the way recovery does (header, then each batch's
+/// length, magic, attributes, CRC32C and offset sequence, stopping at the first zero length or
+/// damaged batch). Returns `(valid_len, next_offset)`. For fuzzing and offline tools.
+pub fn scan_log_bytes(data: &[u8], base_offset: u64) -> (u64, u64) {
+    let scan = segment::scan_log(data, base_offset, 4096, 1 << 20);
+    (scan.valid_len, scan.next_offset)
+}
+
 /// A topic and its partitions.
 #[derive(Debug)]
 pub struct Topic {

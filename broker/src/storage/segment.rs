@@ -294,6 +294,12 @@ impl Segment {
         self.len() <= LOG_HEADER_LEN
     }
 
+    /// Bytes known to be on stable storage (test hook for the power-loss model).
+    #[cfg(test)]
+    pub(crate) fn synced_len(&self) -> u64 {
+        self.synced_len.load(Ordering::Acquire)
+    }
+
     /// Offset after the last batch.
     pub(crate) fn next_offset(&self) -> u64 {
         self.next_offset.load(Ordering::Acquire)
