@@ -165,6 +165,7 @@ async fn send_loop(
     stamp: bool,
 ) -> anyhow::Result<u64> {
     let value = value_of(opts.size);
+    let topic: std::sync::Arc<str> = std::sync::Arc::from(opts.topic.as_str());
     let keys: Vec<Bytes> = (0..opts.keys.min(100_000)).map(|k| Bytes::from(format!("key-{k}"))).collect();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, cairn_client::Delivery)>();
     let sampler = hist.clone().map(|h| {
@@ -190,7 +191,7 @@ async fn send_loop(
                 tokio::time::sleep_until(intended.into()).await;
             }
         }
-        let mut record = ProducerRecord { topic: opts.topic.clone(), ..ProducerRecord::default() };
+        let mut record = ProducerRecord { topic: std::sync::Arc::clone(&topic), ..ProducerRecord::default() };
         record.value = Some(if stamp {
             // End-to-end: the intended send time, so that a stalled sender cannot hide latency
             // (coordinated omission is corrected by measuring from the schedule).

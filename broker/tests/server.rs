@@ -73,6 +73,9 @@ fn produce_and_fetch_round_trip_for_every_acks_level() {
         // An offset inside a batch returns that batch; the client skips what it did not ask for.
         let got = values(&conn.request(&fetch_req("t", 4, 0)).await.unwrap());
         assert_eq!(got.first().map(|x| x.0), Some(3));
+        // Internal topics are written by the broker only.
+        let r = conn.request(&produce_req("__consumer_offsets", Acks::Leader, batch(&["forged"]))).await.unwrap();
+        assert_eq!(r.topics[0].partitions[0].error, ErrorCode::InvalidTopicName);
         // Past the end: OFFSET_OUT_OF_RANGE with the valid range.
         let resp = conn.request(&fetch_req("t", 99, 0)).await.unwrap();
         let p = &resp.topics[0].partitions[0];

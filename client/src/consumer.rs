@@ -92,8 +92,8 @@ impl Default for ConsumerConfig {
 /// A consumed record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConsumerRecord {
-    /// Topic.
-    pub topic: String,
+    /// Topic (shared by every record of the topic: no allocation per record).
+    pub topic: Arc<str>,
     /// Partition.
     pub partition: u32,
     /// Offset.
@@ -232,7 +232,7 @@ impl Consumer {
         let key = (topic.to_owned(), partition);
         if self.positions.contains_key(&key) {
             self.positions.insert(key.clone(), Position::Resolve(to));
-            self.buffer.retain(|r| !(r.topic == topic && r.partition == partition));
+            self.buffer.retain(|r| !(&*r.topic == topic && r.partition == partition));
             self.cancel_fetch();
         }
     }
@@ -461,8 +461,12 @@ impl Consumer {
                 // those (at-least-once), never the ones about to be handed out.
                 self.maybe_auto_commit().await;
                 let out: Vec<_> = self.buffer.drain(..).collect();
-                for r in &out {
-                    self.returned.insert((r.topic.clone(), r.partition), r.offset + 1);
+                // Records come grouped by partition: remember the last offset of each run.
+                for (i, r) in out.iter().enumerate() {
+                    let last_of_run = out.get(i + 1).is_none_or(|n| n.partition != r.partition || n.topic != r.topic);
+                    if last_of_run {
+                        self.returned.insert((r.topic.to_string(), r.partition), r.offset + 1);
+                    }
                 }
                 return Ok(out);
             }
@@ -503,6 +507,7 @@ impl Consumer {
 
     fn absorb(&mut self, response: FetchResponse, offsets: &BTreeMap<TopicPartition, i64>) -> Result<()> {
         for t in response.topics {
+            let topic: Arc<str> = Arc::from(t.name.as_str());
             for p in t.partitions {
                 let key = (t.name.clone(), p.partition);
                 let Some(Position::At(pos)) = self.positions.get(&key).copied() else {
@@ -542,7 +547,7 @@ impl Consumer {
                         }
                         next = record.offset + 1;
                         self.buffer.push_back(ConsumerRecord {
-                            topic: t.name.clone(),
+                            topic: Arc::clone(&topic),
                             partition: p.partition,
                             offset: record.offset,
                             timestamp: record.timestamp,

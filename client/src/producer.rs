@@ -18,6 +18,7 @@ use tokio::sync::{Notify, Semaphore};
 
 use cairn_protocol::messages::metadata::MetadataRequest;
 use cairn_protocol::messages::produce::{ProducePartition, ProduceRequest, ProduceTopic};
+use cairn_protocol::record::record_len_upper_bound;
 use cairn_protocol::record_batch::BATCH_HEADER_LEN;
 use cairn_protocol::{Acks, ErrorCode, Header, RecordBatchBuilder};
 
@@ -44,6 +45,9 @@ pub struct ProducerConfig {
     pub retry_backoff: Duration,
     /// Produce requests in flight at once (one batch per partition each). Default 16.
     pub in_flight_requests_max: usize,
+    /// Largest produce request: batches of many partitions are packed into one request up to
+    /// this size. Keep it below the broker's `frame_bytes_max` (16 MiB). Default 8 MiB.
+    pub request_bytes_max: usize,
 }
 
 impl Default for ProducerConfig {
@@ -57,6 +61,7 @@ impl Default for ProducerConfig {
             delivery_timeout: Duration::from_secs(120),
             retry_backoff: Duration::from_millis(100),
             in_flight_requests_max: 16,
+            request_bytes_max: 8 * 1024 * 1024,
         }
     }
 }
@@ -64,8 +69,8 @@ impl Default for ProducerConfig {
 /// A record to send.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ProducerRecord {
-    /// Topic.
-    pub topic: String,
+    /// Topic (shared: cloning a record or a topic name costs no allocation).
+    pub topic: Arc<str>,
     /// Explicit partition; otherwise chosen from the key (or sticky round-robin without one).
     pub partition: Option<u32>,
     /// Optional key.
@@ -80,7 +85,7 @@ pub struct ProducerRecord {
 
 impl ProducerRecord {
     /// A record with a value.
-    pub fn new(topic: impl Into<String>, value: impl Into<Bytes>) -> ProducerRecord {
+    pub fn new(topic: impl Into<Arc<str>>, value: impl Into<Bytes>) -> ProducerRecord {
         ProducerRecord { topic: topic.into(), value: Some(value.into()), ..ProducerRecord::default() }
     }
     /// Sets the key.
@@ -190,8 +195,11 @@ struct SealedBatch {
     not_before: Instant,
 }
 
+/// A topic and partition.
+type TopicPartition = (Arc<str>, u32);
+
 /// A batch ready to go, with its topic and partition.
-type Sendable = ((String, u32), SealedBatch);
+type Sendable = (TopicPartition, SealedBatch);
 
 #[derive(Debug, Default)]
 struct PartitionQueue {
@@ -200,11 +208,69 @@ struct PartitionQueue {
     in_flight: bool,
 }
 
+/// Per-topic state: partition count (from metadata), sticky partition, per-partition queues.
+#[derive(Debug)]
+struct TopicQueues {
+    name: Arc<str>,
+    partitions: u32,
+    sticky: u32,
+    /// Indexed by partition.
+    queues: Vec<PartitionQueue>,
+}
+
+/// Producers write to few topics: a short vector beats hashing the name for every record.
 #[derive(Debug, Default)]
 struct State {
-    queues: HashMap<(String, u32), PartitionQueue>,
-    sticky: HashMap<String, u32>,
+    topics: Vec<TopicQueues>,
     flushing: usize,
+}
+
+impl State {
+    fn topic_mut(&mut self, name: &Arc<str>) -> Option<&mut TopicQueues> {
+        self.topics.iter_mut().find(|t| Arc::ptr_eq(&t.name, name) || t.name == *name)
+    }
+
+    fn queue(&mut self, tp: &TopicPartition) -> Option<&mut PartitionQueue> {
+        self.topic_mut(&tp.0)?.queues.get_mut(tp.1 as usize)
+    }
+}
+
+/// Bounds the bytes buffered or in flight; `send` waits for space (backpressure).
+#[derive(Debug)]
+struct Memory {
+    used: AtomicUsize,
+    max: usize,
+    freed: Notify,
+}
+
+impl Memory {
+    async fn acquire(&self, bytes: usize, closed: &AtomicBool) -> Result<()> {
+        loop {
+            let used = self.used.load(Ordering::Acquire);
+            // One record always fits into an empty buffer, whatever its size.
+            if used + bytes <= self.max || used == 0 {
+                if self.used.compare_exchange_weak(used, used + bytes, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                    return Ok(());
+                }
+                continue;
+            }
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if self.used.load(Ordering::Acquire) + bytes <= self.max {
+                continue;
+            }
+            if closed.load(Ordering::Acquire) {
+                return Err(Error::Closed);
+            }
+            freed.await;
+        }
+    }
+
+    fn release(&self, bytes: usize) {
+        self.used.fetch_sub(bytes, Ordering::AcqRel);
+        self.freed.notify_waiters();
+    }
 }
 
 #[derive(Debug)]
@@ -213,9 +279,8 @@ struct Inner {
     conn: Connection,
     state: Mutex<State>,
     wake: Notify,
-    memory: Arc<Semaphore>,
+    memory: Memory,
     requests: Arc<Semaphore>,
-    partitions: Mutex<HashMap<String, u32>>,
     outstanding: AtomicUsize,
     idle: Notify,
     closed: AtomicBool,
@@ -247,15 +312,17 @@ impl Producer {
         if config.batch_bytes_max < 1024 || config.buffer_bytes_max < config.batch_bytes_max {
             return Err(Error::InvalidArgument("batch_bytes_max must be >= 1024 and <= buffer_bytes_max".into()));
         }
+        if config.request_bytes_max < config.batch_bytes_max + 1024 {
+            return Err(Error::InvalidArgument("request_bytes_max must exceed batch_bytes_max".into()));
+        }
         let conn = Connection::connect(config.connection.clone()).await?;
         let inner = Arc::new(Inner {
-            memory: Arc::new(Semaphore::new(config.buffer_bytes_max)),
+            memory: Memory { used: AtomicUsize::new(0), max: config.buffer_bytes_max, freed: Notify::new() },
             requests: Arc::new(Semaphore::new(config.in_flight_requests_max.max(1))),
             config,
             conn,
             state: Mutex::new(State::default()),
             wake: Notify::new(),
-            partitions: Mutex::new(HashMap::new()),
             outstanding: AtomicUsize::new(0),
             idle: Notify::new(),
             closed: AtomicBool::new(false),
@@ -264,17 +331,25 @@ impl Producer {
         Ok(Producer { inner })
     }
 
-    async fn partition_count(&self, topic: &str) -> Result<u32> {
-        if let Some(n) = self.inner.partitions.lock().expect("partitions lock").get(topic) {
-            return Ok(*n);
+    async fn partition_count(&self, topic: &Arc<str>) -> Result<u32> {
+        if let Some(t) = self.inner.state.lock().expect("producer state").topic_mut(topic) {
+            return Ok(t.partitions);
         }
-        let resp = self.inner.conn.request(&MetadataRequest { topics: Some(vec![topic.to_owned()]) }).await?;
-        let t = resp.topics.into_iter().next().ok_or_else(|| Error::UnknownTopic(topic.to_owned()))?;
+        let resp = self.inner.conn.request(&MetadataRequest { topics: Some(vec![topic.to_string()]) }).await?;
+        let t = resp.topics.into_iter().next().ok_or_else(|| Error::UnknownTopic(topic.to_string()))?;
         if !t.error.is_ok() || t.partitions.is_empty() {
-            return Err(Error::UnknownTopic(topic.to_owned()));
+            return Err(Error::UnknownTopic(topic.to_string()));
         }
         let n = t.partitions.len() as u32;
-        self.inner.partitions.lock().expect("partitions lock").insert(topic.to_owned(), n);
+        let mut state = self.inner.state.lock().expect("producer state");
+        if state.topic_mut(topic).is_none() {
+            state.topics.push(TopicQueues {
+                name: Arc::clone(topic),
+                partitions: n,
+                sticky: (now_ms() as u32) % n,
+                queues: (0..n).map(|_| PartitionQueue::default()).collect(),
+            });
+        }
         Ok(n)
     }
 
@@ -289,10 +364,10 @@ impl Producer {
             return Err(Error::Closed);
         }
         let count = self.partition_count(&record.topic).await?;
-        let timestamp = record.timestamp.unwrap_or_else(now_ms);
+        let timestamp = record.timestamp.unwrap_or_else(now_ms_coarse);
         let key = record.key.as_deref();
         let value = record.value.as_deref();
-        let size = RecordBatchBuilder::new().record_size(timestamp, key, value, &record.headers) + 8;
+        let size = record_len_upper_bound(key, value, &record.headers);
         if size + BATCH_HEADER_LEN > inner.config.batch_bytes_max {
             return Err(Error::InvalidArgument(format!(
                 "record of {size} bytes does not fit in batch_bytes_max {}",
@@ -307,22 +382,26 @@ impl Producer {
                 )));
             }
         }
-        let permit = Arc::clone(&inner.memory).acquire_many_owned(size as u32).await.map_err(|_| Error::Closed)?;
-        permit.forget();
+        inner.memory.acquire(size, &inner.closed).await?;
         let mut state = inner.state.lock().expect("producer state");
+        let Some(topic) = state.topic_mut(&record.topic) else {
+            drop(state);
+            inner.memory.release(size);
+            return Err(Error::UnknownTopic(record.topic.to_string()));
+        };
         let partition = match (record.partition, key) {
             (Some(p), _) => p,
             (None, Some(k)) => partition_for_key(k, count),
-            (None, None) => *state.sticky.entry(record.topic.clone()).or_insert_with(|| (now_ms() as u32) % count),
+            (None, None) => topic.sticky,
         };
-        let queue = state.queues.entry((record.topic.clone(), partition)).or_default();
+        let queue = &mut topic.queues[partition as usize];
         let mut sealed = false;
         if queue.open.as_ref().is_some_and(|o| o.builder.size_bytes() + size > inner.config.batch_bytes_max) {
             seal(queue);
             sealed = true;
         }
         let open = queue.open.get_or_insert_with(|| OpenBatch {
-            builder: RecordBatchBuilder::with_capacity(inner.config.batch_bytes_max.min(64 * 1024)),
+            builder: RecordBatchBuilder::with_capacity(inner.config.batch_bytes_max),
             created: Instant::now(),
             result: Arc::new(BatchResult { partition, outcome: OnceLock::new(), done: Notify::new() }),
             reserved: 0,
@@ -338,7 +417,7 @@ impl Producer {
             sealed = true;
         }
         if sealed && record.partition.is_none() && key.is_none() && count > 1 {
-            state.sticky.insert(record.topic.clone(), (partition + 1) % count);
+            topic.sticky = (partition + 1) % count;
         }
         drop(state);
         if sealed || first {
@@ -402,6 +481,13 @@ fn seal(queue: &mut PartitionQueue) {
     }
 }
 
+/// Wall-clock ms from the coarse clock (a few ns instead of a full clock read per record; its
+/// resolution, a few ms, is finer than Kafka clients' usual timestamp use).
+fn now_ms_coarse() -> i64 {
+    let t = rustix::time::clock_gettime(rustix::time::ClockId::RealtimeCoarse);
+    t.tv_sec * 1000 + t.tv_nsec / 1_000_000
+}
+
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
@@ -413,38 +499,37 @@ fn collect(inner: &Inner) -> (Vec<Sendable>, Option<Instant>) {
     let flushing = state.flushing > 0 || inner.closed.load(Ordering::Acquire);
     let mut out = Vec::new();
     let mut next: Option<Instant> = None;
-    let mut budget = inner.conn.config().frame_bytes_max as usize / 2;
-    for (tp, q) in state.queues.iter_mut() {
-        if q.in_flight {
-            continue;
-        }
-        if q.ready.is_empty() {
-            if let Some(open) = &q.open {
-                let due = open.created + inner.config.linger;
-                if flushing || due <= now {
-                    seal(q);
-                } else {
-                    next = Some(next.map_or(due, |n| n.min(due)));
+    let mut budget = inner.config.request_bytes_max;
+    for topic in state.topics.iter_mut() {
+        for (partition, q) in topic.queues.iter_mut().enumerate() {
+            if q.in_flight {
+                continue;
+            }
+            if q.ready.is_empty() {
+                if let Some(open) = &q.open {
+                    let due = open.created + inner.config.linger;
+                    if flushing || due <= now {
+                        seal(q);
+                    } else {
+                        next = Some(next.map_or(due, |n| n.min(due)));
+                    }
                 }
             }
+            let Some(front) = q.ready.front() else { continue };
+            if front.not_before > now {
+                next = Some(next.map_or(front.not_before, |n| n.min(front.not_before)));
+                continue;
+            }
+            if front.bytes.len() > budget && !out.is_empty() {
+                next = Some(now);
+                continue;
+            }
+            let batch = q.ready.pop_front().expect("front exists");
+            budget = budget.saturating_sub(batch.bytes.len());
+            q.in_flight = inner.config.acks != Acks::None;
+            out.push(((Arc::clone(&topic.name), partition as u32), batch));
         }
-        let Some(front) = q.ready.front() else {
-            continue;
-        };
-        if front.not_before > now {
-            next = Some(next.map_or(front.not_before, |n| n.min(front.not_before)));
-            continue;
-        }
-        if front.bytes.len() > budget && !out.is_empty() {
-            next = Some(now);
-            continue;
-        }
-        let batch = q.ready.pop_front().expect("front exists");
-        budget = budget.saturating_sub(batch.bytes.len());
-        q.in_flight = inner.config.acks != Acks::None;
-        out.push((tp.clone(), batch));
     }
-    state.queues.retain(|_, q| q.open.is_some() || !q.ready.is_empty() || q.in_flight);
     (out, next)
 }
 
@@ -485,9 +570,9 @@ async fn send_request(inner: &Arc<Inner>, mut batches: Vec<Sendable>) {
         b.first_sent.get_or_insert(now);
         b.attempts += 1;
         let part = ProducePartition { partition: *partition, records: b.bytes.clone() };
-        match by_topic.iter_mut().find(|t| &t.name == topic) {
+        match by_topic.iter_mut().find(|t| *t.name == **topic) {
             Some(t) => t.partitions.push(part),
-            None => by_topic.push(ProduceTopic { name: topic.clone(), partitions: vec![part] }),
+            None => by_topic.push(ProduceTopic { name: topic.to_string(), partitions: vec![part] }),
         }
     }
     let timeout_ms = inner.config.connection.request_timeout.as_millis().min(u128::from(u32::MAX)) as u32;
@@ -512,17 +597,17 @@ async fn send_request(inner: &Arc<Inner>, mut batches: Vec<Sendable>) {
                 }
             }
             for (tp, b) in batches {
-                let (code, message, base) =
-                    results.remove(&tp).unwrap_or((ErrorCode::Unknown, Some("no result for partition".into()), -1));
+                let (code, message, base) = results.remove(&(tp.0.to_string(), tp.1)).unwrap_or((
+                    ErrorCode::Unknown,
+                    Some("no result for partition".into()),
+                    -1,
+                ));
                 if code.is_ok() {
                     release_partition(inner, &tp);
                     finish(inner, b, Ok(base));
                 } else if code.is_retriable() {
                     retry(inner, tp, b, (Some(code), message.unwrap_or_else(|| code.message().to_owned())));
                 } else {
-                    if code == ErrorCode::UnknownTopicOrPartition {
-                        inner.partitions.lock().expect("partitions lock").remove(&tp.0);
-                    }
                     release_partition(inner, &tp);
                     finish(inner, b, Err((Some(code), message.unwrap_or_else(|| code.message().to_owned()))));
                 }
@@ -542,7 +627,7 @@ async fn send_request(inner: &Arc<Inner>, mut batches: Vec<Sendable>) {
     }
 }
 
-fn retry(inner: &Arc<Inner>, tp: (String, u32), mut b: SealedBatch, why: (Option<ErrorCode>, String)) {
+fn retry(inner: &Arc<Inner>, tp: TopicPartition, mut b: SealedBatch, why: (Option<ErrorCode>, String)) {
     let elapsed = b.first_sent.map_or(Duration::ZERO, |t| t.elapsed());
     if elapsed >= inner.config.delivery_timeout {
         release_partition(inner, &tp);
@@ -554,20 +639,27 @@ fn retry(inner: &Arc<Inner>, tp: (String, u32), mut b: SealedBatch, why: (Option
     tracing::debug!(topic = %tp.0, partition = tp.1, attempt = b.attempts, error = %why.1, "retrying batch");
     b.not_before = Instant::now() + backoff;
     let mut state = inner.state.lock().expect("producer state");
-    let q = state.queues.entry(tp).or_default();
-    q.ready.push_front(b);
-    q.in_flight = false;
+    match state.queue(&tp) {
+        Some(q) => {
+            q.ready.push_front(b);
+            q.in_flight = false;
+        }
+        None => {
+            drop(state);
+            finish(inner, b, Err(why));
+        }
+    }
 }
 
-fn release_partition(inner: &Inner, tp: &(String, u32)) {
-    if let Some(q) = inner.state.lock().expect("producer state").queues.get_mut(tp) {
+fn release_partition(inner: &Inner, tp: &TopicPartition) {
+    if let Some(q) = inner.state.lock().expect("producer state").queue(tp) {
         q.in_flight = false;
     }
 }
 
 fn finish(inner: &Inner, b: SealedBatch, outcome: Outcome) {
     b.result.complete(outcome);
-    inner.memory.add_permits(b.reserved);
+    inner.memory.release(b.reserved);
     if inner.outstanding.fetch_sub(b.records, Ordering::AcqRel) == b.records {
         inner.idle.notify_waiters();
     }

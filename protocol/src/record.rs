@@ -193,6 +193,13 @@ pub(crate) fn scan_record(
     Ok(RecordSpan { timestamp_delta, offset_delta, key, value, headers })
 }
 
+/// An upper bound on the bytes one record takes in a batch (length prefix included), whatever
+/// its timestamp and offset deltas: for sizing buffers before the record's position is known.
+pub fn record_len_upper_bound(key: Option<&[u8]>, value: Option<&[u8]>, headers: &[Header]) -> usize {
+    // Deltas of 0 take one byte each; the largest take 10 (varlong) and 5 (varint).
+    record_body_len(0, 0, key, value, headers) + 9 + 4 + 5
+}
+
 /// Encoded size of a record's body (everything after its length varint).
 pub(crate) fn record_body_len(
     timestamp_delta: i64,

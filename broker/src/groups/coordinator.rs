@@ -508,14 +508,17 @@ impl Coordinator {
         if accepted.is_empty() {
             return Ok((codes, None));
         }
-        let info = self.offsets_log.append(&offsets_store::encode_batch(&accepted, now_ms))?;
+        let mut next_offset = 0;
+        for batch in offsets_store::encode_batches(&accepted, now_ms) {
+            next_offset = self.offsets_log.append(&batch)?.next_offset;
+        }
         let mut inner = self.inner.lock().expect("groups lock");
         for (key, value) in accepted {
             if let Some(v) = value {
                 inner.committed.insert(key, v);
             }
         }
-        Ok((codes, Some(PendingCommit { log: Arc::clone(&self.offsets_log), offset: info.next_offset })))
+        Ok((codes, Some(PendingCommit { log: Arc::clone(&self.offsets_log), offset: next_offset })))
     }
 
     /// Committed offsets of a group: for the given partitions, or everything it committed.
@@ -555,9 +558,11 @@ impl Coordinator {
             return;
         }
         let now = crate::storage::system_clock()();
-        if let Err(e) = self.offsets_log.append(&offsets_store::encode_batch(&doomed, now)) {
-            tracing::error!(topic, error = %e, "could not record removal of a deleted topic's offsets");
-            return;
+        for batch in offsets_store::encode_batches(&doomed, now) {
+            if let Err(e) = self.offsets_log.append(&batch) {
+                tracing::error!(topic, error = %e, "could not record removal of a deleted topic's offsets");
+                return;
+            }
         }
         let mut inner = self.inner.lock().expect("groups lock");
         for (k, _) in doomed {
@@ -679,8 +684,8 @@ impl Coordinator {
             inner.committed.iter().map(|(k, v)| (k.clone(), Some(v.clone()))).collect()
         };
         let start = self.offsets_log.roll_now()?;
-        for chunk in state.chunks(1000) {
-            self.offsets_log.append(&offsets_store::encode_batch(chunk, crate::storage::system_clock()()))?;
+        for batch in offsets_store::encode_batches(&state, crate::storage::system_clock()()) {
+            self.offsets_log.append(&batch)?;
         }
         self.offsets_log.sync()?;
         let removed = self.offsets_log.delete_segments_below(start)?;

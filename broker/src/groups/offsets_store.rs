@@ -82,15 +82,26 @@ pub(crate) fn open(store: &LogStore) -> Result<(Arc<PartitionLog>, BTreeMap<Offs
     Ok((log, state))
 }
 
-/// Encodes commits (a `None` value deletes) as one record batch.
-pub(crate) fn encode_batch(entries: &[(OffsetKey, Option<Committed>)], now_ms: i64) -> Bytes {
-    let mut b = RecordBatchBuilder::with_capacity(64 * entries.len());
+/// Largest batch written to the offsets log (well under the default `batch_bytes_max`).
+const OFFSETS_BATCH_BYTES: usize = 256 * 1024;
+
+/// Encodes commits (a `None` value deletes) as record batches of at most about
+/// [`OFFSETS_BATCH_BYTES`] each, so a large commit or snapshot never exceeds the batch limit.
+pub(crate) fn encode_batches(entries: &[(OffsetKey, Option<Committed>)], now_ms: i64) -> Vec<Bytes> {
+    let mut out = Vec::new();
+    let mut b = RecordBatchBuilder::with_capacity(4096);
     for (key, value) in entries {
         let k = encode_key(key);
         let v = value.as_ref().map(encode_value);
+        if !b.is_empty() && b.size_bytes() + k.len() + v.as_ref().map_or(0, Bytes::len) + 32 > OFFSETS_BATCH_BYTES {
+            out.push(std::mem::replace(&mut b, RecordBatchBuilder::with_capacity(4096)).build());
+        }
         b.push(now_ms, Some(&k), v.as_deref(), &[]);
     }
-    b.build()
+    if !b.is_empty() {
+        out.push(b.build());
+    }
+    out
 }
 
 fn encode_key((group, topic, partition): &OffsetKey) -> Bytes {
@@ -165,5 +176,24 @@ mod tests {
             assert_eq!(decode_value(&encode_value(&c)), Some(c));
         }
         assert_eq!(decode_value(&[1, 2, 3]), None);
+    }
+
+    #[test]
+    fn large_commits_and_snapshots_split_into_batches_under_the_limit() {
+        let meta = "m".repeat(4000);
+        let entries: Vec<(OffsetKey, Option<Committed>)> = (0..1000u32)
+            .map(|p| {
+                let c = Committed { offset: i64::from(p), commit_timestamp_ms: 1, metadata: Some(meta.clone()) };
+                (("g".to_string(), "t".to_string(), p), Some(c))
+            })
+            .collect();
+        let batches = encode_batches(&entries, 5);
+        assert!(batches.len() > 1);
+        let mut records = 0;
+        for b in &batches {
+            let h = cairn_protocol::record_batch::validate_for_append(b, 1 << 20).unwrap();
+            records += h.record_count;
+        }
+        assert_eq!(records, 1000);
     }
 }

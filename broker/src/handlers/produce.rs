@@ -24,6 +24,17 @@ pub(crate) fn produce(ctx: Ctx, req: ProduceRequest) -> Reply {
     let mut response = ProduceResponse { topics: Vec::with_capacity(req.topics.len()) };
     let mut waiters = Vec::new();
     for (ti, t) in req.topics.iter().enumerate() {
+        if t.name.starts_with("__") {
+            // Internal topics (committed offsets) are written by the broker only.
+            let message = Some(format!("{} is internal: the broker writes it, clients may not", t.name));
+            let partitions = t
+                .partitions
+                .iter()
+                .map(|p| ProducePartitionResponse::error(p.partition, ErrorCode::InvalidTopicName, message.clone()))
+                .collect();
+            response.topics.push(ProduceTopicResponse { name: t.name.clone(), partitions });
+            continue;
+        }
         let topic = lookup_topic(&ctx, &t.name);
         let metrics = topic.as_ref().map(|_| broker.topic_metrics(&t.name));
         let mut partitions = Vec::with_capacity(t.partitions.len());

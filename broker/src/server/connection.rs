@@ -9,7 +9,7 @@
 use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
 use futures::StreamExt;
@@ -48,38 +48,48 @@ pub(crate) async fn run(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr
     let writer = tokio::spawn(write_loop(wr, rx, peer));
     let idle = Duration::from_millis(broker.config.idle_timeout_ms);
     let frame_timeout = Duration::from_millis(broker.config.frame_timeout_ms);
+    // Wake at least this often to check the idle and frame timeouts.
+    let tick = frame_timeout.min(idle).min(Duration::from_millis(500)).max(Duration::from_millis(10));
+    let mut last_frame = Instant::now();
+    let mut partial_since: Option<Instant> = None;
     tracing::debug!(%peer, "connection opened");
     loop {
-        // Between requests the idle timeout applies; once part of a frame has arrived, the rest
-        // must follow within frame_timeout_ms (a client trickling bytes is cut off).
-        let partial = !frames.read_buffer().is_empty();
-        let limit = if partial { frame_timeout.min(idle) } else { idle };
         let next = tokio::select! {
             _ = broker.shutdown.cancelled() => break,
-            r = tokio::time::timeout(limit, frames.next()) => r,
+            r = frames.next() => Some(r),
+            _ = tokio::time::sleep(tick) => None,
         };
-        let frame = match next {
-            Err(_) if partial => {
+        let Some(next) = next else {
+            // Between requests the idle timeout applies; once part of a frame has arrived, the
+            // rest must follow within frame_timeout_ms (a client trickling bytes is cut off).
+            if frames.read_buffer().is_empty() {
+                partial_since = None;
+                if last_frame.elapsed() >= idle {
+                    tracing::info!(%peer, idle_ms = broker.config.idle_timeout_ms, "closing idle connection");
+                    break;
+                }
+            } else if partial_since.get_or_insert_with(Instant::now).elapsed() >= frame_timeout {
                 tracing::warn!(%peer, frame_timeout_ms = broker.config.frame_timeout_ms, "closing connection: request frame incomplete in time");
                 metrics::counter!("cairn_requests_total", "api" => "unknown", "result" => "FRAME_TIMEOUT").increment(1);
                 break;
             }
-            Err(_) => {
-                tracing::info!(%peer, idle_ms = broker.config.idle_timeout_ms, "closing idle connection");
-                break;
-            }
-            Ok(None) => break,
-            Ok(Some(Err(FrameError::TooLarge { len, max }))) => {
+            continue;
+        };
+        last_frame = Instant::now();
+        partial_since = (!frames.read_buffer().is_empty()).then(Instant::now);
+        let frame = match next {
+            None => break,
+            Some(Err(FrameError::TooLarge { len, max })) => {
                 tracing::warn!(%peer, len, max, "closing connection: frame exceeds frame_bytes_max");
                 metrics::counter!("cairn_requests_total", "api" => "unknown", "result" => "FRAME_TOO_LARGE")
                     .increment(1);
                 break;
             }
-            Ok(Some(Err(FrameError::Io(e)))) => {
+            Some(Err(FrameError::Io(e))) => {
                 tracing::debug!(%peer, error = %e, "connection read failed");
                 break;
             }
-            Ok(Some(Ok(frame))) => frame,
+            Some(Ok(frame)) => frame,
         };
         match dispatch(&broker, frame, peer) {
             Reply::Now(chunks) => {
@@ -107,11 +117,19 @@ pub(crate) async fn run(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr
 async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Pending>, peer: SocketAddr) -> std::io::Result<()> {
     let mut out: Vec<Bytes> = Vec::with_capacity(64);
     while let Some(first) = rx.recv().await {
-        let mut gathered = resolve(first, &mut out).await;
+        let Some(mut gathered) = resolve(first, &mut out).await else {
+            return broken(wr, peer).await;
+        };
         // Gather more responses that are already ready into the same write.
         while gathered < WRITE_GATHER_BYTES && out.len() < IOV_MAX {
             match rx.try_recv() {
-                Ok(p) => gathered += resolve(p, &mut out).await,
+                Ok(p) => match resolve(p, &mut out).await {
+                    Some(n) => gathered += n,
+                    None => {
+                        write_all_vectored(&mut wr, &mut out).await?;
+                        return broken(wr, peer).await;
+                    }
+                },
                 Err(_) => break,
             }
         }
@@ -122,16 +140,24 @@ async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Pending>, pee
     Ok(())
 }
 
-/// Appends a response's chunks to `out`, waiting for it if needed; returns its size.
-async fn resolve(p: Pending, out: &mut Vec<Bytes>) -> usize {
+/// Appends a response's chunks to `out`, waiting for it if needed; returns its size, or `None`
+/// if the handler died without answering.
+async fn resolve(p: Pending, out: &mut Vec<Bytes>) -> Option<usize> {
     let chunks = match p {
         Pending::Ready(c) => c,
-        // A handler that dropped its sender owes no response (it already logged why).
-        Pending::Later(rx) => rx.await.unwrap_or_default(),
+        Pending::Later(rx) => rx.await.ok()?,
     };
     let n = chunks.iter().map(Bytes::len).sum();
     out.extend(chunks);
-    n
+    Some(n)
+}
+
+/// A handler died without answering: responses after it would be misattributed by a client that
+/// matches them in order, so the connection is closed and the client retries on a new one.
+async fn broken(mut wr: OwnedWriteHalf, peer: SocketAddr) -> std::io::Result<()> {
+    tracing::error!(%peer, "a request handler failed without answering; closing the connection");
+    let _ = wr.shutdown().await;
+    Ok(())
 }
 
 /// Writes every chunk with as few `writev` calls as the kernel allows.

@@ -224,17 +224,17 @@ impl PartitionLog {
             ap.prealloc_step = (step * 2).min(self.shared.config.preallocate_bytes_max);
             self.shared.disk.refresh();
         }
-        let map = active.mapping()?;
         self.shared.note_mapped(&active);
         let rel = (base - active.base_offset) as u32;
         let pos = active.len();
         let interval = self.shared.config.index_interval_bytes;
         let entries_max = self.shared.config.index_entries_max();
+        active.write_batch(batch, base)?;
         let indexed = active.with_index_mut(|idx| {
             idx.on_batch(rel, pos as u32, len as u32, header.max_timestamp, interval, entries_max)
         });
         debug_assert!(indexed, "needs_roll checks for a full index");
-        active.write_batch(&map, batch, base);
+
         active.publish(pos + len, base + count, header.max_timestamp);
         self.end_offset.store(base + count, Ordering::Release);
         let _ = self.dirty_since_ms.compare_exchange(0, now.max(1), Ordering::AcqRel, Ordering::Relaxed);

@@ -196,6 +196,8 @@ pub(crate) struct Segment {
     sealed: AtomicBool,
     seal_finished: AtomicBool,
     map: RwLock<Option<Arc<LogMap>>>,
+    /// Write handle of the active segment (appender only); evicted with the mapping.
+    writer: std::sync::Mutex<Option<File>>,
     index: RwLock<Option<SegmentIndex>>,
     /// Tick of last use, for evicting cold segments.
     pub(crate) last_used: AtomicU64,
@@ -223,6 +225,7 @@ impl Segment {
             sealed: AtomicBool::new(false),
             seal_finished: AtomicBool::new(false),
             map: RwLock::new(None),
+            writer: std::sync::Mutex::new(None),
             index: RwLock::new(None),
             last_used: AtomicU64::new(0),
         }
@@ -248,7 +251,8 @@ impl Segment {
         let allocated = prealloc.clamp(LOG_HEADER_LEN, capacity);
         fallocate(&file, &seg.log_path, allocated)?;
         file.write_all_at(&log_header(), 0).map_err(|e| StorageError::io("write header", &seg.log_path, e))?;
-        let map = LogMap::writable(&file, capacity as usize).map_err(|e| StorageError::io("mmap", &seg.log_path, e))?;
+        let map =
+            LogMap::read_only(&file, capacity as usize).map_err(|e| StorageError::io("mmap", &seg.log_path, e))?;
         *seg.map.write().expect("segment map lock") = Some(Arc::new(map));
         *seg.index.write().expect("segment index lock") = Some(SegmentIndex::default());
         // Remove index files left by an earlier incarnation of this base offset.
@@ -335,9 +339,10 @@ impl Segment {
         self.capacity
     }
 
-    /// Whether the log mapping is currently held.
+    /// Whether the segment holds a mapping or a file handle (counts against the budget).
     pub(crate) fn is_mapped(&self) -> bool {
         self.map.read().expect("segment map lock").is_some()
+            || self.writer.lock().expect("segment writer lock").is_some()
     }
 
     /// The mapping, opening it if it was evicted.
@@ -359,7 +364,7 @@ impl Segment {
             let len = file.metadata().map_err(|e| StorageError::io("stat", &self.log_path, e))?.len();
             LogMap::read_only(&file, len as usize)
         } else {
-            LogMap::writable(&file, self.capacity as usize)
+            LogMap::read_only(&file, self.capacity as usize)
         }
         .map_err(|e| StorageError::io("mmap", &self.log_path, e))?;
         let map = Arc::new(map);
@@ -370,7 +375,8 @@ impl Segment {
     /// Drops the mapping and (for sealed segments) the in-memory index. Readers holding slices
     /// keep the old mapping alive. Returns whether anything was released.
     pub(crate) fn evict(&self) -> bool {
-        let had_map = self.map.write().expect("segment map lock").take().is_some();
+        let had_writer = self.writer.lock().expect("segment writer lock").take().is_some();
+        let had_map = self.map.write().expect("segment map lock").take().is_some() || had_writer;
         let had_index = self.is_sealed() && self.index.write().expect("segment index lock").take().is_some();
         had_map || had_index
     }
@@ -459,13 +465,37 @@ impl Segment {
         write_atomic(&self.time_path, &idx.encode_times())
     }
 
-    /// Appender-only: copies a batch into the mapping at the current end and stamps its base
-    /// offset. The caller has checked capacity and allocation. Not yet visible to readers.
-    pub(crate) fn write_batch(&self, map: &LogMap, batch: &[u8], base_offset: u64) -> u64 {
+    /// Appender-only: writes a batch at the current end with its base offset stamped, in one
+    /// `pwritev` into the page cache. The caller has checked allocation. Not yet visible to
+    /// readers, who read the same pages zero-copy through the mapping.
+    ///
+    /// Why not a memcpy into the mapping: the first write fault on each preallocated page makes
+    /// the kernel zero the page before the copy overwrites it; profiling showed that zeroing at
+    /// 45% of the broker's CPU while producing. A full-page `pwritev` skips it.
+    pub(crate) fn write_batch(&self, batch: &[u8], base_offset: u64) -> Result<u64> {
         let pos = self.len();
-        map.write(pos as usize, batch);
-        map.write(pos as usize, &base_offset.to_be_bytes());
-        pos
+        let mut writer = self.writer.lock().expect("segment writer lock");
+        if writer.is_none() {
+            let file = OpenOptions::new()
+                .write(true)
+                .open(&self.log_path)
+                .map_err(|e| StorageError::io("open", &self.log_path, e))?;
+            *writer = Some(file);
+        }
+        let file = writer.as_ref().expect("opened above");
+        let stamped = base_offset.to_be_bytes();
+        let slices = [std::io::IoSlice::new(&stamped), std::io::IoSlice::new(&batch[8..])];
+        let written =
+            rustix::io::pwritev(file, &slices, pos).map_err(|e| StorageError::io("write", &self.log_path, e.into()))?;
+        if written < batch.len() {
+            // A short write: finish the rest with plain positional writes.
+            let mut whole = Vec::with_capacity(batch.len());
+            whole.extend_from_slice(&stamped);
+            whole.extend_from_slice(&batch[8..]);
+            file.write_all_at(&whole[written..], pos + written as u64)
+                .map_err(|e| StorageError::io("write", &self.log_path, e))?;
+        }
+        Ok(pos)
     }
 
     /// Appender-only: publishes a written batch to readers.
@@ -478,18 +508,23 @@ impl Segment {
     /// Marks the segment sealed: no more appends.
     pub(crate) fn seal(&self) {
         self.sealed.store(true, Ordering::Release);
+        self.writer.lock().expect("segment writer lock").take();
     }
 
-    /// Makes every published byte durable: msync of the unsynced range.
+    /// Makes every published byte durable: `fdatasync` of the log file (which covers every dirty
+    /// page of the file, however it was written). Called by the flusher, never by the appender.
     pub(crate) fn sync(&self) -> Result<()> {
         let len = self.len();
         let synced = self.synced_len.load(Ordering::Acquire);
         if len <= synced {
             return Ok(());
         }
-        let map = self.mapping()?;
-        map.sync_range(synced as usize, (len - synced) as usize)
-            .map_err(|e| StorageError::io("msync", &self.log_path, e))?;
+        let handle = self.writer.lock().expect("segment writer lock").as_ref().map(File::try_clone);
+        let file = match handle {
+            Some(Ok(f)) => f,
+            _ => File::open(&self.log_path).map_err(|e| StorageError::io("open", &self.log_path, e))?,
+        };
+        file.sync_data().map_err(|e| StorageError::io("fdatasync", &self.log_path, e))?;
         self.synced_len.fetch_max(len, Ordering::AcqRel);
         Ok(())
     }

@@ -439,7 +439,7 @@ fn render(r: &ConsumerRecord, format: ValueFormat) -> String {
                 .map(|h| (h.key.clone(), text(&h.value).map_or(serde_json::Value::Null, serde_json::Value::String)))
                 .collect();
             serde_json::json!({
-                "topic": r.topic,
+                "topic": &*r.topic,
                 "partition": r.partition,
                 "offset": r.offset,
                 "timestamp": r.timestamp,
@@ -494,7 +494,7 @@ async fn consume(conn: ConnectionConfig, args: ConsumeArgs) -> Result<(), Error>
                 continue;
             }
             let _ = writeln!(out, "{}", render(&r, args.format));
-            printed.insert((r.topic.clone(), r.partition), r.offset + 1);
+            printed.insert((r.topic.to_string(), r.partition), r.offset + 1);
             count += 1;
             if args.count.is_some_and(|c| count >= c) {
                 break 'outer;
