@@ -60,12 +60,37 @@ impl Broker {
     }
 }
 
+impl Drop for Broker {
+    fn drop(&mut self) {
+        // On an early error, do not leave a broker running on a deleted directory.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 struct Row {
     id: &'static str,
     workload: String,
     target: String,
     result: String,
     verdict: String,
+}
+
+impl Row {
+    fn line(&self) -> String {
+        format!("| {} | {} | {} | {} | {} |", self.id, self.workload, self.target, self.result, self.verdict)
+    }
+}
+
+/// Collects rows and prints each one as soon as it is measured (a long suite shows progress and
+/// keeps what it measured even if a later workload fails).
+struct Table(Vec<Row>);
+
+impl Table {
+    fn push(&mut self, r: Row) {
+        eprintln!("{}", r.line());
+        self.0.push(r);
+    }
 }
 
 fn base(addr: &str, topic: &str) -> Opts {
@@ -115,7 +140,7 @@ pub async fn run(scale: f64, bin: Option<PathBuf>) -> anyhow::Result<()> {
     std::fs::write(&config, "[storage]\nretention_ms = -1\n")?;
     let (broker, _) = Broker::start(&bin, &tmp.path().join("data"), &config)?;
     let addr = broker.addr.clone();
-    let mut rows = Vec::new();
+    let mut rows = Table(Vec::new());
 
     let p1 = workload::produce(&Opts { messages: Some(n(5_000_000.0)), ..base(&addr, "p1") }).await?;
     rows.push(Row {
@@ -252,8 +277,8 @@ pub async fn run(scale: f64, bin: Option<PathBuf>) -> anyhow::Result<()> {
     });
 
     println!("\n| # | workload | target | result | verdict |\n|---|---|---|---|---|");
-    for r in rows {
-        println!("| {} | {} | {} | {} | {} |", r.id, r.workload, r.target, r.result, r.verdict);
+    for r in rows.0 {
+        println!("{}", r.line());
     }
     Ok(())
 }
@@ -265,7 +290,9 @@ fn conn(addr: &str) -> ConnectionConfig {
 /// Creates a topic with 16 KiB segments and writes until it has `segments` segments.
 async fn fill_segments(addr: &str, segments: u64) -> anyhow::Result<()> {
     let admin = Admin::connect(conn(addr)).await?;
-    admin.create_topic(NewTopic { segment_bytes: Some(16 * 1024), ..NewTopic::new("p7", 1) }).await?;
+    admin
+        .create_topic(NewTopic { segment_bytes: Some(16 * 1024), batch_bytes_max: Some(8 * 1024), ..NewTopic::new("p7", 1) })
+        .await?;
     let producer = Producer::connect(ProducerConfig {
         connection: conn(addr),
         batch_bytes_max: 8 * 1024,

@@ -322,6 +322,7 @@ fn a_full_disk_gives_typed_errors_keeps_reads_working_and_writes_resume_when_spa
         broker.admin().await.create_topic(NewTopic::new("full", 1)).await.unwrap();
         let producer = Producer::connect(ProducerConfig {
             acks: Acks::All,
+            linger: Duration::ZERO,
             delivery_timeout: Duration::from_secs(2),
             ..broker.producer_config()
         })

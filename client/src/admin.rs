@@ -31,6 +31,8 @@ pub struct NewTopic {
     pub flush_interval_ms: Option<u64>,
     /// `cleanup_policy`: `delete` or `compact`.
     pub cleanup_policy: Option<String>,
+    /// `batch_bytes_max`: largest batch the topic accepts (at most `segment_bytes`).
+    pub batch_bytes_max: Option<u32>,
 }
 
 impl NewTopic {
@@ -51,6 +53,7 @@ impl NewTopic {
         add("segment_bytes", self.segment_bytes.map(|v| v.to_string()));
         add("flush_interval_ms", self.flush_interval_ms.map(|v| v.to_string()));
         add("cleanup_policy", self.cleanup_policy.clone());
+        add("batch_bytes_max", self.batch_bytes_max.map(|v| v.to_string()));
         out
     }
 }

@@ -150,7 +150,7 @@ pub struct Consumer {
     positions: BTreeMap<TopicPartition, Position>,
     /// Next offset after the last record handed out, per partition: what a commit stores.
     returned: BTreeMap<TopicPartition, i64>,
-    buffer: VecDeque<ConsumerRecord>,
+    buffer: Vec<ConsumerRecord>,
     in_flight: Option<InFlightFetch>,
     membership: Option<Membership>,
     last_commit: Instant,
@@ -168,7 +168,7 @@ impl Consumer {
             conn,
             positions: BTreeMap::new(),
             returned: BTreeMap::new(),
-            buffer: VecDeque::new(),
+            buffer: Vec::new(),
             in_flight: None,
             membership: None,
             last_commit: Instant::now(),
@@ -460,7 +460,7 @@ impl Consumer {
                 // Calling poll again means the records returned before were processed: commit
                 // those (at-least-once), never the ones about to be handed out.
                 self.maybe_auto_commit().await;
-                let out: Vec<_> = self.buffer.drain(..).collect();
+                let out = std::mem::take(&mut self.buffer);
                 // Records come grouped by partition: remember the last offset of each run.
                 for (i, r) in out.iter().enumerate() {
                     let last_of_run = out.get(i + 1).is_none_or(|n| n.partition != r.partition || n.topic != r.topic);
@@ -546,7 +546,7 @@ impl Consumer {
                             continue;
                         }
                         next = record.offset + 1;
-                        self.buffer.push_back(ConsumerRecord {
+                        self.buffer.push(ConsumerRecord {
                             topic: Arc::clone(&topic),
                             partition: p.partition,
                             offset: record.offset,

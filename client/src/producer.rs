@@ -494,8 +494,9 @@ fn now_ms() -> i64 {
 
 /// Takes at most one sendable batch per partition. Returns them and when to look again.
 fn collect(inner: &Inner) -> (Vec<Sendable>, Option<Instant>) {
-    let now = Instant::now();
     let mut state = inner.state.lock().expect("producer state");
+    // Read the clock under the lock: every batch seen here was created before it.
+    let now = Instant::now();
     let flushing = state.flushing > 0 || inner.closed.load(Ordering::Acquire);
     let mut out = Vec::new();
     let mut next: Option<Instant> = None;

@@ -90,6 +90,14 @@ impl<'a> RecordCursor<'a> {
     }
 
     pub(crate) fn varlong(&mut self, index: usize, max_bytes: usize) -> Result<i64, BatchError> {
+        // Fast path: most lengths and deltas fit in one byte.
+        if self.pos < self.end {
+            let b = self.buf[self.pos];
+            if b < 0x80 {
+                self.pos += 1;
+                return Ok(i64::from(b >> 1) ^ -i64::from(b & 1));
+            }
+        }
         let mut z: u64 = 0;
         for i in 0..max_bytes {
             if self.pos >= self.end {

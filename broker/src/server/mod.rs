@@ -38,7 +38,9 @@ pub struct Broker {
     pub connections: AtomicUsize,
     pub(crate) parked_fetches: AtomicUsize,
     pub(crate) requests: RequestMetrics,
-    notifiers: RwLock<HashMap<(String, u32), Arc<Notify>>>,
+    /// Per topic, per partition: woken when the partition gets data. Looked up by `&str`, so
+    /// the produce path allocates nothing to wake fetchers.
+    notifiers: RwLock<HashMap<String, Vec<Arc<Notify>>>>,
     topic_metrics: RwLock<HashMap<String, TopicMetrics>>,
 }
 
@@ -61,17 +63,20 @@ impl Broker {
 
     /// The notifier woken whenever `topic`/`partition` gets new data.
     pub(crate) fn notifier(&self, topic: &str, partition: u32) -> Arc<Notify> {
-        let key = (topic.to_owned(), partition);
-        if let Some(n) = self.notifiers.read().expect("notifiers lock").get(&key) {
+        if let Some(n) = self.notifiers.read().expect("notifiers lock").get(topic).and_then(|v| v.get(partition as usize)) {
             return Arc::clone(n);
         }
-        Arc::clone(self.notifiers.write().expect("notifiers lock").entry(key).or_default())
+        let mut all = self.notifiers.write().expect("notifiers lock");
+        let list = all.entry(topic.to_owned()).or_default();
+        while list.len() <= partition as usize {
+            list.push(Arc::new(Notify::new()));
+        }
+        Arc::clone(&list[partition as usize])
     }
 
     /// Wakes fetches parked on a partition.
     pub(crate) fn notify_append(&self, topic: &str, partition: u32) {
-        let key = (topic.to_owned(), partition);
-        if let Some(n) = self.notifiers.read().expect("notifiers lock").get(&key) {
+        if let Some(n) = self.notifiers.read().expect("notifiers lock").get(topic).and_then(|v| v.get(partition as usize)) {
             n.notify_waiters();
         }
     }

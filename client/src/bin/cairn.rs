@@ -262,6 +262,7 @@ async fn topic(conn: ConnectionConfig, cmd: TopicCommand) -> Result<(), Error> {
                     Cleanup::Delete => "delete".to_owned(),
                     Cleanup::Compact => "compact".to_owned(),
                 }),
+                batch_bytes_max: None,
             };
             admin.create_topic(t).await?;
             println!("created topic {name} with {partitions} partition(s)");
