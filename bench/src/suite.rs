@@ -291,7 +291,11 @@ fn conn(addr: &str) -> ConnectionConfig {
 async fn fill_segments(addr: &str, segments: u64) -> anyhow::Result<()> {
     let admin = Admin::connect(conn(addr)).await?;
     admin
-        .create_topic(NewTopic { segment_bytes: Some(16 * 1024), batch_bytes_max: Some(8 * 1024), ..NewTopic::new("p7", 1) })
+        .create_topic(NewTopic {
+            segment_bytes: Some(16 * 1024),
+            batch_bytes_max: Some(8 * 1024),
+            ..NewTopic::new("p7", 1)
+        })
         .await?;
     let producer = Producer::connect(ProducerConfig {
         connection: conn(addr),

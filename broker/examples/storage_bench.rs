@@ -183,7 +183,11 @@ fn main() -> Result<(), StorageError> {
                     let t0 = Instant::now();
                     let info = p.append(&kib).expect("append");
                     let (tx, rx) = std::sync::mpsc::channel();
-                    store.sync_async(Arc::clone(&p), info.next_offset, Box::new(move |r| tx.send(r.is_ok()).unwrap_or(())));
+                    store.sync_async(
+                        Arc::clone(&p),
+                        info.next_offset,
+                        Box::new(move |r| tx.send(r.is_ok()).unwrap_or(())),
+                    );
                     assert!(rx.recv().unwrap_or(false), "sync failed");
                     lat.push(t0.elapsed().as_nanos() as u64);
                     done_bytes.fetch_add(kib.len() as i64, Ordering::Relaxed);
@@ -220,7 +224,9 @@ fn fio(root: &Path) {
             // Terse v3: field 48 is write bandwidth in KiB/s.
             let bw = text.lines().last().and_then(|l| l.split(';').nth(47)).and_then(|v| v.parse::<f64>().ok());
             match bw {
-                Some(kib) => row("fio --rw=write --bs=64k --fdatasync=1 (same disk)", format!("{:.0} MB/s", kib * 1024.0 / 1e6)),
+                Some(kib) => {
+                    row("fio --rw=write --bs=64k --fdatasync=1 (same disk)", format!("{:.0} MB/s", kib * 1024.0 / 1e6))
+                }
                 None => row("fio", "could not parse fio output".into()),
             }
         }

@@ -251,3 +251,34 @@ fn lag_reported_by_cairn_group_describe_is_produced_minus_committed() {
         "{text}"
     );
 }
+
+#[test]
+fn auto_commit_covers_only_records_returned_by_earlier_polls() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "");
+    run(Duration::from_secs(60), async {
+        broker.admin().await.create_topic(NewTopic::new("ac", 1)).await.unwrap();
+        produce(&broker, "ac", 1, 10).await;
+        let config = ConsumerConfig {
+            auto_commit: true,
+            auto_commit_interval: Duration::ZERO,
+            partition_fetch_max_bytes: 1, // one batch per fetch
+            ..member_config(&broker, "ac-group")
+        };
+        let mut c = Consumer::connect(config).await.unwrap();
+        c.subscribe(&["ac"]).await.unwrap();
+        let mut first = Vec::new();
+        while first.is_empty() {
+            first = c.poll(Duration::from_secs(2)).await.unwrap();
+        }
+        let committed =
+            || async { broker.admin().await.describe_group("ac-group").await.unwrap().partitions[0].committed };
+        assert_eq!(committed().await, None, "records being handed out are not committed yet");
+        // Producing more and polling again marks the first batch processed.
+        produce(&broker, "ac", 1, 5).await;
+        let _ = c.poll(Duration::from_secs(2)).await.unwrap();
+        let last = first.last().unwrap().offset;
+        assert_eq!(committed().await, Some(last + 1), "the next poll committed what the first returned");
+        c.close().await.unwrap();
+    });
+}

@@ -63,7 +63,9 @@ impl Broker {
 
     /// The notifier woken whenever `topic`/`partition` gets new data.
     pub(crate) fn notifier(&self, topic: &str, partition: u32) -> Arc<Notify> {
-        if let Some(n) = self.notifiers.read().expect("notifiers lock").get(topic).and_then(|v| v.get(partition as usize)) {
+        if let Some(n) =
+            self.notifiers.read().expect("notifiers lock").get(topic).and_then(|v| v.get(partition as usize))
+        {
             return Arc::clone(n);
         }
         let mut all = self.notifiers.write().expect("notifiers lock");
@@ -76,7 +78,9 @@ impl Broker {
 
     /// Wakes fetches parked on a partition.
     pub(crate) fn notify_append(&self, topic: &str, partition: u32) {
-        if let Some(n) = self.notifiers.read().expect("notifiers lock").get(topic).and_then(|v| v.get(partition as usize)) {
+        if let Some(n) =
+            self.notifiers.read().expect("notifiers lock").get(topic).and_then(|v| v.get(partition as usize))
+        {
             n.notify_waiters();
         }
     }
