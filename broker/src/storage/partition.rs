@@ -373,15 +373,30 @@ impl PartitionLog {
         let started = std::time::Instant::now();
         let interval = self.shared.config.index_interval_bytes;
         let entries_max = self.shared.config.index_entries_max();
+        // Data syncs are critical: a failure poisons the partition. Index files of sealed
+        // segments are best effort and retried at the next sync (the data is already durable).
+        let mut unfinished = Vec::new();
         let result = (|| {
             for seg in &pending {
-                seg.finish_seal(interval, entries_max)?;
+                seg.sync()?;
             }
             if dir_dirty {
                 sync_dir(&self.dir)?;
             }
             active.sync()
         })();
+        if result.is_ok() {
+            for seg in pending {
+                if let Err(e) = seg.persist_index(interval, entries_max) {
+                    metrics::counter!("cairn_storage_errors_total", "kind" => e.kind()).increment(1);
+                    tracing::warn!(segment = %seg.log_path().display(), error = %e, "could not persist a sealed segment's index; will retry");
+                    unfinished.push(seg);
+                }
+            }
+        }
+        if !unfinished.is_empty() {
+            self.appender.lock().expect("append lock").pending_seal.splice(0..0, unfinished);
+        }
         metrics::histogram!("cairn_flush_duration_seconds").record(started.elapsed().as_secs_f64());
         if let Err(e) = result {
             self.poisoned.store(true, Ordering::Release);

@@ -234,7 +234,10 @@ fn scan_and_restore(
         seg.truncate_file(scan.valid_len)?;
     }
     if !is_last && intact {
-        seg.with_index(interval, entries_max, |idx| seg.write_index_files(idx))??;
+        // The index is in memory either way; on a full disk the files wait for a later seal.
+        if let Err(e) = seg.with_index(interval, entries_max, |idx| seg.write_index_files(idx))? {
+            tracing::warn!(segment = %seg.log_path().display(), error = %e, "could not persist a rebuilt index");
+        }
     }
     Ok((intact, cut))
 }

@@ -433,7 +433,10 @@ impl Segment {
             });
         }
         if self.is_sealed() {
-            self.write_index_files(&scan.index)?;
+            // Keep the rebuilt index in memory even if it cannot be written (a full disk).
+            if let Err(e) = self.write_index_files(&scan.index) {
+                tracing::warn!(segment = %self.log_path.display(), error = %e, "could not persist the rebuilt index; keeping it in memory");
+            }
         }
         Ok(scan.index)
     }
@@ -533,6 +536,13 @@ impl Segment {
     /// Readers never look past the published length, so the trim is safe under their mappings.
     pub(crate) fn finish_seal(&self, interval: u32, entries_max: usize) -> Result<()> {
         self.sync()?;
+        self.persist_index(interval, entries_max)
+    }
+
+    /// Writes the index files and trims the preallocated tail. Best effort: the batches are
+    /// already durable, so a failure here (a full disk, typically) leaves the index in memory,
+    /// the segment unfinished (retention will not delete it yet), and the caller retries later.
+    pub(crate) fn persist_index(&self, interval: u32, entries_max: usize) -> Result<()> {
         self.with_index(interval, entries_max, |idx| self.write_index_files(idx))??;
         let file = OpenOptions::new()
             .write(true)
