@@ -261,15 +261,30 @@ pub async fn produce(opts: &Opts) -> anyhow::Result<Report> {
             false,
         )));
     }
+    finish(opts, "produce", "send to acknowledgement, every 64th record", Finish { tasks, start, meter, ticker, hist })
+        .await
+}
+
+/// What a finished throughput run needs to become a report.
+struct Finish {
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<u64>>>,
+    start: Instant,
+    meter: Arc<Meter>,
+    ticker: tokio::task::JoinHandle<()>,
+    hist: Arc<Mutex<Histogram<u64>>>,
+}
+
+/// Waits for the workers, stops the meter, and builds the report.
+async fn finish(opts: &Opts, workload: &str, measures: &str, f: Finish) -> anyhow::Result<Report> {
     let mut records = 0;
-    for t in tasks {
+    for t in f.tasks {
         records += t.await??;
     }
-    let elapsed = start.elapsed().as_secs_f64();
-    let timeline = meter.finish();
-    let _ = ticker.await;
-    let h = hist.lock().expect("histogram");
-    Ok(report(opts, "produce", records, elapsed, &h, "send to acknowledgement, every 64th record", timeline))
+    let elapsed = f.start.elapsed().as_secs_f64();
+    let timeline = f.meter.finish();
+    let _ = f.ticker.await;
+    let h = f.hist.lock().expect("histogram");
+    Ok(report(opts, workload, records, elapsed, &h, measures, timeline))
 }
 
 fn report(
@@ -340,15 +355,7 @@ pub async fn consume(opts: &Opts) -> anyhow::Result<Report> {
             Ok::<u64, anyhow::Error>(got)
         }));
     }
-    let mut records = 0;
-    for t in tasks {
-        records += t.await??;
-    }
-    let elapsed = start.elapsed().as_secs_f64();
-    let timeline = meter.finish();
-    let _ = ticker.await;
-    let h = hist.lock().expect("histogram");
-    Ok(report(opts, "consume", records, elapsed, &h, "duration of each poll", timeline))
+    finish(opts, "consume", "duration of each poll", Finish { tasks, start, meter, ticker, hist }).await
 }
 
 /// Producers send at a fixed total rate with the intended send time in the value; consumers

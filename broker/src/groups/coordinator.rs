@@ -95,6 +95,19 @@ impl Group {
         }
     }
 
+    /// After members left or expired: an empty group is reset (new generation, no assignment),
+    /// otherwise the survivors rebalance.
+    fn members_changed(&mut self, now: Instant, max: Duration) {
+        if self.members.is_empty() {
+            self.state = State::Empty;
+            self.assignment.clear();
+            self.generation += 1;
+            self.changed.notify_waiters();
+        } else {
+            self.start_rebalance(now, max);
+        }
+    }
+
     fn owns(&self, member: &str, topic: &str, partition: u32) -> bool {
         self.assignment.get(member).is_some_and(|tps| tps.iter().any(|(t, p)| t == topic && *p == partition))
     }
@@ -351,14 +364,7 @@ impl Coordinator {
                 group.members.remove(id);
             }
             if !expired.is_empty() {
-                if group.members.is_empty() {
-                    group.state = State::Empty;
-                    group.assignment.clear();
-                    group.generation += 1;
-                    group.changed.notify_waiters();
-                } else {
-                    group.start_rebalance(now, max);
-                }
+                group.members_changed(now, max);
             }
             Self::maybe_complete(group, partitions, now);
         }
@@ -399,14 +405,7 @@ impl Coordinator {
         }
         tracing::info!(group = %group_id, member = %member_id, "member left");
         group.assignment.remove(member_id);
-        if group.members.is_empty() {
-            group.state = State::Empty;
-            group.assignment.clear();
-            group.generation += 1;
-            group.changed.notify_waiters();
-        } else {
-            group.start_rebalance(Instant::now(), max);
-        }
+        group.members_changed(Instant::now(), max);
         ErrorCode::None
     }
 
@@ -420,22 +419,7 @@ impl Coordinator {
         partition: u32,
     ) -> ErrorCode {
         let inner = self.inner.lock().expect("groups lock");
-        let Some(group) = inner.groups.get(group_id) else {
-            return ErrorCode::UnknownMemberId;
-        };
-        if !group.members.contains_key(member_id) {
-            return ErrorCode::UnknownMemberId;
-        }
-        if group.state == State::Rebalancing {
-            return ErrorCode::RebalanceInProgress;
-        }
-        if generation != group.generation {
-            return ErrorCode::IllegalGeneration;
-        }
-        if !group.owns(member_id, topic, partition) {
-            return ErrorCode::NotAssigned;
-        }
-        ErrorCode::None
+        owner_check(inner.groups.get(group_id), member_id, generation, topic, partition, true)
     }
 
     fn check_commit(
@@ -455,19 +439,8 @@ impl Coordinator {
                 _ => ErrorCode::None,
             };
         }
-        let Some(group) = group else {
-            return ErrorCode::UnknownMemberId;
-        };
-        if !group.members.contains_key(member_id) {
-            return ErrorCode::UnknownMemberId;
-        }
-        if generation != group.generation {
-            return ErrorCode::IllegalGeneration;
-        }
-        if !group.owns(member_id, topic, partition) {
-            return ErrorCode::NotAssigned;
-        }
-        ErrorCode::None
+        // A member may commit during a rebalance, with its current generation, for what it owns.
+        owner_check(group, member_id, generation, topic, partition, false)
     }
 
     /// Validates and appends commits. Returns per-partition codes and, if anything was appended,
@@ -697,6 +670,32 @@ impl Coordinator {
         );
         Ok(true)
     }
+}
+
+/// The member exists, its generation is current (and, for fetches, no rebalance is under way),
+/// and it owns the partition.
+fn owner_check(
+    group: Option<&Group>,
+    member_id: &str,
+    generation: i32,
+    topic: &str,
+    partition: u32,
+    fetching: bool,
+) -> ErrorCode {
+    let Some(group) = group else { return ErrorCode::UnknownMemberId };
+    if !group.members.contains_key(member_id) {
+        return ErrorCode::UnknownMemberId;
+    }
+    if fetching && group.state == State::Rebalancing {
+        return ErrorCode::RebalanceInProgress;
+    }
+    if generation != group.generation {
+        return ErrorCode::IllegalGeneration;
+    }
+    if !group.owns(member_id, topic, partition) {
+        return ErrorCode::NotAssigned;
+    }
+    ErrorCode::None
 }
 
 fn to_topic_partitions(tps: &[(String, u32)]) -> Vec<TopicPartitions> {

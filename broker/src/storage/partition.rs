@@ -442,23 +442,8 @@ impl PartitionLog {
             remaining -= seg.data_bytes();
             doomed += 1;
         }
-        let mut outcome = RetentionOutcome::default();
-        if doomed > 0 {
-            let removed: Vec<Arc<Segment>> = {
-                let mut list = self.segments.write().expect("segments lock");
-                let next: Vec<_> = list[doomed..].to_vec();
-                let removed = list[..doomed].to_vec();
-                self.log_start.store(next[0].base_offset, Ordering::Release);
-                *list = Arc::new(next);
-                removed
-            };
-            for seg in removed {
-                outcome.segments += 1;
-                outcome.bytes += seg.data_bytes();
-                seg.evict();
-                seg.delete_files()?;
-            }
-            sync_dir(&self.dir)?;
+        let outcome = self.remove_leading_segments(doomed)?;
+        if outcome.segments > 0 {
             tracing::info!(partition = %self.name(), segments = outcome.segments, bytes = outcome.bytes,
                 log_start_offset = self.log_start_offset(), "retention deleted segments");
         }
@@ -495,15 +480,25 @@ impl PartitionLog {
     /// # Errors
     /// I/O errors deleting files.
     pub fn delete_segments_below(&self, offset: u64) -> Result<RetentionOutcome> {
+        let segments = self.segments();
+        let doomed = segments[..segments.len() - 1]
+            .iter()
+            .take_while(|s| s.next_offset() <= offset && s.is_seal_finished())
+            .count();
+        self.remove_leading_segments(doomed)
+    }
+
+    /// Removes the first `count` segments (never the active one): swaps the segment list,
+    /// moves the log start, then deletes their files. Readers holding them keep their mappings.
+    fn remove_leading_segments(&self, count: usize) -> Result<RetentionOutcome> {
+        if count == 0 {
+            return Ok(RetentionOutcome::default());
+        }
         let removed: Vec<Arc<Segment>> = {
             let mut list = self.segments.write().expect("segments lock");
-            let doomed =
-                list[..list.len() - 1].iter().take_while(|s| s.next_offset() <= offset && s.is_seal_finished()).count();
-            if doomed == 0 {
-                return Ok(RetentionOutcome::default());
-            }
-            let next: Vec<_> = list[doomed..].to_vec();
-            let removed = list[..doomed].to_vec();
+            let count = count.min(list.len() - 1);
+            let next: Vec<_> = list[count..].to_vec();
+            let removed = list[..count].to_vec();
             self.log_start.store(next[0].base_offset, Ordering::Release);
             *list = Arc::new(next);
             removed
