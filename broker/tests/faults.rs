@@ -377,3 +377,70 @@ fn a_full_disk_gives_typed_errors_keeps_reads_working_and_writes_resume_when_spa
     });
     drop(broker);
 }
+
+fn remount(path: &std::path::Path, mode: &str) {
+    let ok = std::process::Command::new("mount")
+        .args(["-o", &format!("remount,{mode}")])
+        .arg(path)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "mount -o remount,{mode} failed");
+}
+
+#[test]
+#[ignore = "mounts a tmpfs: needs root; run by .ci/run"]
+fn a_read_only_disk_serves_reads_refuses_writes_with_a_typed_error_and_recovers_when_writable() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(disk) = SmallDisk::mount(dir.path(), "64m") else {
+        panic!("this test needs to mount a tmpfs (run as root); see RELIABILITY.md");
+    };
+    let data = disk.path.join("data");
+    let config = "[storage]\ndisk_free_bytes_min = 0\n";
+    let mut broker = TestBroker::start_with_data(dir.path(), &data, config, "127.0.0.1:0");
+    run(Duration::from_secs(60), async {
+        broker.admin().await.create_topic(NewTopic::new("ro", 2)).await.unwrap();
+        let producer = Producer::connect(ProducerConfig { acks: Acks::All, ..broker.producer_config() }).await.unwrap();
+        for i in 0..1000u32 {
+            producer.send(ProducerRecord::new("ro", format!("{i}")).partition(i % 2)).await.unwrap();
+        }
+        producer.close().await.unwrap();
+    });
+    broker.kill9();
+    // The kernel remounted the failing disk read-only; the broker restarts on it.
+    remount(&disk.path, "ro");
+    let mut broker = TestBroker::start_with_data(dir.path(), &data, config, "127.0.0.1:0");
+    assert!(broker.http_get("/readyz").0.contains("200"), "a read-only broker still serves");
+    run(Duration::from_secs(60), async {
+        let mut c = Consumer::connect(broker.consumer_config()).await.unwrap();
+        c.assign("ro", None).await.unwrap();
+        c.seek_all(Offset::Earliest);
+        let mut values = HashSet::new();
+        while values.len() < 1000 {
+            for r in c.poll(Duration::from_secs(5)).await.unwrap() {
+                values.insert(String::from_utf8(r.value.unwrap().to_vec()).unwrap());
+            }
+        }
+        let producer = Producer::connect(ProducerConfig {
+            acks: Acks::All,
+            delivery_timeout: Duration::from_secs(5),
+            ..broker.producer_config()
+        })
+        .await
+        .unwrap();
+        let err = producer.send(ProducerRecord::new("ro", "refused").partition(0)).await.unwrap().await.unwrap_err();
+        assert_eq!(err.code(), Some(cairn_client::ErrorCode::StorageError), "{err}");
+        assert!(err.to_string().contains("read-only"), "{err}");
+        eprintln!("read-only phase: {} records read back, produce refused with: {err}", values.len());
+    });
+    assert_eq!(broker.terminate(), Some(0), "a read-only broker still shuts down cleanly");
+    // Writable again: writes resume, and nothing was corrupted.
+    remount(&disk.path, "rw");
+    let broker = TestBroker::start_with_data(dir.path(), &data, config, "127.0.0.1:0");
+    run(Duration::from_secs(60), async {
+        let producer = Producer::connect(ProducerConfig { acks: Acks::All, ..broker.producer_config() }).await.unwrap();
+        producer.send(ProducerRecord::new("ro", "after").partition(0)).await.unwrap().await.unwrap();
+        producer.close().await.unwrap();
+        let info = broker.admin().await.describe_topic("ro").await.unwrap();
+        assert_eq!(info.partitions.iter().map(|p| p.end_offset).sum::<i64>(), 1001);
+    });
+}

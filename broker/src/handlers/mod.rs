@@ -93,7 +93,7 @@ pub(crate) fn storage_error_code(e: &StorageError) -> ErrorCode {
         StorageError::StorageFull { .. } => ErrorCode::StorageFull,
         StorageError::InvalidBatch(BatchError::TooLarge { .. }) => ErrorCode::BatchTooLarge,
         StorageError::InvalidBatch(_) => ErrorCode::CorruptBatch,
-        StorageError::Io { .. } | StorageError::Poisoned(_) => ErrorCode::StorageError,
+        StorageError::Io { .. } | StorageError::Poisoned(_) | StorageError::ReadOnly { .. } => ErrorCode::StorageError,
         StorageError::TopicExists(_) => ErrorCode::TopicAlreadyExists,
         StorageError::UnknownTopic(_) => ErrorCode::UnknownTopicOrPartition,
         StorageError::InvalidTopicName(_) => ErrorCode::InvalidTopicName,

@@ -99,6 +99,8 @@ pub(crate) fn clear_clean(dir: &Path) -> Result<()> {
     match std::fs::remove_file(&path) {
         Ok(()) => sync_dir(dir),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        // Read-only: nothing will be written, so the marker cannot go stale.
+        Err(e) if super::error::is_read_only(&e) => Ok(()),
         Err(e) => Err(StorageError::io("remove", &path, e)),
     }
 }

@@ -59,6 +59,19 @@ pub enum StorageError {
     /// The store is shutting down.
     #[error("the log store is closed")]
     Closed,
+    /// The data directory's filesystem is read-only: reads work, writes are refused.
+    #[error("{op} {path}: the filesystem is read-only; reads continue, writes are refused until it is writable again")]
+    ReadOnly {
+        /// What we were doing.
+        op: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+    },
+}
+
+/// Whether an I/O error means the filesystem is read-only.
+pub(crate) fn is_read_only(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(rustix::io::Errno::ROFS.raw_os_error())
 }
 
 impl StorageError {
@@ -66,6 +79,9 @@ impl StorageError {
     pub fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> StorageError {
         if source.raw_os_error() == Some(rustix::io::Errno::NOSPC.raw_os_error()) {
             return StorageError::StorageFull { free_bytes: 0, floor_bytes: 0 };
+        }
+        if is_read_only(&source) {
+            return StorageError::ReadOnly { op, path: path.into() };
         }
         StorageError::Io { op, path: path.into(), source }
     }
@@ -77,6 +93,7 @@ impl StorageError {
             StorageError::StorageFull { .. } => "storage_full",
             StorageError::InvalidBatch(_) => "invalid_batch",
             StorageError::Io { .. } => "io",
+            StorageError::ReadOnly { .. } => "read_only",
             StorageError::Poisoned(_) => "poisoned",
             StorageError::TopicExists(_) | StorageError::UnknownTopic(_) | StorageError::InvalidTopicName(_) => "topic",
             StorageError::InvalidConfig(_) => "config",

@@ -56,8 +56,13 @@ pub(crate) fn run(rx: Receiver<FlushRequest>, store: Weak<StoreInner>) {
         }
         if last_checkpoint.elapsed() >= Duration::from_millis(store.shared.config.checkpoint_interval_ms) {
             last_checkpoint = Instant::now();
-            if let Err(e) = store.write_checkpoint(false) {
-                tracing::error!(error = %e, "writing the recovery checkpoint failed");
+            match store.write_checkpoint(false) {
+                Ok(()) => {}
+                // Expected while the disk is read-only; said once at startup.
+                Err(e @ StorageError::ReadOnly { .. }) => {
+                    tracing::debug!(error = %e, "no checkpoint on a read-only disk")
+                }
+                Err(e) => tracing::error!(error = %e, "writing the recovery checkpoint failed"),
             }
         }
     }

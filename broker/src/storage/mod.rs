@@ -370,17 +370,31 @@ impl LogStore {
             let _ = t.join();
         }
         let mut first_error = None;
+        let mut read_only = false;
         for p in self.inner.partitions() {
-            if let Err(e) = p.close() {
-                tracing::error!(topic = p.topic(), partition = p.partition(), error = %e, "closing partition failed");
-                first_error.get_or_insert(e);
+            match p.close() {
+                Ok(_) => {}
+                // Nothing could be written on a read-only filesystem, so what is on disk is what
+                // the last writable run left: the next start recovers from that.
+                Err(StorageError::ReadOnly { .. }) => read_only = true,
+                Err(e) => {
+                    tracing::error!(topic = p.topic(), partition = p.partition(), error = %e, "closing partition failed");
+                    first_error.get_or_insert(e);
+                }
             }
         }
         if let Some(e) = first_error {
             return Err(e);
         }
-        self.inner.write_checkpoint(true)?;
-        checkpoint::mark_clean(&self.inner.dir)
+        let done = self.inner.write_checkpoint(true).and_then(|()| checkpoint::mark_clean(&self.inner.dir));
+        match done {
+            Err(StorageError::ReadOnly { .. }) => read_only = true,
+            other => other?,
+        }
+        if read_only {
+            tracing::warn!(dir = %self.inner.dir.display(), "read-only filesystem: closed without a checkpoint");
+        }
+        Ok(())
     }
 }
 
@@ -401,12 +415,17 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>
 
 fn lock_dir(dir: &Path) -> Result<std::fs::File> {
     let path = dir.join(".lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| StorageError::io("open", &path, e))?;
+    let opened = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path);
+    let file = match opened {
+        Ok(f) => f,
+        // On a read-only filesystem the lock file exists (or nothing can be served anyway):
+        // a read-only descriptor can still hold the lock.
+        Err(e) if error::is_read_only(&e) => {
+            tracing::warn!(dir = %dir.display(), "the data directory is on a read-only filesystem: serving reads only");
+            std::fs::File::open(&path).map_err(|e| StorageError::io("open", &path, e))?
+        }
+        Err(e) => return Err(StorageError::io("open", &path, e)),
+    };
     rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(|e| StorageError::Io {
         op: "lock (is another broker using this data directory?)",
         path: path.clone(),

@@ -231,7 +231,15 @@ fn scan_and_restore(
     let max_ts = scan.index.max_timestamp();
     seg.restore(scan.valid_len, scan.next_offset, max_ts, Some(scan.index));
     if !intact || (!is_last && file_len > scan.valid_len) {
-        seg.truncate_file(scan.valid_len)?;
+        match seg.truncate_file(scan.valid_len) {
+            Ok(()) => {}
+            // Read-only: the cut cannot be persisted, but readers never look past the
+            // recovered length, and nothing can be appended after it either.
+            Err(StorageError::ReadOnly { .. }) => {
+                tracing::warn!(segment = %seg.log_path().display(), "read-only filesystem: the cut is not persisted");
+            }
+            Err(e) => return Err(e),
+        }
     }
     if !is_last && intact {
         // The index is in memory either way; on a full disk the files wait for a later seal.

@@ -357,7 +357,7 @@ impl Segment {
         let sealed = self.is_sealed();
         let file = OpenOptions::new()
             .read(true)
-            .write(!sealed)
+            // The mapping is read-only; so is the descriptor (works on a read-only filesystem).
             .open(&self.log_path)
             .map_err(|e| StorageError::io("open", &self.log_path, e))?;
         let map = if sealed {
@@ -698,7 +698,12 @@ pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
 
 /// fsyncs a directory so that entries created or renamed in it survive a crash.
 pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| StorageError::io("fsync directory", dir, e))
+    match File::open(dir).and_then(|d| d.sync_all()) {
+        Ok(()) => Ok(()),
+        // Nothing can have changed in a directory on a read-only filesystem.
+        Err(e) if super::error::is_read_only(&e) => Ok(()),
+        Err(e) => Err(StorageError::io("fsync directory", dir, e)),
+    }
 }
 
 /// Wall-clock milliseconds since the epoch.
