@@ -151,7 +151,7 @@ fn crash_loop(acks: Acks, cycles: usize) {
     let lost: Vec<_> = ledger.acked.iter().filter(|r| !seen.contains_key(r)).collect();
     let duplicates: u64 = seen.values().map(|n| u64::from(*n) - 1).sum();
     eprintln!(
-        "crash loop acks={acks:?}: {cycles} kills, {} records stored, {} acknowledged, {} sends failed, {} duplicates (retries of sends whose first attempt was stored), 0 lost",
+        "crash loop acks={acks:?}: {cycles} kills, {} records stored, {} acknowledged, {} sends failed, {} duplicates (of sends never acknowledged), 0 lost",
         records.len(),
         ledger.acked.len(),
         ledger.failed,

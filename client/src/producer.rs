@@ -203,6 +203,8 @@ type Sendable = (TopicPartition, SealedBatch);
 
 #[derive(Debug, Default)]
 struct PartitionQueue {
+    /// Sequence number of the next batch's first record (idempotent producer).
+    next_sequence: i32,
     open: Option<OpenBatch>,
     ready: VecDeque<SealedBatch>,
     in_flight: bool,
@@ -278,6 +280,9 @@ struct Inner {
     config: ProducerConfig,
     conn: Connection,
     state: Mutex<State>,
+    /// Random id stamped into every batch: with per-partition sequence numbers it lets the
+    /// broker recognise a retried batch it already stored.
+    producer_id: i64,
     wake: Notify,
     memory: Memory,
     requests: Arc<Semaphore>,
@@ -322,6 +327,7 @@ impl Producer {
             config,
             conn,
             state: Mutex::new(State::default()),
+            producer_id: random_producer_id(),
             wake: Notify::new(),
             outstanding: AtomicUsize::new(0),
             idle: Notify::new(),
@@ -400,8 +406,10 @@ impl Producer {
             seal(queue);
             sealed = true;
         }
+        let sequence = queue.next_sequence;
+        let producer_id = inner.producer_id;
         let open = queue.open.get_or_insert_with(|| OpenBatch {
-            builder: RecordBatchBuilder::with_capacity(inner.config.batch_bytes_max),
+            builder: RecordBatchBuilder::with_capacity(inner.config.batch_bytes_max).producer(producer_id, 0, sequence),
             created: Instant::now(),
             result: Arc::new(BatchResult { partition, outcome: OnceLock::new(), done: Notify::new() }),
             reserved: 0,
@@ -469,6 +477,7 @@ impl Producer {
 fn seal(queue: &mut PartitionQueue) {
     if let Some(open) = queue.open.take() {
         let records = open.builder.len();
+        queue.next_sequence = queue.next_sequence.wrapping_add(records as i32) & i32::MAX;
         queue.ready.push_back(SealedBatch {
             bytes: open.builder.build(),
             result: open.result,
@@ -479,6 +488,19 @@ fn seal(queue: &mut PartitionQueue) {
             not_before: Instant::now(),
         });
     }
+}
+
+/// A random non-negative producer id (clock nanos mixed with the process id and an address).
+fn random_producer_id() -> i64 {
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+    let local = 0u8;
+    let mut x = nanos ^ (u64::from(std::process::id()) << 32) ^ (&local as *const u8 as u64);
+    // splitmix64 finaliser
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^= x >> 31;
+    (x & (i64::MAX as u64)) as i64
 }
 
 /// Wall-clock ms from the coarse clock (a few ns instead of a full clock read per record; its

@@ -44,6 +44,20 @@ pub(crate) fn produce(ctx: Ctx, req: ProduceRequest) -> Reply {
                 continue;
             };
             match log.append(&p.records) {
+                Ok(info) if info.duplicate => {
+                    tracing::debug!(topic = %t.name, partition = p.partition, base_offset = info.base_offset, "duplicate batch from a producer retry: not stored again");
+                    if req.acks == Acks::All {
+                        waiters.push(wait_durable(&ctx, log, info.next_offset, ti, pi));
+                    }
+                    partitions.push(ProducePartitionResponse {
+                        partition: p.partition,
+                        error: ErrorCode::None,
+                        message: None,
+                        base_offset: info.base_offset as i64,
+                        log_append_time_ms: info.append_time_ms,
+                        log_start_offset: info.log_start_offset as i64,
+                    });
+                }
                 Ok(info) => {
                     if let Some(m) = &metrics {
                         m.produce_records.increment(info.next_offset - info.base_offset);

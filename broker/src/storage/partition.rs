@@ -4,6 +4,7 @@
 //! all of its bytes are in the mapping: the end offset is published last (release store, acquire
 //! load). Syncs run on the flusher thread and never hold the append lock while waiting for disk.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -17,11 +18,26 @@ use super::recovery::{recover_partition, RecoveredLog};
 use super::segment::{sync_dir, Segment, LOG_HEADER_LEN};
 use super::Shared;
 
+/// The last batch appended by an idempotent producer (producer id >= 0), for deduplication.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ProducerState {
+    epoch: i16,
+    base_sequence: i32,
+    record_count: i32,
+    base_offset: u64,
+}
+
+/// Producers remembered per partition; the least recently seen are forgotten past this.
+const PRODUCERS_MAX: usize = 10_000;
+
 /// What an append did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AppendInfo {
     /// Offset given to the batch's first record.
     pub base_offset: u64,
+    /// The batch repeated the last batch of its producer (same producer id, epoch and
+    /// sequence): nothing was appended, and the offsets are those of the original.
+    pub duplicate: bool,
     /// Offset after the batch's last record (the new log end).
     pub next_offset: u64,
     /// Broker time of the append, ms since the epoch.
@@ -72,6 +88,8 @@ struct Appender {
     pending_seal: Vec<Arc<Segment>>,
     /// A segment file was created since the last directory fsync.
     dir_dirty: bool,
+    /// Idempotent producers' last batches, by producer id.
+    producers: HashMap<i64, ProducerState>,
 }
 
 /// One topic-partition's log.
@@ -120,6 +138,7 @@ impl PartitionLog {
                 prealloc_step: shared.config.preallocate_bytes_min,
                 pending_seal: Vec::new(),
                 dir_dirty: false,
+                producers: producer_states(&recovered.segments),
             }),
             shared,
             sync_lock: Mutex::new(()),
@@ -211,6 +230,29 @@ impl PartitionLog {
         let count = header.record_count as u64;
         let mut ap = self.appender.lock().expect("append lock");
         let base = self.end_offset.load(Ordering::Acquire);
+        if header.producer_id >= 0 {
+            if let Some(last) = ap.producers.get(&header.producer_id) {
+                let same = last.epoch == header.producer_epoch && last.base_sequence == header.base_sequence;
+                if same && last.record_count == header.record_count {
+                    // A retry of a batch that is already stored (its acknowledgement was lost).
+                    return Ok(AppendInfo {
+                        base_offset: last.base_offset,
+                        duplicate: true,
+                        next_offset: last.base_offset + count,
+                        append_time_ms: now,
+                        log_start_offset: self.log_start_offset(),
+                    });
+                }
+                let older = last.epoch == header.producer_epoch
+                    && header.base_sequence.wrapping_sub(last.base_sequence) < 0
+                    && last.base_sequence.wrapping_sub(header.base_sequence) < (1 << 30);
+                if older {
+                    return Err(StorageError::InvalidBatch(cairn_protocol::BatchError::UnsupportedFeature(
+                        "sequence older than the producer's last stored batch (duplicate of an earlier batch)",
+                    )));
+                }
+            }
+        }
         let mut active = Arc::clone(self.segments().last().expect("at least one segment"));
         if self.needs_roll(&active, len, count, now) {
             active = self.roll(&mut ap, now)?;
@@ -235,12 +277,25 @@ impl PartitionLog {
         });
         debug_assert!(indexed, "needs_roll checks for a full index");
 
+        if header.producer_id >= 0 {
+            remember_producer(
+                &mut ap.producers,
+                header.producer_id,
+                ProducerState {
+                    epoch: header.producer_epoch,
+                    base_sequence: header.base_sequence,
+                    record_count: header.record_count,
+                    base_offset: base,
+                },
+            );
+        }
         active.publish(pos + len, base + count, header.max_timestamp);
         self.end_offset.store(base + count, Ordering::Release);
         let _ = self.dirty_since_ms.compare_exchange(0, now.max(1), Ordering::AcqRel, Ordering::Relaxed);
         drop(ap);
         Ok(AppendInfo {
             base_offset: base,
+            duplicate: false,
             next_offset: base + count,
             append_time_ms: now,
             log_start_offset: self.log_start_offset(),
@@ -543,4 +598,41 @@ impl PartitionLog {
             Err(e) => Err(StorageError::io("delete directory", &self.dir, e)),
         }
     }
+}
+
+fn remember_producer(map: &mut HashMap<i64, ProducerState>, id: i64, state: ProducerState) {
+    map.insert(id, state);
+    if map.len() > PRODUCERS_MAX {
+        // Forget the producer whose last batch is oldest.
+        if let Some(oldest) = map.iter().min_by_key(|(_, s)| s.base_offset).map(|(id, _)| *id) {
+            map.remove(&oldest);
+        }
+    }
+}
+
+/// Rebuilds idempotent producers' last batches from the last two segments (a retry can only
+/// repeat a producer's most recent batch, which is near the end of the log).
+fn producer_states(segments: &[Arc<Segment>]) -> HashMap<i64, ProducerState> {
+    let mut map = HashMap::new();
+    for seg in segments.iter().rev().take(2).rev() {
+        let Ok(map_bytes) = seg.mapping() else { continue };
+        let len = seg.len() as usize;
+        let data = map_bytes.slice(0, len);
+        let mut pos = LOG_HEADER_LEN;
+        while let Some(b) = super::segment::stored_batch_at(data, pos) {
+            let at = pos as usize;
+            let id = i64::from_be_bytes(data[at + 43..at + 51].try_into().expect("8 bytes"));
+            if id >= 0 {
+                let state = ProducerState {
+                    epoch: i16::from_be_bytes(data[at + 51..at + 53].try_into().expect("2 bytes")),
+                    base_sequence: i32::from_be_bytes(data[at + 53..at + 57].try_into().expect("4 bytes")),
+                    record_count: i32::from_be_bytes(data[at + 57..at + 61].try_into().expect("4 bytes")),
+                    base_offset: b.base_offset,
+                };
+                remember_producer(&mut map, id, state);
+            }
+            pos += b.total_len;
+        }
+    }
+    map
 }

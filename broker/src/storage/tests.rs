@@ -613,3 +613,41 @@ fn ten_thousand_partitions_stay_under_the_open_file_and_mapping_budget() {
     assert!(maps <= budget, "{maps} mappings after appends, budget {budget}");
     assert!(fds <= budget + 2, "{fds} files held open, budget {budget}");
 }
+
+#[test]
+fn a_retried_idempotent_batch_is_not_stored_twice_even_across_an_unclean_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = RecordBatchBuilder::new().producer(77, 0, 0);
+    b.push(1, None, Some(b"first"), &[]);
+    b.push(2, None, Some(b"second"), &[]);
+    let first = b.build();
+    let mut b = RecordBatchBuilder::new().producer(77, 0, 2);
+    b.push(3, None, Some(b"third"), &[]);
+    let next = b.build();
+    {
+        let (store, _) = open(dir.path(), small_config());
+        let p = store.create_topic("t", 1, store.config().topic_defaults()).unwrap().partitions[0].clone();
+        p.append(&batch(0, 3, 10, 1)).unwrap(); // a non-idempotent batch first: offsets 0..3
+        let a = p.append(&first).unwrap();
+        assert_eq!((a.base_offset, a.duplicate), (3, false));
+        let again = p.append(&first).unwrap();
+        assert_eq!(
+            (again.base_offset, again.next_offset, again.duplicate),
+            (3, 5, true),
+            "a retry gets the original offsets"
+        );
+        assert_eq!(p.log_end_offset(), 5, "nothing appended for the retry");
+        drop(store); // kill -9: the producer state must come back from the log
+    }
+    let (store, _) = open(dir.path(), small_config());
+    let p = store.partition("t", 0).unwrap();
+    let again = p.append(&first).unwrap();
+    assert!(again.duplicate && again.base_offset == 3, "{again:?}");
+    let n = p.append(&next).unwrap();
+    assert_eq!((n.base_offset, n.duplicate), (5, false));
+    assert_eq!(read_all(&p, 0).len(), 6);
+    // A different producer with the same sequence numbers is not a duplicate.
+    let mut b = RecordBatchBuilder::new().producer(78, 0, 0);
+    b.push(1, None, Some(b"other"), &[]);
+    assert!(!p.append(&b.build()).unwrap().duplicate);
+}
