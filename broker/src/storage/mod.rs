@@ -97,6 +97,9 @@ pub(crate) struct Shared {
     pub(crate) disk: DiskMonitor,
     clock: Clock,
     tick: AtomicU64,
+    /// Test hook: make the next data sync fail as an fsync error would.
+    #[cfg(test)]
+    pub(crate) fail_next_sync: AtomicBool,
 }
 
 impl std::fmt::Debug for Shared {
@@ -196,7 +199,14 @@ impl LogStore {
         std::fs::create_dir_all(dir).map_err(|e| StorageError::io("create directory", dir, e))?;
         let lock = lock_dir(dir)?;
         let disk = DiskMonitor::new(dir, config.disk_free_bytes_min);
-        let shared = Arc::new(Shared { config, disk, clock, tick: AtomicU64::new(1) });
+        let shared = Arc::new(Shared {
+            config,
+            disk,
+            clock,
+            tick: AtomicU64::new(1),
+            #[cfg(test)]
+            fail_next_sync: AtomicBool::new(false),
+        });
         let clean = checkpoint::was_clean(dir);
         let points = checkpoint::read(dir);
         let mut report = RecoveryReport { clean, ..Default::default() };

@@ -432,6 +432,10 @@ impl PartitionLog {
         // segments are best effort and retried at the next sync (the data is already durable).
         let mut unfinished = Vec::new();
         let result = (|| {
+            #[cfg(test)]
+            if self.shared.fail_next_sync.swap(false, Ordering::AcqRel) {
+                return Err(StorageError::io("fdatasync", self.dir.clone(), std::io::Error::from_raw_os_error(5)));
+            }
             for seg in &pending {
                 seg.sync()?;
             }

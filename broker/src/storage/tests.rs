@@ -651,3 +651,26 @@ fn a_retried_idempotent_batch_is_not_stored_twice_even_across_an_unclean_restart
     b.push(1, None, Some(b"other"), &[]);
     assert!(!p.append(&b.build()).unwrap().duplicate);
 }
+
+#[test]
+fn a_failed_sync_fails_every_waiting_append_and_leaves_the_partition_read_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path(), small_config());
+    let p = store.create_topic("t", 1, store.config().topic_defaults()).unwrap().partitions[0].clone();
+    p.append(&batch(0, 2, 10, 1)).unwrap();
+    p.sync().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    store.inner.shared.fail_next_sync.store(true, Ordering::Release);
+    for i in 0..5 {
+        let info = p.append(&batch(2 + i * 2, 2, 10, 1)).unwrap();
+        let tx = tx.clone();
+        store.sync_async(Arc::clone(&p), info.next_offset, Box::new(move |r| tx.send(r.is_err()).unwrap()));
+    }
+    for _ in 0..5 {
+        assert!(rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap(), "every waiter learns of the failure");
+    }
+    assert_eq!(p.durable_offset(), 2, "the durable offset did not move past the failed sync");
+    assert!(matches!(p.append(&batch(12, 1, 10, 1)), Err(StorageError::Poisoned(_))), "later appends are refused");
+    assert!(matches!(p.sync(), Err(StorageError::Poisoned(_))), "later syncs report it too");
+    assert_eq!(read_all(&p, 0).len(), 12, "reads keep working");
+}
