@@ -59,22 +59,19 @@ impl TestBroker {
             let _ = BufReader::new(stdout).read_line(&mut line);
             let _ = tx.send(line);
         });
-        let line = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_else(|_| {
-            panic!("broker did not start; log:\n{}", std::fs::read_to_string(&log).unwrap_or_default())
-        });
+        let line = rx.recv_timeout(Duration::from_secs(60)).unwrap_or_default();
         let words: Vec<&str> = line.split_whitespace().collect();
-        assert!(
-            words.len() >= 7,
-            "unexpected first line {line:?}; log:\n{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        TestBroker {
-            child: Some(child),
-            addr: words[3].parse().unwrap(),
-            metrics: words[6].parse().unwrap(),
-            dir: dir.to_owned(),
-            log,
-        }
+        let parsed = (words.len() >= 7).then(|| (words[3].parse::<SocketAddr>(), words[6].parse::<SocketAddr>()));
+        let Some((Ok(addr), Ok(metrics))) = parsed else {
+            // Never leave a broker running behind a test that failed to start it.
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "broker did not start (first line {line:?}); log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        };
+        TestBroker { child: Some(child), addr, metrics, dir: dir.to_owned(), log }
     }
 
     pub fn connection(&self) -> ConnectionConfig {
