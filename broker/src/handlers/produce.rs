@@ -44,26 +44,17 @@ pub(crate) fn produce(ctx: Ctx, req: ProduceRequest) -> Reply {
                 continue;
             };
             match log.append(&p.records) {
-                Ok(info) if info.duplicate => {
-                    tracing::debug!(topic = %t.name, partition = p.partition, base_offset = info.base_offset, "duplicate batch from a producer retry: not stored again");
-                    if req.acks == Acks::All {
-                        waiters.push(wait_durable(&ctx, log, info.next_offset, ti, pi));
-                    }
-                    partitions.push(ProducePartitionResponse {
-                        partition: p.partition,
-                        error: ErrorCode::None,
-                        message: None,
-                        base_offset: info.base_offset as i64,
-                        log_append_time_ms: info.append_time_ms,
-                        log_start_offset: info.log_start_offset as i64,
-                    });
-                }
                 Ok(info) => {
-                    if let Some(m) = &metrics {
-                        m.produce_records.increment(info.next_offset - info.base_offset);
-                        m.produce_bytes.increment(p.records.len() as u64);
+                    if info.duplicate {
+                        // A producer retry of a batch already stored: answered, not stored again.
+                        tracing::debug!(topic = %t.name, partition = p.partition, base_offset = info.base_offset, "duplicate batch from a producer retry");
+                    } else {
+                        if let Some(m) = &metrics {
+                            m.produce_records.increment(info.next_offset - info.base_offset);
+                            m.produce_bytes.increment(p.records.len() as u64);
+                        }
+                        broker.notify_append(&t.name, p.partition);
                     }
-                    broker.notify_append(&t.name, p.partition);
                     if req.acks == Acks::All {
                         waiters.push(wait_durable(&ctx, log, info.next_offset, ti, pi));
                     }
