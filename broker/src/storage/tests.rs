@@ -661,10 +661,12 @@ fn a_failed_sync_fails_every_waiting_append_and_leaves_the_partition_read_only()
     p.sync().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     store.inner.shared.fail_next_sync.store(true, Ordering::Release);
-    for i in 0..5 {
-        let info = p.append(&batch(2 + i * 2, 2, 10, 1)).unwrap();
+    // Append everything before the first waiter reaches the flusher: once its sync fails, the
+    // partition refuses appends, so interleaving them would race the flusher thread.
+    let ends: Vec<u64> = (0..5).map(|i| p.append(&batch(2 + i * 2, 2, 10, 1)).unwrap().next_offset).collect();
+    for end in ends {
         let tx = tx.clone();
-        store.sync_async(Arc::clone(&p), info.next_offset, Box::new(move |r| tx.send(r.is_err()).unwrap()));
+        store.sync_async(Arc::clone(&p), end, Box::new(move |r| tx.send(r.is_err()).unwrap()));
     }
     for _ in 0..5 {
         assert!(rx.recv_timeout(std::time::Duration::from_secs(10)).unwrap(), "every waiter learns of the failure");
