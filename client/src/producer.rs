@@ -403,7 +403,7 @@ impl Producer {
         let queue = &mut topic.queues[partition as usize];
         let mut sealed = false;
         if queue.open.as_ref().is_some_and(|o| o.builder.size_bytes() + size > inner.config.batch_bytes_max) {
-            seal(queue);
+            seal(queue, Instant::now());
             sealed = true;
         }
         let sequence = queue.next_sequence;
@@ -421,7 +421,7 @@ impl Producer {
         let delivery = Delivery { batch: Arc::clone(&open.result), index };
         inner.outstanding.fetch_add(1, Ordering::AcqRel);
         if open.builder.size_bytes() + 64 >= inner.config.batch_bytes_max {
-            seal(queue);
+            seal(queue, Instant::now());
             sealed = true;
         }
         if sealed && record.partition.is_none() && key.is_none() && count > 1 {
@@ -474,7 +474,10 @@ impl Producer {
     }
 }
 
-fn seal(queue: &mut PartitionQueue) {
+/// Moves the open batch to the ready queue; it may be sent from `now` on. Callers pass the clock
+/// reading their decisions are based on: a later reading would make the batch look not yet
+/// sendable to the `collect` pass that sealed it, delaying it by a timer tick.
+fn seal(queue: &mut PartitionQueue, now: Instant) {
     if let Some(open) = queue.open.take() {
         let records = open.builder.len();
         queue.next_sequence = queue.next_sequence.wrapping_add(records as i32) & i32::MAX;
@@ -485,7 +488,7 @@ fn seal(queue: &mut PartitionQueue) {
             reserved: open.reserved,
             first_sent: None,
             attempts: 0,
-            not_before: Instant::now(),
+            not_before: now,
         });
     }
 }
@@ -532,7 +535,7 @@ fn collect(inner: &Inner) -> (Vec<Sendable>, Option<Instant>) {
                 if let Some(open) = &q.open {
                     let due = open.created + inner.config.linger;
                     if flushing || due <= now {
-                        seal(q);
+                        seal(q, now);
                     } else {
                         next = Some(next.map_or(due, |n| n.min(due)));
                     }
@@ -685,5 +688,61 @@ fn finish(inner: &Inner, b: SealedBatch, outcome: Outcome) {
     inner.memory.release(b.reserved);
     if inner.outstanding.fetch_sub(b.records, Ordering::AcqRel) == b.records {
         inner.idle.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A producer that knows `topic` already and has not connected (nothing here sends).
+    fn offline(config: ProducerConfig, topic: &Arc<str>, partitions: u32) -> Producer {
+        let state = State {
+            topics: vec![TopicQueues {
+                name: Arc::clone(topic),
+                partitions,
+                sticky: 0,
+                queues: (0..partitions).map(|_| PartitionQueue::default()).collect(),
+            }],
+            flushing: 0,
+        };
+        let inner = Arc::new(Inner {
+            memory: Memory { used: AtomicUsize::new(0), max: config.buffer_bytes_max, freed: Notify::new() },
+            requests: Arc::new(Semaphore::new(1)),
+            conn: Connection::new(config.connection.clone()),
+            config,
+            state: Mutex::new(state),
+            producer_id: 1,
+            wake: Notify::new(),
+            outstanding: AtomicUsize::new(0),
+            idle: Notify::new(),
+            closed: AtomicBool::new(false),
+        });
+        Producer { inner }
+    }
+
+    #[tokio::test]
+    async fn a_batch_whose_linger_has_passed_goes_out_in_the_pass_that_seals_it() {
+        let topic: Arc<str> = Arc::from("t");
+        let p = offline(ProducerConfig { linger: Duration::ZERO, ..ProducerConfig::default() }, &topic, 1);
+        for _ in 0..100 {
+            let _delivery = p.send(ProducerRecord::new(Arc::clone(&topic), "v")).await.unwrap();
+            let (batches, next) = collect(&p.inner);
+            assert_eq!(batches.len(), 1, "the batch must go now, not at the next timer tick ({next:?})");
+            release_partition(&p.inner, &batches[0].0);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lingering_batch_waits_until_its_linger_has_passed() {
+        let topic: Arc<str> = Arc::from("t");
+        let linger = Duration::from_millis(200);
+        let p = offline(ProducerConfig { linger, ..ProducerConfig::default() }, &topic, 1);
+        let before = Instant::now();
+        let _delivery = p.send(ProducerRecord::new(Arc::clone(&topic), "v")).await.unwrap();
+        let (batches, next) = collect(&p.inner);
+        assert!(batches.is_empty());
+        let next = next.expect("a time to look again");
+        assert!(next >= before + linger && next <= Instant::now() + linger, "look again when the linger ends");
     }
 }
