@@ -153,8 +153,44 @@ async fn producers(opts: &Opts) -> anyhow::Result<Vec<Producer>> {
 }
 
 /// Sends `count` records from one producer; samples delivery latency of every 64th record.
+///
+/// At a fixed rate the loop runs on its own OS thread and waits for each record's slot with a
+/// precise sleep: tokio's timers tick in whole milliseconds, which alone would add up to a
+/// millisecond to every paced record's measured latency.
 #[allow(clippy::too_many_arguments)]
 async fn send_loop(
+    producer: Producer,
+    opts: Opts,
+    count: Option<u64>,
+    deadline: Option<Instant>,
+    rate_each: Option<f64>,
+    hist: Option<Arc<Mutex<Histogram<u64>>>>,
+    meter: Option<Arc<Meter>>,
+    stamp: bool,
+) -> anyhow::Result<u64> {
+    let body = send_records(producer, opts, count, deadline, rate_each, hist, meter, stamp);
+    if rate_each.is_none() {
+        return body.await;
+    }
+    let handle = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || {
+        // Wake from sleeps on time, not up to the default 50 µs late.
+        let _ = rustix::thread::set_current_timer_slack(std::num::NonZeroU64::new(1));
+        handle.block_on(body)
+    })
+    .await?
+}
+
+/// Blocks the calling thread (never a runtime worker) until `at`.
+fn sleep_until_precise(at: Instant) {
+    let now = Instant::now();
+    if at > now {
+        std::thread::sleep(at - now);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn send_records(
     producer: Producer,
     opts: Opts,
     count: Option<u64>,
@@ -184,22 +220,15 @@ async fn send_loop(
         if count.is_some_and(|c| i >= c) || deadline.is_some_and(|d| Instant::now() >= d) {
             break;
         }
-        if let Some(r) = rate_each {
-            let intended = start + Duration::from_secs_f64(i as f64 / r);
-            let now = Instant::now();
-            if intended > now {
-                tokio::time::sleep_until(intended.into()).await;
-            }
+        // At a fixed rate, latency counts from the schedule, so that a stalled sender cannot
+        // hide it (coordinated omission is corrected).
+        let intended = rate_each.map(|r| start + Duration::from_secs_f64(i as f64 / r));
+        if let Some(at) = intended {
+            sleep_until_precise(at); // only paced loops run here, on their own thread
         }
         let mut record = ProducerRecord { topic: std::sync::Arc::clone(&topic), ..ProducerRecord::default() };
         record.value = Some(if stamp {
-            // End-to-end: the intended send time, so that a stalled sender cannot hide latency
-            // (coordinated omission is corrected by measuring from the schedule).
-            let intended = match rate_each {
-                Some(r) => start + Duration::from_secs_f64(i as f64 / r),
-                None => Instant::now(),
-            };
-            let lag = Instant::now().saturating_duration_since(intended).as_nanos() as u64;
+            let lag = intended.map_or(0, |at| Instant::now().saturating_duration_since(at).as_nanos() as u64);
             let mut v = value.to_vec();
             v[..8].copy_from_slice(&(now_nanos() - lag).to_be_bytes());
             Bytes::from(v)
@@ -211,7 +240,7 @@ async fn send_loop(
         }
         let d = producer.send(record).await?;
         if i % 64 == 0 && hist.is_some() {
-            let _ = tx.send((Instant::now(), d));
+            let _ = tx.send((intended.unwrap_or_else(Instant::now), d));
         }
         if let Some(m) = &meter {
             m.count.fetch_add(1, Ordering::Relaxed);
