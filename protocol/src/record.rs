@@ -89,15 +89,25 @@ impl<'a> RecordCursor<'a> {
         BatchError::MalformedRecord { index, detail }
     }
 
+    #[inline]
     pub(crate) fn varlong(&mut self, index: usize, max_bytes: usize) -> Result<i64, BatchError> {
-        // Fast path: most lengths and deltas fit in one byte.
-        if self.pos < self.end {
-            let b = self.buf[self.pos];
-            if b < 0x80 {
+        // Fast paths: most deltas fit in one byte, most lengths in one or two.
+        match *self.buf.get(self.pos..self.end).unwrap_or_default() {
+            [b0, ..] if b0 < 0x80 => {
                 self.pos += 1;
-                return Ok(i64::from(b >> 1) ^ -i64::from(b & 1));
+                Ok(i64::from(b0 >> 1) ^ -i64::from(b0 & 1))
             }
+            [b0, b1, ..] if b1 < 0x80 => {
+                self.pos += 2;
+                let z = u64::from(b0 & 0x7f) | (u64::from(b1) << 7);
+                Ok(((z >> 1) as i64) ^ -((z & 1) as i64))
+            }
+            _ => self.varlong_slow(index, max_bytes),
         }
+    }
+
+    #[inline(never)]
+    fn varlong_slow(&mut self, index: usize, max_bytes: usize) -> Result<i64, BatchError> {
         let mut z: u64 = 0;
         for i in 0..max_bytes {
             if self.pos >= self.end {
@@ -113,11 +123,13 @@ impl<'a> RecordCursor<'a> {
         Err(self.malformed(index, "varint is too long"))
     }
 
+    #[inline]
     pub(crate) fn varint(&mut self, index: usize) -> Result<i32, BatchError> {
         let v = self.varlong(index, 5)?;
         i32::try_from(v).map_err(|_| self.malformed(index, "varint out of i32 range"))
     }
 
+    #[inline]
     fn u8(&mut self, index: usize) -> Result<u8, BatchError> {
         if self.pos >= self.end {
             return Err(self.malformed(index, "record ends before its attributes"));
@@ -127,6 +139,7 @@ impl<'a> RecordCursor<'a> {
     }
 
     /// A length-prefixed field: returns its byte range, `None` for a null (-1) length.
+    #[inline]
     fn field(&mut self, index: usize) -> Result<Option<(usize, usize)>, BatchError> {
         let len = self.varint(index)?;
         if len == -1 {
@@ -298,5 +311,24 @@ mod tests {
         assert!(cur.varlong(0, 10).is_err());
         let mut cur = RecordCursor::new(&buf, 0, 3);
         assert!(cur.varint(0).is_err());
+    }
+
+    proptest::proptest! {
+        /// Every value decodes back whatever bytes follow it, and every strict prefix of its
+        /// encoding is an error (never a panic, never a wrong value).
+        #[test]
+        fn varlongs_decode_exactly_and_truncations_are_errors(v in proptest::prelude::any::<i64>(), tail in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..3)) {
+            let mut out = BytesMut::new();
+            put_varlong(&mut out, v);
+            let n = out.len();
+            out.extend_from_slice(&tail);
+            let mut cur = RecordCursor::new(&out, 0, out.len());
+            proptest::prop_assert_eq!(cur.varlong(0, 10).unwrap(), v);
+            proptest::prop_assert_eq!(cur.pos, n);
+            for cut in 0..n {
+                let mut cur = RecordCursor::new(&out, 0, cut);
+                proptest::prop_assert!(cur.varlong(0, 10).is_err());
+            }
+        }
     }
 }

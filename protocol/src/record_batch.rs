@@ -401,11 +401,14 @@ impl Iterator for RecordIter<'_> {
         self.pos = cur.pos;
         self.index += 1;
         let slice = |r: Option<(usize, usize)>| r.map(|(a, b)| bytes.slice(a..b));
-        let headers = span
-            .headers
-            .into_iter()
-            .map(|(a, b, v)| Header { key: String::from_utf8_lossy(&bytes[a..b]).into_owned(), value: slice(v) })
-            .collect();
+        let headers = if span.headers.is_empty() {
+            Vec::new()
+        } else {
+            span.headers
+                .into_iter()
+                .map(|(a, b, v)| Header { key: String::from_utf8_lossy(&bytes[a..b]).into_owned(), value: slice(v) })
+                .collect()
+        };
         let h = &self.batch.header;
         // With log-append time, every record carries the batch's max timestamp (Kafka's rule).
         let timestamp = if h.attributes & ATTR_TIMESTAMP_TYPE != 0 {
