@@ -19,7 +19,7 @@ use cairn_protocol::messages::metadata::MetadataRequest;
 use cairn_protocol::messages::offsets::{
     OffsetCommitPartition, OffsetCommitRequest, OffsetCommitTopic, OffsetFetchRequest, OffsetFetchTopic,
 };
-use cairn_protocol::record_batch::BatchSplitter;
+use cairn_protocol::record_batch::{BatchSplitter, RecordBatch};
 use cairn_protocol::{ErrorCode, Header};
 
 use crate::connection::{Connection, ConnectionConfig};
@@ -498,14 +498,26 @@ impl Consumer {
                 Err(_) => continue,
             };
             self.absorb(response, &offsets)?;
-            self.start_fetch();
+            self.start_fetch(); // if absorbing did not (nothing to fetch from before)
             if self.buffer.is_empty() && Instant::now() >= deadline {
                 return Ok(Vec::new());
             }
         }
     }
 
+    /// Takes a fetch response in two steps. First the batch headers alone (CRC-checked) say
+    /// where each partition continues, so the next fetch goes out before any record is decoded:
+    /// the broker prepares it while this side decodes. Then the records are decoded into the
+    /// buffer.
     fn absorb(&mut self, response: FetchResponse, offsets: &BTreeMap<TopicPartition, i64>) -> Result<()> {
+        struct Fetched {
+            topic: Arc<str>,
+            key: TopicPartition,
+            from: i64,
+            batches: Vec<RecordBatch>,
+        }
+        let mut fetched = Vec::new();
+        let mut broken: Option<Error> = None;
         for t in response.topics {
             let topic: Arc<str> = Arc::from(t.name.as_str());
             for p in t.partitions {
@@ -537,30 +549,60 @@ impl Consumer {
                     }
                     code => return Err(Error::broker(code, Some(format!("fetch {}-{}", t.name, p.partition)))),
                 }
+                let mut batches = Vec::new();
                 let mut next = pos;
                 for batch in BatchSplitter::new(p.records_bytes()) {
-                    let batch = batch?;
-                    for record in batch.records() {
-                        let record = record?;
-                        if record.offset < next {
-                            continue;
+                    match batch {
+                        Ok(b) => {
+                            next = next.max(b.header().next_offset());
+                            batches.push(b);
                         }
-                        next = record.offset + 1;
-                        self.buffer.push(ConsumerRecord {
-                            topic: Arc::clone(&topic),
-                            partition: p.partition,
-                            offset: record.offset,
-                            timestamp: record.timestamp,
-                            key: record.key,
-                            value: record.value,
-                            headers: record.headers,
-                        });
+                        // Keep what came before; the position stays at the broken batch, so
+                        // the next poll fetches it again and reports it again.
+                        Err(e) => {
+                            broken.get_or_insert(e.into());
+                            break;
+                        }
                     }
                 }
-                self.positions.insert(key, Position::At(next));
+                self.positions.insert(key.clone(), Position::At(next));
+                fetched.push(Fetched { topic: Arc::clone(&topic), key, from: pos, batches });
             }
         }
-        Ok(())
+        if broken.is_none() {
+            self.start_fetch();
+        }
+        for f in fetched {
+            let mut next = f.from;
+            for batch in &f.batches {
+                self.buffer.reserve(batch.header().record_count.max(0) as usize);
+                for record in batch.records() {
+                    let record = match record {
+                        Ok(r) => r,
+                        Err(e) => {
+                            // Resume at the first record not returned, with a fresh fetch.
+                            self.cancel_fetch();
+                            self.positions.insert(f.key, Position::At(next));
+                            return Err(e.into());
+                        }
+                    };
+                    if record.offset < next {
+                        continue;
+                    }
+                    next = record.offset + 1;
+                    self.buffer.push(ConsumerRecord {
+                        topic: Arc::clone(&f.topic),
+                        partition: f.key.1,
+                        offset: record.offset,
+                        timestamp: record.timestamp,
+                        key: record.key,
+                        value: record.value,
+                        headers: record.headers,
+                    });
+                }
+            }
+        }
+        broken.map_or(Ok(()), Err)
     }
 
     async fn before_rebalance(&mut self) {
