@@ -208,6 +208,8 @@ pub async fn run(scale: f64, bin: Option<PathBuf>) -> anyhow::Result<()> {
         result: format!("{:.2} M records/s", p4b.records_per_sec / 1e6),
         verdict: verdict(p4b.records_per_sec, 1.5e6, true),
     });
+    // P5 twice: as fast as possible for the throughput, then at the target's 230 MB/s for the
+    // latency (at saturation, latency is only the time records queue in the producers).
     let p5 = workload::produce(&Opts {
         messages: Some(n(500_000.0)),
         size: 1024,
@@ -217,12 +219,34 @@ pub async fn run(scale: f64, bin: Option<PathBuf>) -> anyhow::Result<()> {
         ..base(&addr, "p5")
     })
     .await?;
+    let p5_rate = (230e6 / 1024.0) as u64;
+    let p5_paced = workload::produce(&Opts {
+        duration: Duration::from_secs_f64((10.0 * scale).max(2.0)),
+        size: 1024,
+        producers: 16,
+        acks: Acks::All,
+        linger: Duration::from_millis(1),
+        rate: Some(p5_rate),
+        warmup: 1000,
+        ..base(&addr, "p5")
+    })
+    .await?;
     rows.push(Row {
         id: "P5",
         workload: "acks=all, 16 producers, 1 KiB, 1 partition".into(),
         target: ">= 230 MB/s, p99 <= 5 ms".into(),
-        result: format!("{:.0} MB/s, p99 {:.1} ms", p5.mb_per_sec, p5.latency_us.p99 / 1000.0),
-        verdict: format!("{}; p99 {}", verdict(p5.mb_per_sec, 230.0, true), verdict(p5.latency_us.p99, 5000.0, false)),
+        result: format!(
+            "{:.0} MB/s at saturation; at {p5_rate} records/s (230 MB/s, linger 1 ms): {:.0} MB/s, p50 {:.1} ms, p99 {:.1} ms",
+            p5.mb_per_sec,
+            p5_paced.mb_per_sec,
+            p5_paced.latency_us.p50 / 1000.0,
+            p5_paced.latency_us.p99 / 1000.0
+        ),
+        verdict: format!(
+            "{}; p99 {}",
+            verdict(p5.mb_per_sec, 230.0, true),
+            verdict(p5_paced.latency_us.p99, 5000.0, false)
+        ),
     });
     let p6 = workload::produce(&Opts {
         messages: Some(n(500_000.0)),
