@@ -359,6 +359,12 @@ impl Producer {
         Ok(n)
     }
 
+    /// The state, locked, if `topic`'s metadata is known.
+    fn lock_if_known(&self, topic: &Arc<str>) -> Option<std::sync::MutexGuard<'_, State>> {
+        let mut state = self.inner.state.lock().expect("producer state");
+        state.topic_mut(topic).is_some().then_some(state)
+    }
+
     /// Adds a record to its partition's batch. Waits only when the buffer is full
     /// (backpressure). The returned [`Delivery`] resolves once the record is acknowledged.
     ///
@@ -369,7 +375,6 @@ impl Producer {
         if inner.closed.load(Ordering::Acquire) {
             return Err(Error::Closed);
         }
-        let count = self.partition_count(&record.topic).await?;
         let timestamp = record.timestamp.unwrap_or_else(now_ms_coarse);
         let key = record.key.as_deref();
         let value = record.value.as_deref();
@@ -380,21 +385,30 @@ impl Producer {
                 inner.config.batch_bytes_max
             )));
         }
+        inner.memory.acquire(size, &inner.closed).await?;
+        // One lock per record: the topic's partition count is looked up under the same lock
+        // that appends, and metadata is fetched (without the lock) only the first time.
+        let mut state = loop {
+            if let Some(state) = self.lock_if_known(&record.topic) {
+                break state;
+            }
+            if let Err(e) = self.partition_count(&record.topic).await {
+                inner.memory.release(size);
+                return Err(e);
+            }
+        };
+        let topic = state.topic_mut(&record.topic).expect("topic known");
+        let count = topic.partitions;
         if let Some(p) = record.partition {
             if p >= count {
+                drop(state);
+                inner.memory.release(size);
                 return Err(Error::InvalidArgument(format!(
                     "partition {p} does not exist: {} has {count}",
                     record.topic
                 )));
             }
         }
-        inner.memory.acquire(size, &inner.closed).await?;
-        let mut state = inner.state.lock().expect("producer state");
-        let Some(topic) = state.topic_mut(&record.topic) else {
-            drop(state);
-            inner.memory.release(size);
-            return Err(Error::UnknownTopic(record.topic.to_string()));
-        };
         let partition = match (record.partition, key) {
             (Some(p), _) => p,
             (None, Some(k)) => partition_for_key(k, count),
