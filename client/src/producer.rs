@@ -208,6 +208,19 @@ struct PartitionQueue {
     open: Option<OpenBatch>,
     ready: VecDeque<SealedBatch>,
     in_flight: bool,
+    /// Size of the last batch sealed here (0 before the first), to size the next one's buffer.
+    last_batch_bytes: usize,
+}
+
+impl PartitionQueue {
+    /// Buffer to reserve for a new batch: room for a quarter more than the last batch here,
+    /// within `max`. Reserving `max` for every batch would cost a large, page-faulting
+    /// allocation per batch where partitions get a record or two each (many partitions, keyed).
+    fn batch_capacity(&self, max: usize) -> usize {
+        let want =
+            if self.last_batch_bytes == 0 { 16 * 1024 } else { self.last_batch_bytes + self.last_batch_bytes / 4 };
+        want.next_power_of_two().clamp(1024, max)
+    }
 }
 
 /// Per-topic state: partition count (from metadata), sticky partition, per-partition queues.
@@ -422,8 +435,9 @@ impl Producer {
         }
         let sequence = queue.next_sequence;
         let producer_id = inner.producer_id;
+        let capacity = queue.batch_capacity(inner.config.batch_bytes_max);
         let open = queue.open.get_or_insert_with(|| OpenBatch {
-            builder: RecordBatchBuilder::with_capacity(inner.config.batch_bytes_max).producer(producer_id, 0, sequence),
+            builder: RecordBatchBuilder::with_capacity(capacity).producer(producer_id, 0, sequence),
             created: Instant::now(),
             result: Arc::new(BatchResult { partition, outcome: OnceLock::new(), done: Notify::new() }),
             reserved: 0,
@@ -494,6 +508,7 @@ impl Producer {
 fn seal(queue: &mut PartitionQueue, now: Instant) {
     if let Some(open) = queue.open.take() {
         let records = open.builder.len();
+        queue.last_batch_bytes = open.builder.size_bytes();
         queue.next_sequence = queue.next_sequence.wrapping_add(records as i32) & i32::MAX;
         queue.ready.push_back(SealedBatch {
             bytes: open.builder.build(),
@@ -758,5 +773,17 @@ mod tests {
         assert!(batches.is_empty());
         let next = next.expect("a time to look again");
         assert!(next >= before + linger && next <= Instant::now() + linger, "look again when the linger ends");
+    }
+
+    #[test]
+    fn batch_buffers_are_sized_from_the_last_batch_of_the_partition() {
+        let mut q = PartitionQueue::default();
+        assert_eq!(q.batch_capacity(512 * 1024), 16 * 1024, "first batch");
+        q.last_batch_bytes = 1100;
+        assert_eq!(q.batch_capacity(512 * 1024), 2048, "a partition that gets a record or two");
+        q.last_batch_bytes = 512 * 1024 - 10;
+        assert_eq!(q.batch_capacity(512 * 1024), 512 * 1024, "full batches: the maximum");
+        q.last_batch_bytes = 10;
+        assert_eq!(q.batch_capacity(512 * 1024), 1024, "never below 1 KiB");
     }
 }
