@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
@@ -16,9 +16,13 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::FramedRead;
 
 use cairn_protocol::api::response_correlation_id;
+use cairn_protocol::io::{write_all_vectored, IOV_MAX};
 use cairn_protocol::{decode_response, encode_request, FrameCodec, Request};
 
 use crate::error::{Error, Result};
+
+/// Stop gathering queued requests into one write past this many bytes.
+const WRITE_GATHER_BYTES: usize = 1 << 20;
 
 type Waiters = Arc<Mutex<HashMap<u32, oneshot::Sender<Result<Bytes>>>>>;
 
@@ -117,31 +121,28 @@ impl Connection {
         let waiters: Waiters = Arc::new(Mutex::new(HashMap::new()));
         let dead = Arc::new(AtomicBool::new(false));
         let (tx, mut rx) = mpsc::unbounded_channel::<Vec<Bytes>>();
-        // Writer: gathers queued frames into one buffer per write.
+        // Writer: gathers queued frames into one vectored write; record batches are not copied.
         let wdead = Arc::clone(&dead);
         let wwaiters = Arc::clone(&waiters);
         let waddr = addr.clone();
         tokio::spawn(async move {
-            let mut buf = BytesMut::with_capacity(64 * 1024);
+            let mut out: Vec<Bytes> = Vec::with_capacity(64);
             while let Some(first) = rx.recv().await {
-                for c in first {
-                    buf.extend_from_slice(&c);
-                }
-                while buf.len() < 1 << 20 {
+                let mut gathered: usize = first.iter().map(Bytes::len).sum();
+                out.extend(first);
+                while gathered < WRITE_GATHER_BYTES && out.len() < IOV_MAX {
                     match rx.try_recv() {
                         Ok(more) => {
-                            for c in more {
-                                buf.extend_from_slice(&c);
-                            }
+                            gathered += more.iter().map(Bytes::len).sum::<usize>();
+                            out.extend(more);
                         }
                         Err(_) => break,
                     }
                 }
-                if let Err(e) = wr.write_all(&buf).await {
+                if let Err(e) = write_all_vectored(&mut wr, &mut out).await {
                     fail_all(&wdead, &wwaiters, &waddr, &e.to_string());
                     return;
                 }
-                buf.clear();
             }
             let _ = wr.shutdown().await;
         });

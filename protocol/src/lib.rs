@@ -24,6 +24,7 @@ pub mod api;
 pub mod codec;
 pub mod error;
 pub mod error_code;
+pub mod io;
 pub mod messages;
 pub mod record;
 pub mod record_batch;

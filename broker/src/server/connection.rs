@@ -6,12 +6,11 @@
 //! stops reading its socket, the queue fills and the reader stops reading — backpressure through
 //! TCP instead of buffering without bound.
 
-use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
@@ -19,6 +18,7 @@ use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::codec::FramedRead;
 
+use cairn_protocol::io::{write_all_vectored, IOV_MAX};
 use cairn_protocol::{FrameCodec, FrameError};
 
 use super::dispatch::{dispatch, Reply};
@@ -33,8 +33,6 @@ pub(crate) enum Pending {
 /// Initial read buffer per connection; it grows only as large frames actually arrive.
 const READ_BUFFER_BYTES: usize = 8 * 1024;
 
-/// Most buffers handed to one `writev`.
-const IOV_MAX: usize = 512;
 /// Stop gathering more ready responses into one write past this many bytes.
 const WRITE_GATHER_BYTES: usize = 4 * 1024 * 1024;
 
@@ -157,33 +155,5 @@ async fn resolve(p: Pending, out: &mut Vec<Bytes>) -> Option<usize> {
 async fn broken(mut wr: OwnedWriteHalf, peer: SocketAddr) -> std::io::Result<()> {
     tracing::error!(%peer, "a request handler failed without answering; closing the connection");
     let _ = wr.shutdown().await;
-    Ok(())
-}
-
-/// Writes every chunk with as few `writev` calls as the kernel allows.
-async fn write_all_vectored(wr: &mut OwnedWriteHalf, bufs: &mut Vec<Bytes>) -> std::io::Result<()> {
-    let mut start = 0;
-    while start < bufs.len() {
-        let end = (start + IOV_MAX).min(bufs.len());
-        let slices: Vec<IoSlice<'_>> = bufs[start..end].iter().map(|b| IoSlice::new(b)).collect();
-        let mut written = wr.write_vectored(&slices).await?;
-        if written == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        while written > 0 && start < bufs.len() {
-            let len = bufs[start].len();
-            if written >= len {
-                written -= len;
-                start += 1;
-            } else {
-                bufs[start].advance(written);
-                written = 0;
-            }
-        }
-        while start < bufs.len() && bufs[start].is_empty() {
-            start += 1;
-        }
-    }
-    bufs.clear();
     Ok(())
 }
