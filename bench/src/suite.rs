@@ -248,13 +248,15 @@ pub async fn run(scale: f64, bin: Option<PathBuf>) -> anyhow::Result<()> {
             verdict(p5_paced.latency_us.p99, 5000.0, false)
         ),
     });
+    // Long enough for steady state: 100 connections and 1,000 partitions' first appends make
+    // the first second unrepresentative.
     let p6 = workload::produce(&Opts {
-        messages: Some(n(500_000.0)),
+        messages: Some(n(2_000_000.0)),
         size: 1024,
         partitions: 1000,
         producers: 100,
         keys: 10_000,
-        warmup: 100,
+        warmup: 1000,
         ..base(&addr, "p6")
     })
     .await?;

@@ -46,7 +46,10 @@ pub struct ProducerConfig {
     /// Produce requests in flight at once (one batch per partition each). Default 16.
     pub in_flight_requests_max: usize,
     /// Largest produce request: batches of many partitions are packed into one request up to
-    /// this size. Keep it below the broker's `frame_bytes_max` (16 MiB). Default 8 MiB.
+    /// this size (a single larger batch still goes, alone). The broker holds each request in
+    /// memory until it is stored, so this bounds its memory per producer connection. Keep it
+    /// below the broker's `frame_bytes_max` (16 MiB). Default 1 MiB, as Kafka's
+    /// `max.request.size`.
     pub request_bytes_max: usize,
 }
 
@@ -61,7 +64,7 @@ impl Default for ProducerConfig {
             delivery_timeout: Duration::from_secs(120),
             retry_backoff: Duration::from_millis(100),
             in_flight_requests_max: 16,
-            request_bytes_max: 8 * 1024 * 1024,
+            request_bytes_max: 1024 * 1024,
         }
     }
 }
@@ -330,8 +333,8 @@ impl Producer {
         if config.batch_bytes_max < 1024 || config.buffer_bytes_max < config.batch_bytes_max {
             return Err(Error::InvalidArgument("batch_bytes_max must be >= 1024 and <= buffer_bytes_max".into()));
         }
-        if config.request_bytes_max < config.batch_bytes_max + 1024 {
-            return Err(Error::InvalidArgument("request_bytes_max must exceed batch_bytes_max".into()));
+        if config.request_bytes_max < 1024 {
+            return Err(Error::InvalidArgument("request_bytes_max must be >= 1024".into()));
         }
         let conn = Connection::connect(config.connection.clone()).await?;
         let inner = Arc::new(Inner {
