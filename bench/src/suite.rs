@@ -125,6 +125,15 @@ fn verdict(got: f64, target: f64, higher_is_better: bool) -> String {
     }
 }
 
+/// Lets the previous workload's effects pass before the next one starts: its dirty pages are
+/// written back (`sync`), so the disk and the kernel's writeback threads are idle again.
+/// Without this a workload measures the tail of the one before it (P4's p99.9 read 10 ms
+/// while P1-P3's gigabytes were still being written back).
+async fn settle() {
+    let _ = tokio::task::spawn_blocking(rustix::fs::sync).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}
+
 /// Runs the suite.
 pub async fn run(scale: f64, bin: Option<PathBuf>) -> anyhow::Result<()> {
     let bin = match bin {
@@ -150,6 +159,7 @@ pub async fn run(scale: f64, bin: Option<PathBuf>) -> anyhow::Result<()> {
         result: format!("{:.2} M records/s (p99 {:.0} µs)", p1.records_per_sec / 1e6, p1.latency_us.p99),
         verdict: verdict(p1.records_per_sec, 5e6, true),
     });
+    settle().await;
     let p2 = workload::produce(&Opts {
         messages: Some(n(1_000_000.0)),
         size: 1024,
@@ -166,6 +176,7 @@ pub async fn run(scale: f64, bin: Option<PathBuf>) -> anyhow::Result<()> {
         result: format!("{:.2} GB/s", p2.mb_per_sec / 1000.0),
         verdict: verdict(p2.mb_per_sec / 1000.0, 1.5, true),
     });
+    settle().await;
     let p3 = workload::consume(&Opts { messages: None, ..base(&addr, "p1") }).await?;
     rows.push(Row {
         id: "P3",
@@ -174,6 +185,7 @@ pub async fn run(scale: f64, bin: Option<PathBuf>) -> anyhow::Result<()> {
         result: format!("{:.2} M records/s", p3.records_per_sec / 1e6),
         verdict: verdict(p3.records_per_sec, 8e6, true),
     });
+    settle().await;
     let p4 = workload::e2e(&Opts {
         rate: Some(10_000),
         duration: Duration::from_secs((10.0 * scale).max(3.0) as u64),
@@ -199,6 +211,7 @@ pub async fn run(scale: f64, bin: Option<PathBuf>) -> anyhow::Result<()> {
             )
         },
     });
+    settle().await;
     let p4b =
         workload::produce(&Opts { messages: Some(n(2_000_000.0)), acks: Acks::All, ..base(&addr, "p4b") }).await?;
     rows.push(Row {
@@ -210,6 +223,7 @@ pub async fn run(scale: f64, bin: Option<PathBuf>) -> anyhow::Result<()> {
     });
     // P5 twice: as fast as possible for the throughput, then at the target's 230 MB/s for the
     // latency (at saturation, latency is only the time records queue in the producers).
+    settle().await;
     let p5 = workload::produce(&Opts {
         messages: Some(n(500_000.0)),
         size: 1024,
@@ -220,6 +234,7 @@ pub async fn run(scale: f64, bin: Option<PathBuf>) -> anyhow::Result<()> {
     })
     .await?;
     let p5_rate = (230e6 / 1024.0) as u64;
+    settle().await;
     let p5_paced = workload::produce(&Opts {
         duration: Duration::from_secs_f64((10.0 * scale).max(2.0)),
         size: 1024,
@@ -248,6 +263,7 @@ pub async fn run(scale: f64, bin: Option<PathBuf>) -> anyhow::Result<()> {
             verdict(p5_paced.latency_us.p99, 5000.0, false)
         ),
     });
+    settle().await;
     // Long enough for steady state: 100 connections and 1,000 partitions' first appends make
     // the first second unrepresentative.
     let p6 = workload::produce(&Opts {
