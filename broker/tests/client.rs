@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use cairn_client::partitioner::partition_for_key;
-use cairn_client::{Acks, Consumer, Error, NewTopic, Offset, Producer, ProducerConfig, ProducerRecord};
+use cairn_client::{Acks, Consumer, ConsumerConfig, Error, NewTopic, Offset, Producer, ProducerConfig, ProducerRecord};
 use common::{run, signal, TestBroker};
 
 #[test]
@@ -40,7 +40,9 @@ fn a_hundred_thousand_records_arrive_exactly_once_in_order_and_keys_keep_their_p
         let mut last_per_key: HashMap<String, u64> = HashMap::new();
         let mut total = 0;
         while total < 100_000 {
-            for r in consumer.poll(Duration::from_secs(5)).await.unwrap() {
+            let records = consumer.poll(Duration::from_secs(5)).await.unwrap();
+            assert!(records.len() <= 500, "max_poll_records (default 500) bounds a poll: {}", records.len());
+            for r in records {
                 let i: u64 = std::str::from_utf8(r.value.as_deref().unwrap()).unwrap().parse().unwrap();
                 assert!(!seen[i as usize], "record {i} delivered twice");
                 seen[i as usize] = true;
@@ -161,5 +163,41 @@ fn unknown_topics_and_unreachable_brokers_are_typed_errors() {
         let err = Producer::connect(unreachable).await.unwrap_err();
         assert!(matches!(err, Error::Connect { .. }), "{err}");
         assert!(err.is_retriable());
+    });
+}
+
+#[test]
+fn polls_hand_out_a_fetch_in_max_poll_records_pieces_and_a_seek_drops_the_rest() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "");
+    run(Duration::from_secs(60), async {
+        broker.admin().await.create_topic(NewTopic::new("pieces", 1)).await.unwrap();
+        let producer = Producer::connect(broker.producer_config()).await.unwrap();
+        for i in 0..100u64 {
+            drop(producer.send(ProducerRecord::new("pieces", i.to_string())).await.unwrap());
+        }
+        producer.close().await.unwrap();
+
+        let config = ConsumerConfig { max_poll_records: 7, ..broker.consumer_config() };
+        let mut consumer = Consumer::connect(config).await.unwrap();
+        consumer.assign("pieces", None).await.unwrap();
+        consumer.seek_all(Offset::Earliest);
+        let offsets = |rs: &[cairn_client::ConsumerRecord]| rs.iter().map(|r| r.offset).collect::<Vec<_>>();
+        let first = consumer.poll(Duration::from_secs(5)).await.unwrap();
+        assert_eq!(offsets(&first), (0..7).collect::<Vec<_>>(), "one fetch, handed out 7 at a time");
+        let second = consumer.poll(Duration::from_secs(5)).await.unwrap();
+        assert_eq!(offsets(&second), (7..14).collect::<Vec<_>>());
+        // Records already fetched but not handed out are dropped by a seek.
+        consumer.seek("pieces", 0, Offset::At(3));
+        let mut next = 3;
+        while next < 100 {
+            let rs = consumer.poll(Duration::from_secs(5)).await.unwrap();
+            assert!(!rs.is_empty() && rs.len() <= 7, "{}", rs.len());
+            for r in rs {
+                assert_eq!(r.offset, next, "dense, in order, from the seek on");
+                next += 1;
+            }
+        }
+        assert!(consumer.poll(Duration::from_millis(200)).await.unwrap().is_empty());
     });
 }

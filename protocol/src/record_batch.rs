@@ -363,29 +363,35 @@ impl RecordBatch {
     }
 
     /// Iterates the records; each item is an error if that record is malformed.
-    pub fn records(&self) -> RecordIter<'_> {
+    pub fn records(&self) -> RecordIter<&RecordBatch> {
+        RecordIter { batch: self, pos: BATCH_HEADER_LEN, index: 0, failed: false }
+    }
+
+    /// Iterates the records, owning the batch (to decode some now and the rest later).
+    pub fn into_records(self) -> RecordIter<RecordBatch> {
         RecordIter { batch: self, pos: BATCH_HEADER_LEN, index: 0, failed: false }
     }
 }
 
-/// Iterator over the records of a [`RecordBatch`].
+/// Iterator over the records of a [`RecordBatch`], borrowed or owned.
 #[derive(Debug)]
-pub struct RecordIter<'a> {
-    batch: &'a RecordBatch,
+pub struct RecordIter<B> {
+    batch: B,
     pos: usize,
     index: usize,
     failed: bool,
 }
 
-impl Iterator for RecordIter<'_> {
+impl<B: std::borrow::Borrow<RecordBatch>> Iterator for RecordIter<B> {
     type Item = Result<Record, BatchError>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        let count = self.batch.header.record_count.max(0) as usize;
+        let batch: &RecordBatch = self.batch.borrow();
+        let count = batch.header.record_count.max(0) as usize;
         if self.failed || self.index >= count {
             return None;
         }
-        let bytes = &self.batch.bytes;
+        let bytes = &batch.bytes;
         if self.pos >= bytes.len() {
             self.failed = true;
             return Some(Err(BatchError::RecordCountMismatch { declared: count as i64, found: self.index }));
@@ -409,7 +415,7 @@ impl Iterator for RecordIter<'_> {
                 .map(|(a, b, v)| Header { key: String::from_utf8_lossy(&bytes[a..b]).into_owned(), value: slice(v) })
                 .collect()
         };
-        let h = &self.batch.header;
+        let h = &batch.header;
         // With log-append time, every record carries the batch's max timestamp (Kafka's rule).
         let timestamp = if h.attributes & ATTR_TIMESTAMP_TYPE != 0 {
             h.max_timestamp
