@@ -318,8 +318,12 @@ impl PartitionLog {
     fn roll(&self, ap: &mut Appender, now: i64) -> Result<Arc<Segment>> {
         let base = self.end_offset.load(Ordering::Acquire);
         let cfg = &self.shared.config;
-        let (seg, allocated) =
-            Segment::create(&self.dir, base, Self::capacity(&self.config), cfg.preallocate_bytes_min, now)?;
+        // A partition that filled a segment is busy: start the next one with the step it had
+        // reached instead of at the minimum. Each extension is a metadata change that makes
+        // the next fdatasync commit the filesystem journal; eleven of them right after every
+        // roll showed up as acks=all latency spikes.
+        let prealloc = ap.prealloc_step.max(cfg.preallocate_bytes_min);
+        let (seg, allocated) = Segment::create(&self.dir, base, Self::capacity(&self.config), prealloc, now)?;
         let seg = Arc::new(seg);
         self.shared.note_mapped(&seg);
         let mut segments = self.segments.write().expect("segments lock");
@@ -331,7 +335,6 @@ impl PartitionLog {
         next.push(Arc::clone(&seg));
         *segments = Arc::new(next);
         ap.allocated = allocated;
-        ap.prealloc_step = cfg.preallocate_bytes_min * 2;
         ap.dir_dirty = true;
         tracing::debug!(partition = %self.name(), base_offset = base, "rolled to a new segment");
         Ok(seg)

@@ -676,3 +676,27 @@ fn a_failed_sync_fails_every_waiting_append_and_leaves_the_partition_read_only()
     assert!(matches!(p.sync(), Err(StorageError::Poisoned(_))), "later syncs report it too");
     assert_eq!(read_all(&p, 0).len(), 12, "reads keep working");
 }
+
+#[test]
+fn a_busy_partition_starts_its_next_segment_with_the_preallocation_it_had_reached() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = StorageConfig { preallocate_bytes_min: 4096, preallocate_bytes_max: 16 * 1024, ..small_config() };
+    let config = StorageConfig { segment_bytes: 64 * 1024, ..config };
+    let (store, _) = open(dir.path(), config);
+    let p = store.create_topic("t", 1, store.config().topic_defaults()).unwrap().partitions[0].clone();
+    // Fill the first segment: the preallocation step grows 4 -> 8 -> 16 KiB on the way.
+    let mut next = 0;
+    while p.segment_count() < 2 {
+        p.append(&batch(next, 10, 100, 1)).unwrap();
+        next += 10;
+    }
+    let newest = std::fs::read_dir(dir.path().join("t-0"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .max()
+        .unwrap();
+    let len = std::fs::metadata(&newest).unwrap().len();
+    assert!(len >= 16 * 1024, "the new segment starts at the reached step, not at 4 KiB: {len}");
+    assert_eq!(read_all(&p, 0).len() as u64, next, "and reads are unaffected");
+}
