@@ -118,10 +118,14 @@ fn verdict(got: f64, target: f64, higher_is_better: bool) -> String {
     let ok = if higher_is_better { got >= target } else { got <= target };
     if ok {
         "met".into()
-    } else if higher_is_better {
-        format!("missed by {:.0}%", (1.0 - got / target) * 100.0)
     } else {
-        format!("missed by {:.0}%", (got / target - 1.0) * 100.0)
+        let pct = if higher_is_better { (1.0 - got / target) * 100.0 } else { (got / target - 1.0) * 100.0 };
+        // "missed by 0%" would read as met.
+        if pct < 1.0 {
+            format!("missed by {pct:.1}%")
+        } else {
+            format!("missed by {pct:.0}%")
+        }
     }
 }
 
