@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cairn_client::{Connection, Consumer, ConsumerConfig, ErrorCode, NewTopic, Offset, Producer, ProducerRecord};
-use cairn_protocol::messages::groups::JoinGroupRequest;
+use cairn_protocol::messages::groups::{HeartbeatRequest, JoinGroupRequest};
 use cairn_protocol::messages::offsets::{OffsetCommitPartition, OffsetCommitRequest, OffsetCommitTopic};
 use common::{run, sibling_bin, TestBroker};
 
@@ -280,5 +280,74 @@ fn auto_commit_covers_only_records_returned_by_earlier_polls() {
         let last = first.last().unwrap().offset;
         assert_eq!(committed().await, Some(last + 1), "the next poll committed what the first returned");
         c.close().await.unwrap();
+    });
+}
+
+#[test]
+fn a_restarted_static_member_gets_its_partitions_back_without_a_rebalance() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "");
+    run(Duration::from_secs(60), async {
+        broker.admin().await.create_topic(NewTopic::new("st", 2)).await.unwrap();
+        let join = |member: &str, instance: Option<&str>, topics: &[&str]| JoinGroupRequest {
+            group_id: "static".into(),
+            member_id: member.into(),
+            group_instance_id: instance.map(Into::into),
+            session_timeout_ms: 10_000,
+            rebalance_timeout_ms: 5_000,
+            topics: topics.iter().map(|t| t.to_string()).collect(),
+        };
+        let heartbeat = |member: &str, generation: i32| HeartbeatRequest {
+            group_id: "static".into(),
+            member_id: member.into(),
+            generation_id: generation,
+        };
+        // A static member and a dynamic one share the topic's two partitions.
+        let a = Connection::connect(broker.connection()).await.unwrap();
+        let first = a.request(&join("", Some("agent-a"), &["st"])).await.unwrap();
+        assert_eq!(first.error, ErrorCode::None);
+        let b = Connection::connect(broker.connection()).await.unwrap();
+        let b_join = tokio::spawn(async move {
+            let r = b.request(&join("", None, &["st"])).await.unwrap();
+            (b, r)
+        });
+        // The newcomer's join starts a rebalance; a heartbeat tells agent-a to rejoin.
+        while a.request(&heartbeat(&first.member_id, first.generation_id)).await.unwrap().error == ErrorCode::None {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let a_now = a.request(&join(&first.member_id, Some("agent-a"), &["st"])).await.unwrap();
+        let (b, b_now) = b_join.await.unwrap();
+        assert_eq!((a_now.error, b_now.error), (ErrorCode::None, ErrorCode::None));
+        assert_eq!(a_now.generation_id, b_now.generation_id);
+        let generation = a_now.generation_id;
+        assert_eq!(a_now.assignment.iter().map(|t| t.partitions.len()).sum::<usize>(), 1);
+
+        // agent-a's process dies (no LeaveGroup) and a new one starts with the same instance id
+        // and no member id: same member, same partitions, same generation.
+        drop(a);
+        let restarted = Connection::connect(broker.connection()).await.unwrap();
+        let back = restarted.request(&join("", Some("agent-a"), &["st"])).await.unwrap();
+        assert_eq!(back.error, ErrorCode::None);
+        assert_eq!(back.member_id, first.member_id, "the static member keeps its id");
+        assert_eq!(back.generation_id, generation, "no rebalance");
+        assert_eq!(back.assignment, a_now.assignment, "its partitions come back");
+        // The other member was not disturbed.
+        assert_eq!(b.request(&heartbeat(&b_now.member_id, generation)).await.unwrap().error, ErrorCode::None);
+        assert_eq!(restarted.request(&heartbeat(&back.member_id, generation)).await.unwrap().error, ErrorCode::None);
+
+        // A changed subscription is a real change: that does rebalance.
+        broker.admin().await.create_topic(NewTopic::new("st2", 1)).await.unwrap();
+        let b_rejoin = tokio::spawn(async move {
+            while b.request(&heartbeat(&b_now.member_id, generation)).await.unwrap().error == ErrorCode::None {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let r = b.request(&join(&b_now.member_id, None, &["st"])).await.unwrap();
+            (b, r)
+        });
+        let changed = restarted.request(&join("", Some("agent-a"), &["st", "st2"])).await.unwrap();
+        let (_b, b_after) = b_rejoin.await.unwrap();
+        assert_eq!(changed.error, ErrorCode::None);
+        assert!(changed.generation_id > generation, "a new subscription starts a new generation");
+        assert_eq!(b_after.generation_id, changed.generation_id);
     });
 }
