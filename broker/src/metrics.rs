@@ -28,6 +28,12 @@ pub const REQUEST_BUCKETS: &[f64] =
 /// Histogram buckets of `cairn_flush_duration_seconds`.
 pub const FLUSH_BUCKETS: &[f64] = &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
 
+/// A gauge not set for this long leaves `/metrics`. Every live gauge is set at least every second
+/// ([`refresh_gauges`], and the storage maintenance thread for disk space), so only the series of
+/// deleted topics and partitions and of forgotten groups go: a deleted topic must not keep
+/// reporting its last lag to an alert.
+pub const GAUGE_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Installs the global recorder and returns the handle that renders `/metrics`.
 ///
 /// # Errors
@@ -36,10 +42,15 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
     let handle = PrometheusBuilder::new()
         .set_buckets_for_metric(Matcher::Full("cairn_request_duration_seconds".into()), REQUEST_BUCKETS)?
         .set_buckets_for_metric(Matcher::Full("cairn_flush_duration_seconds".into()), FLUSH_BUCKETS)?
+        .idle_timeout(metrics_util::MetricKindMask::GAUGE, Some(GAUGE_IDLE_TIMEOUT))
         .install_recorder()?;
-    metrics::gauge!("cairn_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    publish_build_info();
     describe();
     Ok(handle)
+}
+
+fn publish_build_info() {
+    metrics::gauge!("cairn_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 }
 
 fn describe() {
@@ -230,7 +241,11 @@ fn route(
             .unwrap_or_else(|_| Response::new(Full::new(HttpBytes::new())))
     };
     match req.uri().path() {
-        "/metrics" => text(StatusCode::OK, handle.render(), "text/plain; version=0.0.4"),
+        "/metrics" => {
+            // Also while recovery runs, before the gauge refresher starts.
+            publish_build_info();
+            text(StatusCode::OK, handle.render(), "text/plain; version=0.0.4")
+        }
         "/healthz" => text(StatusCode::OK, "ok\n".into(), "text/plain"),
         "/readyz" => {
             if broker.ready.load(Ordering::Acquire) && !broker.shutdown.is_cancelled() {

@@ -297,6 +297,62 @@ fn health_endpoints_and_metrics_are_served() {
 }
 
 #[test]
+fn a_deleted_topics_gauges_leave_metrics_and_live_ones_stay() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "");
+    run(Duration::from_secs(60), async {
+        let admin = broker.admin().await;
+        for t in ["kept", "gone"] {
+            admin.create_topic(NewTopic::new(t, 1)).await.unwrap();
+        }
+        let producer = Producer::connect(broker.producer_config()).await.unwrap();
+        for t in ["kept", "gone"] {
+            producer.send(ProducerRecord::new(t, "x")).await.unwrap().await.unwrap();
+        }
+        producer.close().await.unwrap();
+        let mut c =
+            Consumer::connect(cairn_client::ConsumerConfig { group: Some("g".into()), ..broker.consumer_config() })
+                .await
+                .unwrap();
+        let offsets = std::collections::BTreeMap::from([(("kept".to_string(), 0), 0), (("gone".to_string(), 0), 0)]);
+        c.commit_offsets(&offsets).await.unwrap();
+        let gone =
+            [r#"cairn_partition_log_end_offset{topic="gone""#, r#"cairn_consumer_group_lag{group="g",topic="gone""#];
+        let kept = [
+            r#"cairn_partition_log_end_offset{topic="kept""#,
+            r#"cairn_consumer_group_lag{group="g",topic="kept""#,
+            "cairn_build_info",
+            "cairn_disk_free_bytes",
+        ];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, body) = broker.http_get("/metrics");
+            if gone.iter().chain(&kept).all(|m| body.contains(m)) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "gauges never appeared:\n{body}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        admin.delete_topic("gone").await.unwrap();
+        // Gauges leave after GAUGE_IDLE_TIMEOUT (10 s) without an update.
+        let deleted = Instant::now();
+        let deadline = deleted + Duration::from_secs(30);
+        loop {
+            let (_, body) = broker.http_get("/metrics");
+            for m in kept {
+                assert!(body.contains(m), "{m} is live and must stay:\n{body}");
+            }
+            if gone.iter().all(|m| !body.contains(m)) {
+                assert!(deleted.elapsed() >= Duration::from_secs(5), "gone too early to be the idle timeout");
+                break;
+            }
+            assert!(Instant::now() < deadline, "a deleted topic's gauges stayed:\n{body}");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+}
+
+#[test]
 fn unknown_config_keys_and_bad_values_stop_the_broker_with_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("bad.toml");
