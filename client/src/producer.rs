@@ -244,8 +244,13 @@ struct State {
 }
 
 impl State {
+    fn topic_index(&self, name: &Arc<str>) -> Option<usize> {
+        self.topics.iter().position(|t| Arc::ptr_eq(&t.name, name) || t.name == *name)
+    }
+
     fn topic_mut(&mut self, name: &Arc<str>) -> Option<&mut TopicQueues> {
-        self.topics.iter_mut().find(|t| Arc::ptr_eq(&t.name, name) || t.name == *name)
+        let i = self.topic_index(name)?;
+        Some(&mut self.topics[i])
     }
 
     fn queue(&mut self, tp: &TopicPartition) -> Option<&mut PartitionQueue> {
@@ -375,10 +380,11 @@ impl Producer {
         Ok(n)
     }
 
-    /// The state, locked, if `topic`'s metadata is known.
-    fn lock_if_known(&self, topic: &Arc<str>) -> Option<std::sync::MutexGuard<'_, State>> {
-        let mut state = self.inner.state.lock().expect("producer state");
-        state.topic_mut(topic).is_some().then_some(state)
+    /// The state, locked, and the index of `topic` in it, if its metadata is known.
+    fn lock_if_known(&self, topic: &Arc<str>) -> Option<(std::sync::MutexGuard<'_, State>, usize)> {
+        let state = self.inner.state.lock().expect("producer state");
+        let i = state.topic_index(topic)?;
+        Some((state, i))
     }
 
     /// Adds a record to its partition's batch. Waits only when the buffer is full
@@ -404,16 +410,16 @@ impl Producer {
         inner.memory.acquire(size, &inner.closed).await?;
         // One lock per record: the topic's partition count is looked up under the same lock
         // that appends, and metadata is fetched (without the lock) only the first time.
-        let mut state = loop {
-            if let Some(state) = self.lock_if_known(&record.topic) {
-                break state;
+        let (mut state, index) = loop {
+            if let Some(known) = self.lock_if_known(&record.topic) {
+                break known;
             }
             if let Err(e) = self.partition_count(&record.topic).await {
                 inner.memory.release(size);
                 return Err(e);
             }
         };
-        let topic = state.topic_mut(&record.topic).expect("topic known");
+        let topic = &mut state.topics[index];
         let count = topic.partitions;
         if let Some(p) = record.partition {
             if p >= count {
