@@ -12,8 +12,8 @@ pub const IOV_MAX: usize = 512;
 /// `bufs`. No chunk is copied: record batches go from their buffers straight to the socket.
 ///
 /// # Errors
-/// The write error; `WriteZero` if the peer stops accepting bytes. What was written before an
-/// error is gone from the front of `bufs`.
+/// The write error; `WriteZero` if the peer stops accepting bytes. After an error it is unknown
+/// how much of `bufs` reached the peer, so the connection must not be used again.
 pub async fn write_all_vectored<W: AsyncWrite + Unpin>(wr: &mut W, bufs: &mut Vec<Bytes>) -> std::io::Result<()> {
     let mut start = 0;
     while start < bufs.len() {
