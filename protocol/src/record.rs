@@ -139,7 +139,9 @@ impl<'a> RecordCursor<'a> {
     }
 
     /// A length-prefixed field: returns its byte range, `None` for a null (-1) length.
-    #[inline]
+    // Always inlined: as a call, its result came back through memory and every record paid
+    // store-forwarding stalls reading it (a fifth of the consumer's decode time).
+    #[inline(always)]
     fn field(&mut self, index: usize) -> Result<Option<(usize, usize)>, BatchError> {
         let len = self.varint(index)?;
         if len == -1 {
@@ -173,6 +175,7 @@ pub(crate) struct RecordSpan {
 /// Reads one record starting at `cur.pos`, checking every length against the record's own length
 /// and the record area's end. With `keep_headers = false` header positions are validated but not
 /// collected (no allocation on the validation path).
+#[inline]
 pub(crate) fn scan_record(
     cur: &mut RecordCursor<'_>,
     index: usize,
@@ -196,7 +199,7 @@ pub(crate) fn scan_record(
     if header_count > (record_end - rc.pos) / 2 {
         return Err(cur.malformed(index, "header count larger than the record"));
     }
-    let mut headers = Vec::with_capacity(if keep_headers { header_count } else { 0 });
+    let mut headers = if keep_headers && header_count > 0 { Vec::with_capacity(header_count) } else { Vec::new() };
     for _ in 0..header_count {
         let k = rc.field(index)?.ok_or_else(|| cur.malformed(index, "null header key"))?;
         if std::str::from_utf8(&cur.buf[k.0..k.1]).is_err() {
