@@ -89,7 +89,7 @@ impl<'a> RecordCursor<'a> {
         BatchError::MalformedRecord { index, detail }
     }
 
-    #[inline]
+    #[inline(always)]
     pub(crate) fn varlong(&mut self, index: usize, max_bytes: usize) -> Result<i64, BatchError> {
         // Fast paths: most deltas fit in one byte, most lengths in one or two.
         match *self.buf.get(self.pos..self.end).unwrap_or_default() {
@@ -123,13 +123,13 @@ impl<'a> RecordCursor<'a> {
         Err(self.malformed(index, "varint is too long"))
     }
 
-    #[inline]
+    #[inline(always)]
     pub(crate) fn varint(&mut self, index: usize) -> Result<i32, BatchError> {
         let v = self.varlong(index, 5)?;
         i32::try_from(v).map_err(|_| self.malformed(index, "varint out of i32 range"))
     }
 
-    #[inline]
+    #[inline(always)]
     fn u8(&mut self, index: usize) -> Result<u8, BatchError> {
         if self.pos >= self.end {
             return Err(self.malformed(index, "record ends before its attributes"));
@@ -139,8 +139,8 @@ impl<'a> RecordCursor<'a> {
     }
 
     /// A length-prefixed field: returns its byte range, `None` for a null (-1) length.
-    // Always inlined: as a call, its result came back through memory and every record paid
-    // store-forwarding stalls reading it (a fifth of the consumer's decode time).
+    // This and the readers above are always inlined: as calls, their results came back
+    // through memory and every record paid store-forwarding stalls reading them.
     #[inline(always)]
     fn field(&mut self, index: usize) -> Result<Option<(usize, usize)>, BatchError> {
         let len = self.varint(index)?;
