@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use cairn_client::{Connection, Consumer, NewTopic, Offset, Producer, ProducerRecord};
 use cairn_protocol::api::{decode_response, encode_request};
+use cairn_protocol::messages::api_versions::{ApiVersionsRequest, ApiVersionsResponse};
 use cairn_protocol::messages::fetch::{FetchPartition, FetchRequest, FetchResponse, FetchTopic};
 use cairn_protocol::messages::produce::{ProducePartition, ProduceRequest, ProduceResponse, ProduceTopic};
 use cairn_protocol::record_batch::BatchSplitter;
@@ -113,6 +114,35 @@ fn ten_thousand_pipelined_requests_are_answered_in_order() {
         assert_eq!(body.unwrap().topics[0].partitions[0].base_offset, i64::from(id) - 1);
     }
     writer.join().unwrap();
+}
+
+#[test]
+fn responses_ready_before_a_parked_fetch_are_not_held_back_by_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "");
+    run(Duration::from_secs(60), async {
+        broker.admin().await.create_topic(NewTopic::new("h", 1)).await.unwrap();
+    });
+    // Five quick requests, then a fetch that parks for 30 s, in one write: the five answers are
+    // owed before the fetch's and must go out now, not when the fetch ends.
+    let mut buf = Vec::new();
+    for id in 1..=5u32 {
+        for chunk in encode_request(id, "held", &ApiVersionsRequest) {
+            buf.extend_from_slice(&chunk);
+        }
+    }
+    for chunk in encode_request(6, "held", &fetch_req("h", 0, 30_000)) {
+        buf.extend_from_slice(&chunk);
+    }
+    let mut s = TcpStream::connect(broker.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(&buf).unwrap();
+    for id in 1..=5u32 {
+        let frame = read_frame(&mut s).expect("an answer owed before the parked fetch arrives while it is parked");
+        let (corr, body) = decode_response::<ApiVersionsResponse>(frame).unwrap();
+        assert_eq!(corr, id);
+        body.unwrap();
+    }
 }
 
 #[test]

@@ -28,20 +28,32 @@ pub(crate) fn fetch(ctx: Ctx, req: FetchRequest) -> Reply {
         record(broker, &response);
         return ctx.reply(&response, None);
     }
-    let broker = Arc::clone(&ctx.broker);
+    let slot = ParkedSlot(Arc::clone(&ctx.broker));
+    // The wait counts from now, not from when the connection's writer first polls the reply
+    // (which is after the responses ahead of it).
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(u64::from(req.max_wait_ms));
     ctx.reply_later(async move {
-        let response = park(&broker, &req).await;
-        broker.parked_fetches.fetch_sub(1, Ordering::AcqRel);
-        record(&broker, &response);
+        let response = park(&slot.0, &req, deadline).await;
+        record(&slot.0, &response);
+        drop(slot);
         let error = first_error(response.topics.iter().flat_map(|t| t.partitions.iter().map(|p| p.error)));
         (response, error)
     })
 }
 
+/// One of `parked_fetches_max` slots, given back when the parked fetch ends, also when it is
+/// dropped unfinished because its connection closed.
+struct ParkedSlot(Arc<Broker>);
+
+impl Drop for ParkedSlot {
+    fn drop(&mut self) {
+        self.0.parked_fetches.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Waits on the partitions' notifiers until enough bytes are readable, the deadline passes, or
 /// the broker shuts down. Every wake re-reads; there is no polling.
-async fn park(broker: &Broker, req: &FetchRequest) -> FetchResponse {
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(u64::from(req.max_wait_ms));
+async fn park(broker: &Broker, req: &FetchRequest, deadline: tokio::time::Instant) -> FetchResponse {
     let notifiers: Vec<_> = req
         .topics
         .iter()

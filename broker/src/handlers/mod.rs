@@ -67,22 +67,22 @@ impl Ctx {
                 }
             }
         });
-        Reply::Later(rx)
+        Reply::Later(Box::pin(async move { rx.await.ok() }))
     }
 
-    /// Replies later with whatever `fut` produces.
+    /// Replies later with whatever `fut` produces. The future runs in the connection's writer
+    /// when the responses before it have been written; if the connection closes first, it is
+    /// dropped (so it must not own anything that needs it to finish).
     pub(crate) fn reply_later<B, Fut>(self, fut: Fut) -> Reply
     where
         B: Encode + Send + 'static,
         Fut: std::future::Future<Output = (B, Option<ErrorCode>)> + Send + 'static,
     {
-        let (tx, rx) = oneshot::channel();
-        tokio::spawn(async move {
+        Reply::Later(Box::pin(async move {
             let (body, error) = fut.await;
             self.done(error);
-            let _ = tx.send(encode_response(self.corr, &body));
-        });
-        Reply::Later(rx)
+            Some(encode_response(self.corr, &body))
+        }))
     }
 }
 

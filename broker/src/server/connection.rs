@@ -11,23 +11,23 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio_util::codec::FramedRead;
 
 use cairn_protocol::io::{write_all_vectored, IOV_MAX};
 use cairn_protocol::{FrameCodec, FrameError};
 
-use super::dispatch::{dispatch, Reply};
+use super::dispatch::{dispatch, LaterReply, Reply};
 use super::Broker;
 
 /// A response that is ready now or will be later.
 pub(crate) enum Pending {
     Ready(Vec<Bytes>),
-    Later(oneshot::Receiver<Vec<Bytes>>),
+    Later(LaterReply),
 }
 
 /// Initial read buffer per connection; it grows only as large frames actually arrive.
@@ -114,22 +114,39 @@ pub(crate) async fn run(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr
 
 async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Pending>, peer: SocketAddr) -> std::io::Result<()> {
     let mut out: Vec<Bytes> = Vec::with_capacity(64);
-    while let Some(first) = rx.recv().await {
+    // A later response found unfinished while gathering: it heads the next write.
+    let mut carried: Option<Pending> = None;
+    loop {
+        let first = match carried.take() {
+            Some(p) => p,
+            None => match rx.recv().await {
+                Some(p) => p,
+                None => break,
+            },
+        };
         let Some(mut gathered) = resolve(first, &mut out).await else {
             return broken(wr, peer).await;
         };
-        // Gather more responses that are already ready into the same write.
+        // Gather more responses that are ready now into the same write; stop at one that is
+        // not (a parked fetch may wait for seconds, and what is gathered must not wait with it).
         while gathered < WRITE_GATHER_BYTES && out.len() < IOV_MAX {
-            match rx.try_recv() {
-                Ok(p) => match resolve(p, &mut out).await {
-                    Some(n) => gathered += n,
-                    None => {
+            let chunks = match rx.try_recv() {
+                Ok(Pending::Ready(c)) => c,
+                Ok(Pending::Later(mut f)) => match (&mut f).now_or_never() {
+                    Some(Some(c)) => c,
+                    Some(None) => {
                         write_all_vectored(&mut wr, &mut out).await?;
                         return broken(wr, peer).await;
                     }
+                    None => {
+                        carried = Some(Pending::Later(f));
+                        break;
+                    }
                 },
                 Err(_) => break,
-            }
+            };
+            gathered += chunks.iter().map(Bytes::len).sum::<usize>();
+            out.extend(chunks);
         }
         write_all_vectored(&mut wr, &mut out).await?;
     }
@@ -139,11 +156,11 @@ async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Pending>, pee
 }
 
 /// Appends a response's chunks to `out`, waiting for it if needed; returns its size, or `None`
-/// if the handler died without answering.
+/// if the handler failed without answering.
 async fn resolve(p: Pending, out: &mut Vec<Bytes>) -> Option<usize> {
     let chunks = match p {
         Pending::Ready(c) => c,
-        Pending::Later(rx) => rx.await.ok()?,
+        Pending::Later(f) => f.await?,
     };
     let n = chunks.iter().map(Bytes::len).sum();
     out.extend(chunks);

@@ -1,11 +1,12 @@
 //! Decodes a request frame and routes it to its handler.
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use tokio::sync::oneshot;
 
 use cairn_protocol::api::encode_error_response;
 use cairn_protocol::messages::api_versions::ApiVersionsResponse;
@@ -18,13 +19,19 @@ use crate::handlers;
 pub(crate) enum Reply {
     /// Send this response now (in order).
     Now(Vec<Bytes>),
-    /// Send the response when the handler delivers it (still in order).
-    Later(oneshot::Receiver<Vec<Bytes>>),
+    /// Send the response when this future delivers it (still in order); `None` if the handler
+    /// failed without answering. The connection's writer polls it in place, so the wake-up
+    /// that completes it (a produce for a parked fetch, a sync for acks = all) goes straight
+    /// to the task that writes the response.
+    Later(LaterReply),
     /// No response (produce with acks = none).
     Nothing,
     /// Close the connection (the frame could not even be attributed).
     Close,
 }
+
+/// A response that a handler delivers later.
+pub(crate) type LaterReply = Pin<Box<dyn Future<Output = Option<Vec<Bytes>>> + Send>>;
 
 pub(crate) fn dispatch(broker: &Arc<Broker>, frame: Bytes, peer: SocketAddr) -> Reply {
     let started = Instant::now();
