@@ -92,6 +92,10 @@ struct Common {
     /// Draw the latency percentile curve and throughput over time into an SVG file.
     #[arg(long, value_name = "FILE.svg")]
     plot: Option<PathBuf>,
+    /// Worker threads of the load generator's runtime (default: one per core). One keeps a
+    /// low-rate latency run free of the load generator's own cross-thread wake-ups.
+    #[arg(long)]
+    workers: Option<usize>,
 }
 
 #[derive(Debug, Args)]
@@ -152,7 +156,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Command::Produce(c) | Command::Consume(c) | Command::E2e(c) = &cli.command {
+        if let Some(n) = c.workers {
+            builder.worker_threads(n.max(1));
+        }
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("cairn-bench: {e}");

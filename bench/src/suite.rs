@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use cairn_client::{Acks, Admin, ConnectionConfig, NewTopic, Producer, ProducerConfig, ProducerRecord};
 
+use crate::report::Report;
 use crate::workload::{self, Opts};
 
 struct Broker {
@@ -138,6 +139,25 @@ async fn settle() {
     tokio::time::sleep(Duration::from_secs(1)).await;
 }
 
+/// Runs the e2e workload on a runtime of its own with one worker thread, as
+/// `cairn-bench e2e --workers 1` does. At 10,000 records/s the load generator's producer and
+/// consumer need a fraction of a core, and with two workers their hand-offs wake the other
+/// thread: measured, that added 20-40 µs to the p50 (161-167 µs on one worker, 186-207 µs on
+/// two, alternating runs).
+async fn on_one_worker(opts: Opts) -> anyhow::Result<Report> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let result = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(workload::e2e(&opts)));
+        let _ = tx.send(result);
+    });
+    rx.await.map_err(|_| anyhow::anyhow!("the e2e workload's thread died"))?
+}
+
 /// Runs the suite.
 pub async fn run(scale: f64, bin: Option<PathBuf>) -> anyhow::Result<()> {
     let bin = match bin {
@@ -190,7 +210,7 @@ pub async fn run(scale: f64, bin: Option<PathBuf>) -> anyhow::Result<()> {
         verdict: verdict(p3.records_per_sec, 8e6, true),
     });
     settle().await;
-    let p4 = workload::e2e(&Opts {
+    let p4 = on_one_worker(Opts {
         rate: Some(10_000),
         duration: Duration::from_secs((10.0 * scale).max(3.0) as u64),
         linger: Duration::ZERO,
@@ -201,7 +221,7 @@ pub async fn run(scale: f64, bin: Option<PathBuf>) -> anyhow::Result<()> {
     let l = p4.latency_us;
     rows.push(Row {
         id: "P4",
-        workload: "e2e at 10,000 records/s, 100 B, acks=leader".into(),
+        workload: "e2e at 10,000 records/s, 100 B, acks=leader (load generator on one worker)".into(),
         target: "p50 <= 200 µs, p99 <= 1 ms, p99.9 <= 5 ms".into(),
         result: format!("p50 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs", l.p50, l.p99, l.p999),
         verdict: if l.p50 <= 200.0 && l.p99 <= 1000.0 && l.p999 <= 5000.0 {
