@@ -284,6 +284,41 @@ fn auto_commit_covers_only_records_returned_by_earlier_polls() {
 }
 
 #[test]
+fn commit_covers_exactly_the_records_polls_returned_when_polls_end_mid_fetch() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "");
+    run(Duration::from_secs(60), async {
+        broker.admin().await.create_topic(NewTopic::new("mid", 2)).await.unwrap();
+        produce(&broker, "mid", 2, 20).await;
+        // Polls of 3 end inside a fetch's batches and sometimes span both partitions.
+        let config = ConsumerConfig { auto_commit: false, max_poll_records: 3, ..member_config(&broker, "mid-group") };
+        let mut c = Consumer::connect(config).await.unwrap();
+        c.subscribe(&["mid"]).await.unwrap();
+        let mut next = [0i64; 2];
+        let mut seen = 0;
+        while seen < 20 {
+            let records = c.poll(Duration::from_secs(2)).await.unwrap();
+            assert!(records.len() <= 3);
+            for r in &records {
+                assert_eq!(r.offset, next[r.partition as usize], "dense and in order per partition");
+                next[r.partition as usize] += 1;
+            }
+            seen += records.len();
+            if records.is_empty() {
+                continue;
+            }
+            c.commit().await.unwrap();
+            let group = broker.admin().await.describe_group("mid-group").await.unwrap();
+            for p in &group.partitions {
+                let expected = (next[p.partition as usize] > 0).then_some(next[p.partition as usize]);
+                assert_eq!(p.committed, expected, "partition {} after {seen} records", p.partition);
+            }
+        }
+        c.close().await.unwrap();
+    });
+}
+
+#[test]
 fn a_restarted_static_member_gets_its_partitions_back_without_a_rebalance() {
     let dir = tempfile::tempdir().unwrap();
     let broker = TestBroker::start(dir.path(), "");

@@ -489,15 +489,6 @@ impl Consumer {
                 if out.is_empty() {
                     continue;
                 }
-                // Records come grouped by partition: remember the last offset of each run.
-                for (i, r) in out.iter().enumerate() {
-                    let last_of_run = out.get(i + 1).is_none_or(|n| {
-                        n.partition != r.partition || !Arc::ptr_eq(&n.topic, &r.topic) && n.topic != r.topic
-                    });
-                    if last_of_run {
-                        self.returned.insert((r.topic.to_string(), r.partition), r.offset + 1);
-                    }
-                }
                 return Ok(out);
             }
             if let Some(e) = self.deferred.take() {
@@ -613,10 +604,13 @@ impl Consumer {
 
     /// Decodes and hands out up to `max_poll_records` pending records. A malformed record
     /// ends its partition's pending records; the position goes back to it and the error is
-    /// returned (after the records before it, if there are any).
+    /// returned (after the records before it, if there are any). Each partition's position
+    /// after its last record handed out is noted for `commit` as it goes.
     fn take_records(&mut self) -> Result<Vec<ConsumerRecord>> {
         let max = self.config.max_poll_records.max(1);
         let mut out = Vec::with_capacity(max.min(4096));
+        // Whether records of the front partition were handed out and not yet noted.
+        let mut unnoted = false;
         while out.len() < max {
             let Some(f) = self.pending.front_mut() else { break };
             let iter = match &mut f.current {
@@ -624,6 +618,9 @@ impl Consumer {
                 None => match f.batches.pop_front() {
                     Some(b) => f.current.insert(b.into_records()),
                     None => {
+                        if std::mem::take(&mut unnoted) {
+                            self.returned.insert(f.key.clone(), f.next);
+                        }
                         self.pending.pop_front();
                         continue;
                     }
@@ -633,6 +630,7 @@ impl Consumer {
                 None => f.current = None,
                 Some(Ok(record)) if record.offset < f.next => {}
                 Some(Ok(record)) => {
+                    unnoted = true;
                     f.next = record.offset + 1;
                     out.push(ConsumerRecord {
                         topic: Arc::clone(&f.topic),
@@ -646,6 +644,9 @@ impl Consumer {
                 }
                 Some(Err(e)) => {
                     let f = self.pending.pop_front().expect("front exists");
+                    if std::mem::take(&mut unnoted) {
+                        self.returned.insert(f.key.clone(), f.next);
+                    }
                     // Resume at the first record not returned, with a fresh fetch.
                     self.cancel_fetch();
                     self.positions.insert(f.key, Position::At(f.next));
@@ -655,6 +656,11 @@ impl Consumer {
                     self.deferred = Some(e.into());
                     break;
                 }
+            }
+        }
+        if unnoted {
+            if let Some(f) = self.pending.front() {
+                self.returned.insert(f.key.clone(), f.next);
             }
         }
         Ok(out)
