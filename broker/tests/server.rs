@@ -146,6 +146,39 @@ fn responses_ready_before_a_parked_fetch_are_not_held_back_by_it() {
 }
 
 #[test]
+fn past_parked_fetches_max_a_fetch_answers_at_once_and_a_finished_park_frees_its_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "parked_fetches_max = 1\n");
+    run(Duration::from_secs(60), async {
+        broker.admin().await.create_topic(NewTopic::new("s", 1)).await.unwrap();
+        let conn = Connection::connect(broker.connection()).await.unwrap();
+        let parks = |offset: i64| {
+            let conn = conn.clone();
+            tokio::spawn(
+                async move { conn.request_with(&fetch_req("s", offset, 45_000), Duration::from_secs(60)).await },
+            )
+        };
+        let first = parks(0);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!first.is_finished(), "the first fetch takes the only slot and parks");
+        // The only slot is taken: this one answers at once, empty, instead of waiting 45 s.
+        let other = Connection::connect(broker.connection()).await.unwrap();
+        let fetch = fetch_req("s", 0, 45_000);
+        let refused = other.request_with(&fetch, Duration::from_secs(60));
+        let refused = tokio::time::timeout(Duration::from_secs(20), refused).await.expect("answered at once").unwrap();
+        assert!(values(&refused).is_empty());
+        // A produce ends the parked fetch and its slot comes back: the next fetch parks again.
+        other.request(&produce_req("s", Acks::Leader, batch(&["one"]))).await.unwrap();
+        assert_eq!(values(&first.await.unwrap().unwrap()), vec![(0, "one".to_string())]);
+        let second = parks(1);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!second.is_finished(), "the freed slot lets the next fetch park");
+        other.request(&produce_req("s", Acks::Leader, batch(&["two"]))).await.unwrap();
+        assert_eq!(values(&second.await.unwrap().unwrap()), vec![(1, "two".to_string())]);
+    });
+}
+
+#[test]
 fn a_parked_fetch_is_woken_by_a_produce_long_before_max_wait() {
     let dir = tempfile::tempdir().unwrap();
     let broker = TestBroker::start(dir.path(), "");

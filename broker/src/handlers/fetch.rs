@@ -22,13 +22,11 @@ pub(crate) fn fetch(ctx: Ctx, req: FetchRequest) -> Reply {
         return ctx.reply(&response, error);
     }
     // Park, unless too many fetches are parked already: then answer now (empty), never queue.
-    if broker.parked_fetches.fetch_add(1, Ordering::AcqRel) >= broker.config.parked_fetches_max {
-        broker.parked_fetches.fetch_sub(1, Ordering::AcqRel);
+    let Some(slot) = ParkedSlot::take(&ctx.broker) else {
         metrics::counter!("cairn_parked_fetches_refused_total").increment(1);
         record(broker, &response);
         return ctx.reply(&response, None);
-    }
-    let slot = ParkedSlot(Arc::clone(&ctx.broker));
+    };
     // The wait counts from now, not from when the connection's writer first polls the reply
     // (which is after the responses ahead of it).
     let deadline = tokio::time::Instant::now() + Duration::from_millis(u64::from(req.max_wait_ms));
@@ -44,6 +42,15 @@ pub(crate) fn fetch(ctx: Ctx, req: FetchRequest) -> Reply {
 /// One of `parked_fetches_max` slots, given back when the parked fetch ends, also when it is
 /// dropped unfinished because its connection closed.
 struct ParkedSlot(Arc<Broker>);
+
+impl ParkedSlot {
+    /// Takes a slot, or `None` when `parked_fetches_max` fetches are parked already.
+    fn take(broker: &Arc<Broker>) -> Option<ParkedSlot> {
+        let slot = ParkedSlot(Arc::clone(broker));
+        // Dropping `slot` gives the slot back when there was none to take.
+        (broker.parked_fetches.fetch_add(1, Ordering::AcqRel) < broker.config.parked_fetches_max).then_some(slot)
+    }
+}
 
 impl Drop for ParkedSlot {
     fn drop(&mut self) {

@@ -145,8 +145,7 @@ async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Pending>, pee
                 },
                 Err(_) => break,
             };
-            gathered += chunks.iter().map(Bytes::len).sum::<usize>();
-            out.extend(chunks);
+            gathered += append(&mut out, chunks);
         }
         write_all_vectored(&mut wr, &mut out).await?;
     }
@@ -162,9 +161,14 @@ async fn resolve(p: Pending, out: &mut Vec<Bytes>) -> Option<usize> {
         Pending::Ready(c) => c,
         Pending::Later(f) => f.await?,
     };
+    Some(append(out, chunks))
+}
+
+/// Appends a response's chunks to `out`; returns its size.
+fn append(out: &mut Vec<Bytes>, chunks: Vec<Bytes>) -> usize {
     let n = chunks.iter().map(Bytes::len).sum();
     out.extend(chunks);
-    Some(n)
+    n
 }
 
 /// A handler died without answering: responses after it would be misattributed by a client that
