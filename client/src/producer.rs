@@ -653,19 +653,28 @@ async fn send_request(inner: &Arc<Inner>, mut batches: Vec<Sendable>) {
         return;
     }
     match inner.conn.request(&req).await {
-        Ok(resp) => {
-            let mut results: HashMap<(String, u32), (ErrorCode, Option<String>, i64)> = HashMap::new();
-            for t in resp.topics {
-                for p in t.partitions {
-                    results.insert((t.name.clone(), p.partition), (p.error, p.message, p.base_offset));
+        Ok(mut resp) => {
+            // Matched by the response's own names and the batches' topics: no allocation per
+            // partition.
+            let outcomes: Vec<(ErrorCode, Option<String>, i64)> = {
+                let mut results: HashMap<(&str, u32), (ErrorCode, Option<String>, i64)> = HashMap::new();
+                for t in &mut resp.topics {
+                    for p in &mut t.partitions {
+                        results.insert((t.name.as_str(), p.partition), (p.error, p.message.take(), p.base_offset));
+                    }
                 }
-            }
-            for (tp, b) in batches {
-                let (code, message, base) = results.remove(&(tp.0.to_string(), tp.1)).unwrap_or((
-                    ErrorCode::Unknown,
-                    Some("no result for partition".into()),
-                    -1,
-                ));
+                batches
+                    .iter()
+                    .map(|(tp, _)| {
+                        results.remove(&(&*tp.0, tp.1)).unwrap_or((
+                            ErrorCode::Unknown,
+                            Some("no result for partition".into()),
+                            -1,
+                        ))
+                    })
+                    .collect()
+            };
+            for ((tp, b), (code, message, base)) in batches.into_iter().zip(outcomes) {
                 if code.is_ok() {
                     release_partition(inner, &tp);
                     finish(inner, b, Ok(base));
