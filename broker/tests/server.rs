@@ -28,7 +28,10 @@ fn produce_req(topic: &str, acks: Acks, records: Bytes) -> ProduceRequest {
     ProduceRequest {
         acks,
         timeout_ms: 10_000,
-        topics: vec![ProduceTopic { name: topic.into(), partitions: vec![ProducePartition { partition: 0, records }] }],
+        topics: vec![ProduceTopic {
+            name: topic.into(),
+            partitions: vec![ProducePartition { partition: 0, records: records.into() }],
+        }],
     }
 }
 

@@ -20,7 +20,7 @@ use cairn_protocol::messages::metadata::MetadataRequest;
 use cairn_protocol::messages::produce::{ProducePartition, ProduceRequest, ProduceTopic};
 use cairn_protocol::record::record_len_upper_bound;
 use cairn_protocol::record_batch::BATCH_HEADER_LEN;
-use cairn_protocol::{Acks, ErrorCode, Header, RecordBatchBuilder};
+use cairn_protocol::{Acks, BatchPayload, ErrorCode, Header, RecordBatchBuilder};
 
 use crate::connection::{Connection, ConnectionConfig};
 use crate::error::{Error, Result};
@@ -189,7 +189,11 @@ struct OpenBatch {
 
 #[derive(Debug)]
 struct SealedBatch {
-    bytes: Bytes,
+    /// The batch; values of 512 bytes or more are referenced where the caller put them, not
+    /// copied (the batch holds their `Bytes` until it is acknowledged).
+    payload: BatchPayload,
+    /// `payload.len()`.
+    len: usize,
     result: Arc<BatchResult>,
     records: usize,
     reserved: usize,
@@ -211,17 +215,19 @@ struct PartitionQueue {
     open: Option<OpenBatch>,
     ready: VecDeque<SealedBatch>,
     in_flight: bool,
-    /// Size of the last batch sealed here (0 before the first), to size the next one's buffer.
+    /// Bytes the last batch sealed here copied into its buffer (0 before the first), to size the
+    /// next one's buffer.
     last_batch_bytes: usize,
 }
 
 impl PartitionQueue {
-    /// Buffer to reserve for a new batch: room for a quarter more than the last batch here,
-    /// within `max`. Reserving `max` for every batch would cost a large, page-faulting
-    /// allocation per batch where partitions get a record or two each (many partitions, keyed).
+    /// Buffer to reserve for a new batch: room for a quarter more than the last batch here
+    /// copied into its buffer (values sent by reference do not count), within `max`; 4 KiB for
+    /// the first. Reserving `max` for every batch would cost a large, page-faulting allocation
+    /// per batch where partitions get a record or two each (many partitions, keyed).
     fn batch_capacity(&self, max: usize) -> usize {
         let want =
-            if self.last_batch_bytes == 0 { 16 * 1024 } else { self.last_batch_bytes + self.last_batch_bytes / 4 };
+            if self.last_batch_bytes == 0 { 4 * 1024 } else { self.last_batch_bytes + self.last_batch_bytes / 4 };
         want.next_power_of_two().clamp(1024, max)
     }
 }
@@ -453,7 +459,7 @@ impl Producer {
         });
         let first = open.builder.is_empty();
         let index = open.builder.len() as u32;
-        open.builder.push(timestamp, key, value, &record.headers);
+        open.builder.push_shared(timestamp, key, record.value.as_ref(), &record.headers);
         open.reserved += size;
         let delivery = Delivery { batch: Arc::clone(&open.result), index };
         inner.outstanding.fetch_add(1, Ordering::AcqRel);
@@ -517,10 +523,11 @@ impl Producer {
 fn seal(queue: &mut PartitionQueue, now: Instant) {
     if let Some(open) = queue.open.take() {
         let records = open.builder.len();
-        queue.last_batch_bytes = open.builder.size_bytes();
+        queue.last_batch_bytes = open.builder.inline_bytes();
         queue.next_sequence = queue.next_sequence.wrapping_add(records as i32) & i32::MAX;
         queue.ready.push_back(SealedBatch {
-            bytes: open.builder.build(),
+            len: open.builder.size_bytes(),
+            payload: open.builder.build_payload(),
             result: open.result,
             records,
             reserved: open.reserved,
@@ -584,12 +591,12 @@ fn collect(inner: &Inner) -> (Vec<Sendable>, Option<Instant>) {
                 next = Some(next.map_or(front.not_before, |n| n.min(front.not_before)));
                 continue;
             }
-            if front.bytes.len() > budget && !out.is_empty() {
+            if front.len > budget && !out.is_empty() {
                 next = Some(now);
                 continue;
             }
             let batch = q.ready.pop_front().expect("front exists");
-            budget = budget.saturating_sub(batch.bytes.len());
+            budget = budget.saturating_sub(batch.len);
             q.in_flight = inner.config.acks != Acks::None;
             out.push(((Arc::clone(&topic.name), partition as u32), batch));
         }
@@ -633,7 +640,7 @@ async fn send_request(inner: &Arc<Inner>, mut batches: Vec<Sendable>) {
     for ((topic, partition), b) in batches.iter_mut() {
         b.first_sent.get_or_insert(now);
         b.attempts += 1;
-        let part = ProducePartition { partition: *partition, records: b.bytes.clone() };
+        let part = ProducePartition { partition: *partition, records: b.payload.clone() };
         match by_topic.iter_mut().find(|t| *t.name == **topic) {
             Some(t) => t.partitions.push(part),
             None => by_topic.push(ProduceTopic { name: topic.to_string(), partitions: vec![part] }),
@@ -796,7 +803,7 @@ mod tests {
     #[test]
     fn batch_buffers_are_sized_from_the_last_batch_of_the_partition() {
         let mut q = PartitionQueue::default();
-        assert_eq!(q.batch_capacity(512 * 1024), 16 * 1024, "first batch");
+        assert_eq!(q.batch_capacity(512 * 1024), 4 * 1024, "first batch");
         q.last_batch_bytes = 1100;
         assert_eq!(q.batch_capacity(512 * 1024), 2048, "a partition that gets a record or two");
         q.last_batch_bytes = 512 * 1024 - 10;

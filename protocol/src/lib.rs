@@ -39,7 +39,7 @@ pub use error::DecodeError;
 pub use error_code::ErrorCode;
 pub use messages::produce::Acks;
 pub use record::{Header, Record};
-pub use record_batch::{BatchError, BatchHeader, RecordBatch, RecordBatchBuilder};
+pub use record_batch::{BatchError, BatchHeader, BatchPayload, RecordBatch, RecordBatchBuilder};
 pub use wire::{WireReader, WireWriter};
 
 use messages::{

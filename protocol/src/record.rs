@@ -256,26 +256,50 @@ pub(crate) fn put_record(
     value: Option<&[u8]>,
     headers: &[Header],
 ) {
-    fn put_field(out: &mut BytesMut, f: Option<&[u8]>) {
-        match f {
-            None => put_varint(out, -1),
-            Some(b) => {
-                put_varint(out, b.len() as i32);
-                out.put_slice(b);
-            }
-        }
-    }
+    put_record_head(out, timestamp_delta, offset_delta, key, value, headers, true);
+    put_record_tail(out, headers);
+}
+
+/// Appends a record up to and including its value; with `value_inline` false the value's bytes
+/// are left out (its length is written), for the caller to send them from where they are.
+pub(crate) fn put_record_head(
+    out: &mut BytesMut,
+    timestamp_delta: i64,
+    offset_delta: i32,
+    key: Option<&[u8]>,
+    value: Option<&[u8]>,
+    headers: &[Header],
+    value_inline: bool,
+) {
     let body = record_body_len(timestamp_delta, offset_delta, key, value, headers);
     put_varint(out, body as i32);
     out.put_u8(0);
     put_varlong(out, timestamp_delta);
     put_varint(out, offset_delta);
     put_field(out, key);
-    put_field(out, value);
+    match value {
+        Some(v) if !value_inline => put_varint(out, v.len() as i32),
+        _ => put_field(out, value),
+    }
+}
+
+/// Appends what follows a record's value: its headers.
+pub(crate) fn put_record_tail(out: &mut BytesMut, headers: &[Header]) {
     put_varint(out, headers.len() as i32);
     for h in headers {
         put_field(out, Some(h.key.as_bytes()));
         put_field(out, h.value.as_deref());
+    }
+}
+
+/// Appends a nullable length-prefixed field.
+fn put_field(out: &mut BytesMut, f: Option<&[u8]>) {
+    match f {
+        None => put_varint(out, -1),
+        Some(b) => {
+            put_varint(out, b.len() as i32);
+            out.put_slice(b);
+        }
     }
 }
 

@@ -22,9 +22,14 @@
 //! Cairn sends no compressed batches yet; decoding rejects compression codecs and unknown
 //! attribute bits with a typed error instead of misreading them.
 
+use std::sync::Arc;
+
 use bytes::{Bytes, BytesMut};
 
-use crate::record::{put_record, record_body_len, scan_record, Header, Record, RecordCursor};
+use crate::record::{
+    put_record, put_record_head, put_record_tail, record_body_len, scan_record, Header, Record, RecordCursor,
+};
+use crate::wire::SHARED_CHUNK_BYTES_MIN;
 
 /// Bytes of the fixed batch header, up to the first record.
 pub const BATCH_HEADER_LEN: usize = 61;
@@ -469,13 +474,79 @@ impl Iterator for BatchSplitter {
     }
 }
 
+/// One record batch as a producer sends it: a single buffer, or pieces in order whose
+/// concatenation is the batch (large values are referenced where the caller keeps them, not
+/// copied; see [`RecordBatchBuilder::push_shared`]). Decoded batches are always contiguous.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchPayload {
+    /// The whole batch in one buffer.
+    Contiguous(Bytes),
+    /// The batch in pieces, in order; the first holds the header.
+    Parts(Arc<[Bytes]>),
+}
+
+impl BatchPayload {
+    /// Total bytes.
+    pub fn len(&self) -> usize {
+        match self {
+            BatchPayload::Contiguous(b) => b.len(),
+            BatchPayload::Parts(parts) => parts.iter().map(Bytes::len).sum(),
+        }
+    }
+
+    /// `true` when there are no bytes at all.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The pieces in order (one for a contiguous batch).
+    pub fn parts(&self) -> &[Bytes] {
+        match self {
+            BatchPayload::Contiguous(b) => std::slice::from_ref(b),
+            BatchPayload::Parts(parts) => parts,
+        }
+    }
+
+    /// The batch in one buffer: free for a contiguous batch, a copy of the pieces otherwise.
+    pub fn contiguous(&self) -> Bytes {
+        match self {
+            BatchPayload::Contiguous(b) => b.clone(),
+            BatchPayload::Parts(parts) => {
+                let mut all = BytesMut::with_capacity(self.len());
+                for p in parts.iter() {
+                    all.extend_from_slice(p);
+                }
+                all.freeze()
+            }
+        }
+    }
+}
+
+impl From<Bytes> for BatchPayload {
+    fn from(b: Bytes) -> Self {
+        BatchPayload::Contiguous(b)
+    }
+}
+
 /// Builds an uncompressed RecordBatch v2 incrementally.
 ///
 /// Records are encoded as they are pushed; [`RecordBatchBuilder::build`] fills in the header and
-/// CRC. The base offset is written as 0; the broker assigns the real one.
+/// CRC. The base offset is written as 0; the broker assigns the real one. Values pushed with
+/// [`RecordBatchBuilder::push_shared`] that are [`SHARED_CHUNK_BYTES_MIN`] bytes or longer are
+/// referenced instead of copied; [`RecordBatchBuilder::build_payload`] then returns the batch in
+/// pieces, ready for a vectored write.
 #[derive(Debug)]
 pub struct RecordBatchBuilder {
+    /// Bytes being encoded now (the whole batch while no value is referenced).
     buf: BytesMut,
+    /// Once a value is referenced: the first piece, which holds the header.
+    head: Option<BytesMut>,
+    /// The pieces after `head`, in order: referenced values and the encoded bytes between them.
+    parts: Vec<Bytes>,
+    /// Bytes in `head` and `parts`.
+    parts_len: usize,
+    /// Bytes encoded into the builder's own buffers (referenced values not counted).
+    inline_len: usize,
     count: i32,
     base_timestamp: i64,
     max_timestamp: i64,
@@ -502,6 +573,10 @@ impl RecordBatchBuilder {
         buf.resize(BATCH_HEADER_LEN, 0);
         RecordBatchBuilder {
             buf,
+            head: None,
+            parts: Vec::new(),
+            parts_len: 0,
+            inline_len: BATCH_HEADER_LEN,
             count: 0,
             base_timestamp: 0,
             max_timestamp: i64::MIN,
@@ -531,7 +606,13 @@ impl RecordBatchBuilder {
 
     /// Bytes the batch would take if built now.
     pub fn size_bytes(&self) -> usize {
-        self.buf.len()
+        self.parts_len + self.buf.len()
+    }
+
+    /// Bytes encoded into the builder's own buffers: [`RecordBatchBuilder::size_bytes`] less the
+    /// referenced values. What a buffer for a similar batch needs.
+    pub fn inline_bytes(&self) -> usize {
+        self.inline_len
     }
 
     /// Bytes pushing this record would add.
@@ -541,24 +622,51 @@ impl RecordBatchBuilder {
         crate::record::varint_len(body as i32) + body
     }
 
-    /// Appends a record with the given timestamp (ms since the epoch).
-    pub fn push(&mut self, timestamp: i64, key: Option<&[u8]>, value: Option<&[u8]>, headers: &[Header]) {
+    /// Records the timestamp of a record about to be pushed.
+    fn note_timestamp(&mut self, timestamp: i64) {
         if self.count == 0 {
             self.base_timestamp = timestamp;
         }
         self.max_timestamp = self.max_timestamp.max(timestamp);
+    }
+
+    /// Appends a record with the given timestamp (ms since the epoch).
+    pub fn push(&mut self, timestamp: i64, key: Option<&[u8]>, value: Option<&[u8]>, headers: &[Header]) {
+        self.note_timestamp(timestamp);
+        let before = self.buf.len();
         put_record(&mut self.buf, timestamp.wrapping_sub(self.base_timestamp), self.count, key, value, headers);
+        self.inline_len += self.buf.len() - before;
         self.count += 1;
     }
 
-    /// Fills in the header and CRC and returns the batch.
-    ///
-    /// # Panics
-    /// If no record was pushed: an empty batch is not valid.
-    pub fn build(mut self) -> Bytes {
-        assert!(self.count > 0, "a record batch needs at least one record");
-        let len = self.buf.len();
-        let b = &mut self.buf[..];
+    /// Appends a record like [`RecordBatchBuilder::push`], but a value of
+    /// [`SHARED_CHUNK_BYTES_MIN`] bytes or more is referenced, not copied: the batch holds a
+    /// clone of `value` (a reference count, no copy) until it is dropped.
+    pub fn push_shared(&mut self, timestamp: i64, key: Option<&[u8]>, value: Option<&Bytes>, headers: &[Header]) {
+        let value = match value {
+            Some(v) if v.len() >= SHARED_CHUNK_BYTES_MIN => v,
+            other => return self.push(timestamp, key, other.map(|v| &v[..]), headers),
+        };
+        self.note_timestamp(timestamp);
+        let delta = timestamp.wrapping_sub(self.base_timestamp);
+        let before = self.buf.len();
+        put_record_head(&mut self.buf, delta, self.count, key, Some(value), headers, false);
+        let piece = self.buf.split();
+        self.inline_len += piece.len() - before;
+        self.parts_len += piece.len() + value.len();
+        match self.head {
+            None => self.head = Some(piece),
+            Some(_) => self.parts.push(piece.freeze()),
+        }
+        self.parts.push(value.clone());
+        let before = self.buf.len();
+        put_record_tail(&mut self.buf, headers);
+        self.inline_len += self.buf.len() - before;
+        self.count += 1;
+    }
+
+    /// Writes the header fields (all but the CRC) for a batch of `len` bytes into `b`.
+    fn write_header(&self, b: &mut [u8], len: usize) {
         b[BASE_OFFSET_AT..BASE_OFFSET_AT + 8].copy_from_slice(&0i64.to_be_bytes());
         b[LENGTH_AT..LENGTH_AT + 4].copy_from_slice(&((len - LOG_OVERHEAD) as i32).to_be_bytes());
         b[LEADER_EPOCH_AT..LEADER_EPOCH_AT + 4].copy_from_slice(&(-1i32).to_be_bytes());
@@ -571,9 +679,57 @@ impl RecordBatchBuilder {
         b[PRODUCER_EPOCH_AT..PRODUCER_EPOCH_AT + 2].copy_from_slice(&self.producer_epoch.to_be_bytes());
         b[BASE_SEQUENCE_AT..BASE_SEQUENCE_AT + 4].copy_from_slice(&self.base_sequence.to_be_bytes());
         b[RECORD_COUNT_AT..RECORD_COUNT_AT + 4].copy_from_slice(&self.count.to_be_bytes());
-        let crc = compute_crc(b);
-        b[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_be_bytes());
-        self.buf.freeze()
+    }
+
+    /// Fills in the header and CRC and returns the batch in one buffer (referenced values are
+    /// copied in; [`RecordBatchBuilder::build_payload`] avoids that).
+    ///
+    /// # Panics
+    /// If no record was pushed: an empty batch is not valid.
+    pub fn build(mut self) -> Bytes {
+        assert!(self.count > 0, "a record batch needs at least one record");
+        if let Some(head) = self.head.take() {
+            let mut all = BytesMut::with_capacity(self.size_bytes());
+            all.extend_from_slice(&head);
+            for p in self.parts.drain(..) {
+                all.extend_from_slice(&p);
+            }
+            all.extend_from_slice(&self.buf);
+            self.parts_len = 0;
+            self.buf = all;
+        }
+        let len = self.buf.len();
+        let mut buf = std::mem::take(&mut self.buf);
+        self.write_header(&mut buf, len);
+        let crc = compute_crc(&buf);
+        buf[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_be_bytes());
+        buf.freeze()
+    }
+
+    /// Fills in the header and CRC and returns the batch, in pieces if any value was referenced.
+    ///
+    /// # Panics
+    /// If no record was pushed: an empty batch is not valid.
+    pub fn build_payload(mut self) -> BatchPayload {
+        let Some(mut head) = self.head.take() else {
+            return BatchPayload::Contiguous(self.build());
+        };
+        assert!(self.count > 0, "a record batch needs at least one record");
+        let len = self.size_bytes();
+        self.write_header(&mut head, len);
+        let mut crc = crc32c::crc32c(&head[ATTRIBUTES_AT..]);
+        for p in &self.parts {
+            crc = crc32c::crc32c_append(crc, p);
+        }
+        crc = crc32c::crc32c_append(crc, &self.buf);
+        head[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_be_bytes());
+        let mut out = Vec::with_capacity(self.parts.len() + 2);
+        out.push(head.freeze());
+        out.append(&mut self.parts);
+        if !self.buf.is_empty() {
+            out.push(std::mem::take(&mut self.buf).freeze());
+        }
+        BatchPayload::Parts(out.into())
     }
 }
 

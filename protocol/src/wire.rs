@@ -304,6 +304,13 @@ impl WireWriter {
         }
     }
 
+    /// Makes room for `bytes` more copied bytes and `chunks` more chunks, so that a message of
+    /// many small and large fields is encoded with one allocation of each kind.
+    pub fn reserve(&mut self, bytes: usize, chunks: usize) {
+        self.head.reserve(bytes);
+        self.chunks.reserve(chunks);
+    }
+
     /// Writes `bytes`; long values become their own chunk (no copy).
     pub fn bytes(&mut self, b: &Bytes) {
         self.u32(u32::try_from(b.len()).expect("bytes field over 4 GiB"));

@@ -64,6 +64,48 @@ proptest! {
     }
 
     #[test]
+    fn batches_with_referenced_values_are_byte_identical_to_copied_ones(
+        records in proptest::collection::vec(
+            (
+                0i64..4_000_000_000_000,
+                proptest::option::of(proptest::collection::vec(any::<u8>(), 0..40)),
+                proptest::option::of(proptest::collection::vec(any::<u8>(), 0..1500)),
+                proptest::collection::vec(arb_header(), 0..3),
+            ),
+            1..20,
+        ),
+        corr in any::<u32>(),
+    ) {
+        let mut copied = RecordBatchBuilder::new().producer(7, 0, 3);
+        let mut shared = RecordBatchBuilder::with_capacity(64).producer(7, 0, 3);
+        let mut shared_too = RecordBatchBuilder::new().producer(7, 0, 3);
+        for (ts, k, v, h) in &records {
+            let v = v.clone().map(Bytes::from);
+            copied.push(*ts, k.as_deref(), v.as_deref(), h);
+            shared.push_shared(*ts, k.as_deref(), v.as_ref(), h);
+            shared_too.push_shared(*ts, k.as_deref(), v.as_ref(), h);
+        }
+        prop_assert_eq!(shared.size_bytes(), copied.size_bytes());
+        prop_assert!(shared.inline_bytes() <= copied.inline_bytes());
+        let want = copied.build();
+        prop_assert_eq!(&shared_too.build(), &want, "build() copies referenced values in");
+        let payload = shared.build_payload();
+        prop_assert_eq!(payload.len(), want.len());
+        prop_assert_eq!(&payload.contiguous(), &want);
+        validate_for_append(&payload.contiguous(), 1 << 20).unwrap();
+        // And through a produce request: the pieces arrive as the one batch.
+        let req = ProduceRequest {
+            acks: Acks::Leader,
+            timeout_ms: 1000,
+            topics: vec![ProduceTopic { name: "t".into(), partitions: vec![ProducePartition { partition: 0, records: payload }] }],
+        };
+        let frame: Vec<u8> = encode_request(corr, "prop", &req).iter().flat_map(|c| c.iter().copied()).collect();
+        let (_, decoded) = decode_request(Bytes::from(frame[4..].to_vec())).unwrap();
+        let cairn_protocol::AnyRequest::Produce(decoded) = decoded else { panic!("not a produce request") };
+        prop_assert_eq!(decoded.topics[0].partitions[0].records.contiguous(), want);
+    }
+
+    #[test]
     fn any_single_byte_flip_in_a_batch_is_detected(records in proptest::collection::vec(arb_record(), 1..5), at in any::<prop::sample::Index>(), bit in 0u8..8) {
         let mut b = RecordBatchBuilder::new();
         for (ts, k, v, h) in &records {
@@ -87,7 +129,7 @@ proptest! {
             timeout_ms: 1000,
             topics: names.iter().map(|n| ProduceTopic {
                 name: n.clone(),
-                partitions: vec![ProducePartition { partition: 3, records: Bytes::from_static(b"not validated here") }],
+                partitions: vec![ProducePartition { partition: 3, records: Bytes::from_static(b"not validated here").into() }],
             }).collect(),
         };
         let chunks = encode_request(corr, "prop", &req);

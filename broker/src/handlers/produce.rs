@@ -43,7 +43,7 @@ pub(crate) fn produce(ctx: Ctx, req: ProduceRequest) -> Reply {
                 partitions.push(ProducePartitionResponse::error(p.partition, ErrorCode::UnknownTopicOrPartition, None));
                 continue;
             };
-            match log.append(&p.records) {
+            match log.append(&p.records.contiguous()) {
                 Ok(info) => {
                     if info.duplicate {
                         // A producer retry of a batch already stored: answered, not stored again.

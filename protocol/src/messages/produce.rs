@@ -14,13 +14,12 @@
 //! all; the client learns nothing about the outcome. With `acks = 2` the response is sent only
 //! after the batch is covered by an fsync, or `timeout_ms` expires (`REQUEST_TIMED_OUT`).
 
-use bytes::Bytes;
-
 use super::{get_error, put_error};
 use crate::api::{ApiKey, Decode, Encode, Request};
 use crate::error::DecodeError;
 use crate::error_code::ErrorCode;
-use crate::wire::{WireReader, WireWriter};
+use crate::record_batch::BatchPayload;
+use crate::wire::{WireReader, WireWriter, SHARED_CHUNK_BYTES_MIN};
 
 /// How durable a write must be before it is acknowledged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -80,8 +79,9 @@ pub struct ProduceTopic {
 pub struct ProducePartition {
     /// Partition index.
     pub partition: u32,
-    /// One RecordBatch v2 (zero-copy slice of the request frame).
-    pub records: Bytes,
+    /// One RecordBatch v2: decoded, a zero-copy slice of the request frame; from a producer,
+    /// possibly in pieces (large values referenced, not copied).
+    pub records: BatchPayload,
 }
 
 /// Produce response.
@@ -133,6 +133,22 @@ impl ProducePartitionResponse {
 
 impl Encode for ProduceRequest {
     fn encode(&self, w: &mut WireWriter) {
+        // Size the copied bytes and the chunks first: a batch of large values is many pieces.
+        let (mut copied, mut chunks) = (9, 1);
+        for t in &self.topics {
+            copied += 6 + t.name.len();
+            for p in &t.partitions {
+                copied += 8;
+                for part in p.records.parts() {
+                    if part.len() < SHARED_CHUNK_BYTES_MIN {
+                        copied += part.len();
+                    } else {
+                        chunks += 2;
+                    }
+                }
+            }
+        }
+        w.reserve(copied, chunks);
         w.u8(self.acks.as_u8());
         w.u32(self.timeout_ms);
         w.count(self.topics.len());
@@ -141,7 +157,7 @@ impl Encode for ProduceRequest {
             w.count(t.partitions.len());
             for p in &t.partitions {
                 w.u32(p.partition);
-                w.bytes(&p.records);
+                w.bytes_parts(p.records.parts());
             }
         }
     }
@@ -154,7 +170,9 @@ impl Decode for ProduceRequest {
         let topics = r.array(6, |r| {
             Ok(ProduceTopic {
                 name: r.string()?,
-                partitions: r.array(8, |r| Ok(ProducePartition { partition: r.u32()?, records: r.bytes()? }))?,
+                partitions: r.array(8, |r| {
+                    Ok(ProducePartition { partition: r.u32()?, records: BatchPayload::Contiguous(r.bytes()?) })
+                })?,
             })
         })?;
         Ok(ProduceRequest { acks, timeout_ms, topics })
@@ -207,6 +225,7 @@ impl Decode for ProduceResponse {
 mod tests {
     use super::*;
     use crate::messages::test_support::round_trip;
+    use bytes::Bytes;
 
     #[test]
     fn produce_round_trips() {
@@ -215,7 +234,7 @@ mod tests {
             timeout_ms: 5000,
             topics: vec![ProduceTopic {
                 name: "t".into(),
-                partitions: vec![ProducePartition { partition: 1, records: Bytes::from_static(b"batch") }],
+                partitions: vec![ProducePartition { partition: 1, records: Bytes::from_static(b"batch").into() }],
             }],
         });
         round_trip(&ProduceResponse {
