@@ -547,6 +547,8 @@ pub struct RecordBatchBuilder {
     parts_len: usize,
     /// Bytes encoded into the builder's own buffers (referenced values not counted).
     inline_len: usize,
+    /// Room to reserve in `parts` when the first value is referenced.
+    parts_hint: usize,
     count: i32,
     base_timestamp: i64,
     max_timestamp: i64,
@@ -577,6 +579,7 @@ impl RecordBatchBuilder {
             parts: Vec::new(),
             parts_len: 0,
             inline_len: BATCH_HEADER_LEN,
+            parts_hint: 0,
             count: 0,
             base_timestamp: 0,
             max_timestamp: i64::MIN,
@@ -592,6 +595,20 @@ impl RecordBatchBuilder {
         self.producer_epoch = producer_epoch;
         self.base_sequence = base_sequence;
         self
+    }
+
+    /// How many pieces to make room for when the first value is referenced (see
+    /// [`RecordBatchBuilder::pieces`]); growing the list piece by piece costs an allocation per
+    /// doubling.
+    pub fn pieces_hint(mut self, pieces: usize) -> Self {
+        self.parts_hint = pieces;
+        self
+    }
+
+    /// Pieces the batch holds beyond its first (0 while no value is referenced): what
+    /// [`RecordBatchBuilder::pieces_hint`] wants for a similar batch.
+    pub fn pieces(&self) -> usize {
+        self.parts.len()
     }
 
     /// Number of records pushed.
@@ -654,6 +671,9 @@ impl RecordBatchBuilder {
         let piece = self.buf.split();
         self.inline_len += piece.len() - before;
         self.parts_len += piece.len() + value.len();
+        if self.parts.capacity() == 0 {
+            self.parts.reserve(self.parts_hint.max(4));
+        }
         match self.head {
             None => self.head = Some(piece),
             Some(_) => self.parts.push(piece.freeze()),

@@ -77,7 +77,7 @@ proptest! {
         corr in any::<u32>(),
     ) {
         let mut copied = RecordBatchBuilder::new().producer(7, 0, 3);
-        let mut shared = RecordBatchBuilder::with_capacity(64).producer(7, 0, 3);
+        let mut shared = RecordBatchBuilder::with_capacity(64).producer(7, 0, 3).pieces_hint(3);
         let mut shared_too = RecordBatchBuilder::new().producer(7, 0, 3);
         for (ts, k, v, h) in &records {
             let v = v.clone().map(Bytes::from);
