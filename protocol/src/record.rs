@@ -247,20 +247,8 @@ pub(crate) fn record_body_len(
     n
 }
 
-/// Appends one record, length prefix included.
-pub(crate) fn put_record(
-    out: &mut BytesMut,
-    timestamp_delta: i64,
-    offset_delta: i32,
-    key: Option<&[u8]>,
-    value: Option<&[u8]>,
-    headers: &[Header],
-) {
-    put_record_head(out, timestamp_delta, offset_delta, key, value, headers, true);
-    put_record_tail(out, headers);
-}
-
-/// Appends a record up to and including its value; with `value_inline` false the value's bytes
+/// Appends a record, length prefix included, up to and including its value (a whole record is
+/// this and [`put_record_tail`]); with `value_inline` false the value's bytes
 /// are left out (its length is written), for the caller to send them from where they are.
 pub(crate) fn put_record_head(
     out: &mut BytesMut,

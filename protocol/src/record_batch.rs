@@ -26,9 +26,7 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
-use crate::record::{
-    put_record, put_record_head, put_record_tail, record_body_len, scan_record, Header, Record, RecordCursor,
-};
+use crate::record::{put_record_head, put_record_tail, record_body_len, scan_record, Header, Record, RecordCursor};
 use crate::wire::SHARED_CHUNK_BYTES_MIN;
 
 /// Bytes of the fixed batch header, up to the first record.
@@ -651,7 +649,9 @@ impl RecordBatchBuilder {
     pub fn push(&mut self, timestamp: i64, key: Option<&[u8]>, value: Option<&[u8]>, headers: &[Header]) {
         self.note_timestamp(timestamp);
         let before = self.buf.len();
-        put_record(&mut self.buf, timestamp.wrapping_sub(self.base_timestamp), self.count, key, value, headers);
+        let delta = timestamp.wrapping_sub(self.base_timestamp);
+        put_record_head(&mut self.buf, delta, self.count, key, value, headers, true);
+        put_record_tail(&mut self.buf, headers);
         self.inline_len += self.buf.len() - before;
         self.count += 1;
     }
