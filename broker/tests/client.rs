@@ -61,6 +61,44 @@ fn a_hundred_thousand_records_arrive_exactly_once_in_order_and_keys_keep_their_p
 }
 
 #[test]
+fn values_sent_by_reference_and_copied_ones_arrive_byte_for_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "");
+    run(Duration::from_secs(120), async {
+        broker.admin().await.create_topic(NewTopic::new("mixed", 2)).await.unwrap();
+        let producer = Producer::connect(broker.producer_config()).await.unwrap();
+        // Sizes on both sides of the 512-byte line, so that batches mix referenced values and
+        // values copied in, and a referenced value follows a copied one and the other way round.
+        let sizes = [0usize, 100, 511, 512, 513, 1024, 4000, 100_000, 7, 600];
+        let value = |i: usize| -> Vec<u8> { (0..sizes[i % sizes.len()]).map(|j| (i * 31 + j) as u8).collect() };
+        let mut deliveries = Vec::new();
+        for i in 0..500 {
+            let record = ProducerRecord::new("mixed", value(i)).key(format!("k{}", i % 7)).header("i", i.to_string());
+            deliveries.push(producer.send(record).await.unwrap());
+        }
+        producer.flush().await.unwrap();
+        for d in deliveries {
+            d.await.expect("the broker stored the batch (its CRC and lengths check out)");
+        }
+        producer.close().await.unwrap();
+
+        let mut consumer = Consumer::connect(broker.consumer_config()).await.unwrap();
+        consumer.assign("mixed", None).await.unwrap();
+        consumer.seek_all(Offset::Earliest);
+        let mut seen = 0;
+        while seen < 500 {
+            for r in consumer.poll(Duration::from_secs(5)).await.unwrap() {
+                let i: usize = std::str::from_utf8(r.headers[0].value.as_deref().unwrap()).unwrap().parse().unwrap();
+                assert_eq!(r.value.as_deref().unwrap(), &value(i)[..], "record {i}'s value");
+                assert_eq!(r.key.as_deref().unwrap(), format!("k{}", i % 7).as_bytes());
+                seen += 1;
+            }
+        }
+        assert!(consumer.poll(Duration::from_millis(200)).await.unwrap().is_empty(), "nothing extra");
+    });
+}
+
+#[test]
 fn send_waits_when_the_buffer_is_full_and_resumes_when_space_frees() {
     let dir = tempfile::tempdir().unwrap();
     let broker = TestBroker::start(dir.path(), "");
