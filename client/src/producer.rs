@@ -225,9 +225,10 @@ struct PartitionQueue {
 impl PartitionQueue {
     /// Buffer to reserve for a new batch: room for a quarter more than the last batch here
     /// copied into its buffer (values sent by reference do not count), within `max`; 1 KiB for
-    /// the first (the first batch of each of 100,000 producer-partition pairs is most of the
-    /// batches in the 1,000-partition benchmark, and what it does not use is still touched). Reserving `max` for every batch would cost a large, page-faulting allocation
-    /// per batch where partitions get a record or two each (many partitions, keyed).
+    /// the first (the first batches of 100,000 producer-partition pairs are most of the batches
+    /// in the 1,000-partition benchmark, and what a buffer does not use still gets touched).
+    /// Reserving `max` for every batch would cost a large, page-faulting allocation per batch
+    /// where partitions get a record or two each (many partitions, keyed).
     fn batch_capacity(&self, max: usize) -> usize {
         let want = if self.last_batch_bytes == 0 { 1024 } else { self.last_batch_bytes + self.last_batch_bytes / 4 };
         want.next_power_of_two().clamp(1024, max)
