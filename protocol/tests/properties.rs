@@ -4,7 +4,7 @@ use bytes::Bytes;
 use cairn_protocol::messages::fetch::FetchResponse;
 use cairn_protocol::messages::produce::{ProducePartition, ProduceRequest, ProduceTopic};
 use cairn_protocol::record_batch::{check_batch, validate_for_append, BatchSplitter, RecordBatch};
-use cairn_protocol::{decode_request, decode_response, encode_request, Acks, Header, RecordBatchBuilder};
+use cairn_protocol::{decode_request, decode_response, encode_request, Acks, BatchPayload, Header, RecordBatchBuilder};
 use proptest::prelude::*;
 
 fn arb_header() -> impl Strategy<Value = Header> {
@@ -102,7 +102,8 @@ proptest! {
         let frame: Vec<u8> = encode_request(corr, "prop", &req).iter().flat_map(|c| c.iter().copied()).collect();
         let (_, decoded) = decode_request(Bytes::from(frame[4..].to_vec())).unwrap();
         let cairn_protocol::AnyRequest::Produce(decoded) = decoded else { panic!("not a produce request") };
-        prop_assert_eq!(decoded.topics[0].partitions[0].records.contiguous(), want);
+        prop_assert_eq!(decoded.topics[0].partitions[0].records.contiguous(), want.clone());
+        prop_assert_eq!(&decoded.topics[0].partitions[0].records, &BatchPayload::from(want), "equal by bytes, however cut");
     }
 
     #[test]
