@@ -319,11 +319,22 @@ impl Segment {
         (&self.index_path, &self.time_path)
     }
 
-    /// Turns a segment found on disk into the active one (writable mapping from now on).
-    pub(crate) fn unseal(&self) {
+    /// Turns a segment found on disk into the active one (writable mapping from now on). Its
+    /// index files, if a clean close left them, are removed: the segment will grow past the
+    /// length they describe, and recovery must not take them as proof of a finished seal. The
+    /// caller makes the removal durable (a directory sync) before the first append.
+    pub(crate) fn unseal(&self) -> Result<()> {
+        for path in [&self.index_path, &self.time_path] {
+            match std::fs::remove_file(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(StorageError::io("remove", path, e)),
+            }
+        }
         self.map.write().expect("segment map lock").take();
         self.sealed.store(false, Ordering::Release);
         self.seal_finished.store(false, Ordering::Release);
+        Ok(())
     }
 
     /// Whether the flusher has persisted this sealed segment's indexes and trimmed it.
@@ -539,17 +550,20 @@ impl Segment {
         self.persist_index(interval, entries_max)
     }
 
-    /// Writes the index files and trims the preallocated tail. Best effort: the batches are
+    /// Trims the preallocated tail and writes the index files. Best effort: the batches are
     /// already durable, so a failure here (a full disk, typically) leaves the index in memory,
     /// the segment unfinished (retention will not delete it yet), and the caller retries later.
+    ///
+    /// The trim is durable before the index files are written: recovery trusts a sealed segment's
+    /// file length when its time index exists, so that index must never outlive a longer file.
     pub(crate) fn persist_index(&self, interval: u32, entries_max: usize) -> Result<()> {
-        self.with_index(interval, entries_max, |idx| self.write_index_files(idx))??;
         let file = OpenOptions::new()
             .write(true)
             .open(&self.log_path)
             .map_err(|e| StorageError::io("open", &self.log_path, e))?;
         file.set_len(self.len()).map_err(|e| StorageError::io("trim", &self.log_path, e))?;
         file.sync_all().map_err(|e| StorageError::io("fsync", &self.log_path, e))?;
+        self.with_index(interval, entries_max, |idx| self.write_index_files(idx))??;
         self.seal_finished.store(true, Ordering::Release);
         Ok(())
     }

@@ -700,3 +700,38 @@ fn a_busy_partition_starts_its_next_segment_with_the_preallocation_it_had_reache
     assert!(len >= 16 * 1024, "the new segment starts at the reached step, not at 4 KiB: {len}");
     assert_eq!(read_all(&p, 0).len() as u64, next, "and reads are unaffected");
 }
+
+#[test]
+fn a_segment_reopened_as_active_then_rolled_is_not_trusted_on_its_old_index_after_a_crash() {
+    // A clean close writes the active segment's index files and trims it. Reopened, it is
+    // active again and grows (with preallocated zeros past its data); if it is rolled and the
+    // broker dies before the seal finishes, its old time index must not vouch for its length.
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (store, _) = open(dir.path(), small_config());
+        let p = store.create_topic("t", 1, store.config().topic_defaults()).unwrap().partitions[0].clone();
+        for i in 0..5 {
+            p.append(&batch(i * 2, 2, 20, 1_000)).unwrap();
+        }
+        store.close().unwrap();
+    }
+    {
+        let (store, _) = open(dir.path(), small_config());
+        let p = store.partition("t", 0).unwrap();
+        p.append(&batch(10, 2, 20, 5_000)).unwrap();
+        p.sync().unwrap();
+        store.inner.write_checkpoint(false).unwrap();
+        p.roll_now().unwrap();
+        drop(store); // killed before the rolled segment's seal finished
+    }
+    let (store, _) = open(dir.path(), small_config());
+    let p = store.partition("t", 0).unwrap();
+    assert_eq!(p.log_end_offset(), 12);
+    let all = read_all(&p, 0);
+    assert_eq!(all.iter().map(|(o, _)| *o).collect::<Vec<_>>(), (0..12).collect::<Vec<_>>());
+    assert_eq!(
+        p.offset_for_timestamp(5_000).unwrap().map(|(o, _)| o),
+        Some(10),
+        "the newest records are found by time"
+    );
+}
