@@ -336,6 +336,9 @@ impl PartitionLog {
         *segments = Arc::new(next);
         ap.allocated = allocated;
         ap.dir_dirty = true;
+        // The sealed segment's seal is finished by the next sync; on an idle partition only the
+        // flusher will run one, and it looks only at partitions marked dirty.
+        let _ = self.dirty_since_ms.compare_exchange(0, now.max(1), Ordering::AcqRel, Ordering::Relaxed);
         tracing::debug!(partition = %self.name(), base_offset = base, "rolled to a new segment");
         Ok(seg)
     }
@@ -456,7 +459,8 @@ impl PartitionLog {
                 }
             }
         }
-        if !unfinished.is_empty() {
+        let seals_left = !unfinished.is_empty();
+        if seals_left {
             self.appender.lock().expect("append lock").pending_seal.splice(0..0, unfinished);
         }
         metrics::histogram!("cairn_flush_duration_seconds").record(started.elapsed().as_secs_f64());
@@ -468,7 +472,8 @@ impl PartitionLog {
         }
         self.durable_offset.fetch_max(target, Ordering::AcqRel);
         let now = self.shared.now_ms().max(1);
-        let still_dirty = self.log_end_offset() > target;
+        // Unfinished seals keep the partition dirty, so that the flusher retries them.
+        let still_dirty = self.log_end_offset() > target || seals_left;
         self.dirty_since_ms.store(if still_dirty { now } else { 0 }, Ordering::Release);
         Ok(target)
     }

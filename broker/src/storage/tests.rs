@@ -735,3 +735,31 @@ fn a_segment_reopened_as_active_then_rolled_is_not_trusted_on_its_old_index_afte
         "the newest records are found by time"
     );
 }
+
+#[test]
+fn retention_finishes_on_an_idle_partition_without_new_traffic() {
+    let dir = tempfile::tempdir().unwrap();
+    let (clock, c) = TestClock::new(1_000_000);
+    let config = StorageConfig { flush_interval_ms: 10, ..small_config() };
+    let (store, _) = LogStore::open(dir.path(), config, c).unwrap();
+    let mut cfg = store.config().topic_defaults();
+    cfg.retention_ms = std::num::NonZeroU64::new(10_000);
+    cfg.flush_interval_ms = 10;
+    let p = store.create_topic("t", 1, cfg).unwrap().partitions[0].clone();
+    for i in 0..20u64 {
+        p.append(&batch(i * 5, 5, 40, 1_000_000)).unwrap();
+    }
+    p.sync().unwrap();
+    clock.set(2_000_000);
+    store.apply_retention(); // rolls the expired active segment
+                             // Nothing else is written or synced by hand: the flusher alone must finish the seal.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut now = 2_000_000;
+    while p.log_start_offset() < p.log_end_offset() && std::time::Instant::now() < deadline {
+        now += 20;
+        clock.set(now);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        store.apply_retention();
+    }
+    assert_eq!(p.log_start_offset(), p.log_end_offset(), "expired data is gone");
+}
