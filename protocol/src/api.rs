@@ -209,11 +209,7 @@ pub fn encode_error_response(correlation_id: u32, code: ErrorCode, message: &str
     let mut w = WireWriter::with_capacity(64 + message.len());
     w.u32(correlation_id);
     w.u16(code.as_u16());
-    let mut cut = message.len().min(4096);
-    while !message.is_char_boundary(cut) {
-        cut -= 1;
-    }
-    w.string(&message[..cut]);
+    w.string(crate::wire::cut_message(message));
     w.finish()
 }
 

@@ -304,6 +304,13 @@ impl WireWriter {
         }
     }
 
+    /// Writes a `nullable_string` that carries text for humans (an error message), cut at a
+    /// character boundary to [`MESSAGE_BYTES_MAX`]. Messages often quote what the request sent
+    /// (a topic name of up to 65,534 bytes), so unlike [`WireWriter::string`] this never panics.
+    pub fn message(&mut self, s: Option<&str>) {
+        self.nullable_string(s.map(cut_message));
+    }
+
     /// Makes room for `bytes` more copied bytes and `chunks` more chunks, so that a message of
     /// many small and large fields is encoded with one allocation of each kind.
     pub fn reserve(&mut self, bytes: usize, chunks: usize) {
@@ -385,6 +392,18 @@ impl WireWriter {
         }
         out.freeze()
     }
+}
+
+/// Longest error message put on the wire; longer ones are cut (see [`WireWriter::message`]).
+pub const MESSAGE_BYTES_MAX: usize = 4096;
+
+/// `s` cut at a character boundary to at most [`MESSAGE_BYTES_MAX`] bytes.
+pub fn cut_message(s: &str) -> &str {
+    let mut cut = s.len().min(MESSAGE_BYTES_MAX);
+    while !s.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    &s[..cut]
 }
 
 #[cfg(test)]

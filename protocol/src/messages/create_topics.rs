@@ -49,7 +49,7 @@ impl TopicResult {
     pub(crate) fn put(&self, w: &mut WireWriter) {
         w.string(&self.name);
         put_error(w, self.error);
-        w.nullable_string(self.message.as_deref());
+        w.message(self.message.as_deref());
     }
     pub(crate) fn get(r: &mut WireReader) -> Result<Self, DecodeError> {
         Ok(TopicResult { name: r.string()?, error: get_error(r)?, message: r.nullable_string()? })

@@ -192,7 +192,7 @@ impl Encode for ProduceResponse {
             for p in &t.partitions {
                 w.u32(p.partition);
                 put_error(w, p.error);
-                w.nullable_string(p.message.as_deref());
+                w.message(p.message.as_deref());
                 w.i64(p.base_offset);
                 w.i64(p.log_append_time_ms);
                 w.i64(p.log_start_offset);
@@ -253,6 +253,27 @@ mod tests {
                 ],
             }],
         });
+    }
+
+    #[test]
+    fn a_message_quoting_a_longest_topic_name_is_cut_not_a_panic() {
+        // A produce to an internal topic is refused with a message that quotes its name, and a
+        // name may be up to 65,534 bytes: name plus text is longer than a string field holds.
+        let name = format!("__{}", "é".repeat(32_749)); // 65,500 bytes
+        let message = format!("topic {name} is internal and cannot be written by producers");
+        let response = ProduceResponse {
+            topics: vec![ProduceTopicResponse {
+                name: name.clone(),
+                partitions: vec![ProducePartitionResponse::error(0, ErrorCode::InvalidTopicName, Some(message))],
+            }],
+        };
+        let mut w = WireWriter::new();
+        response.encode(&mut w);
+        let mut r = WireReader::new(w.finish_contiguous().slice(4..));
+        let back = ProduceResponse::decode(&mut r).unwrap();
+        assert_eq!(back.topics[0].name, name);
+        let got = back.topics[0].partitions[0].message.clone().unwrap();
+        assert!(got.len() <= crate::wire::MESSAGE_BYTES_MAX && got.starts_with("topic __é"), "{}", got.len());
     }
 
     #[test]
