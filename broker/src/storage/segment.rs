@@ -195,6 +195,9 @@ pub(crate) struct Segment {
     capacity: u64,
     sealed: AtomicBool,
     seal_finished: AtomicBool,
+    /// Index files left by a clean close that could not be removed when the segment became
+    /// active again (a read-only filesystem); removed before the first append.
+    stale_index_files: AtomicBool,
     map: RwLock<Option<Arc<LogMap>>>,
     /// Write handle of the active segment (appender only); evicted with the mapping.
     writer: std::sync::Mutex<Option<File>>,
@@ -224,6 +227,7 @@ impl Segment {
             capacity,
             sealed: AtomicBool::new(false),
             seal_finished: AtomicBool::new(false),
+            stale_index_files: AtomicBool::new(false),
             map: RwLock::new(None),
             writer: std::sync::Mutex::new(None),
             index: RwLock::new(None),
@@ -322,8 +326,19 @@ impl Segment {
     /// Turns a segment found on disk into the active one (writable mapping from now on). Its
     /// index files, if a clean close left them, are removed: the segment will grow past the
     /// length they describe, and recovery must not take them as proof of a finished seal. The
-    /// caller makes the removal durable (a directory sync) before the first append.
-    pub(crate) fn unseal(&self) -> Result<()> {
+    /// caller makes the removal durable (a directory sync). Where they cannot be removed (a
+    /// read-only filesystem, which refuses appends anyway), the first append removes them.
+    pub(crate) fn unseal(&self) {
+        if let Err(e) = self.remove_index_files() {
+            tracing::warn!(segment = %self.log_path.display(), error = %e, "could not remove the active segment's index files; the first append will");
+            self.stale_index_files.store(true, Ordering::Release);
+        }
+        self.map.write().expect("segment map lock").take();
+        self.sealed.store(false, Ordering::Release);
+        self.seal_finished.store(false, Ordering::Release);
+    }
+
+    fn remove_index_files(&self) -> Result<()> {
         for path in [&self.index_path, &self.time_path] {
             match std::fs::remove_file(path) {
                 Ok(()) => {}
@@ -331,9 +346,6 @@ impl Segment {
                 Err(e) => return Err(StorageError::io("remove", path, e)),
             }
         }
-        self.map.write().expect("segment map lock").take();
-        self.sealed.store(false, Ordering::Release);
-        self.seal_finished.store(false, Ordering::Release);
         Ok(())
     }
 
@@ -489,6 +501,13 @@ impl Segment {
     pub(crate) fn write_batch(&self, batch: &[u8], base_offset: u64) -> Result<u64> {
         let pos = self.len();
         let mut writer = self.writer.lock().expect("segment writer lock");
+        if self.stale_index_files.load(Ordering::Acquire) {
+            self.remove_index_files()?;
+            if let Some(dir) = self.log_path.parent() {
+                sync_dir(dir)?;
+            }
+            self.stale_index_files.store(false, Ordering::Release);
+        }
         if writer.is_none() {
             let file = OpenOptions::new()
                 .write(true)
