@@ -419,19 +419,18 @@ impl<B: std::borrow::Borrow<RecordBatch>> Iterator for RecordIter<B> {
                 .collect()
         };
         let h = &batch.header;
+        // The base offset is outside the CRC: a damaged one must not overflow into a panic.
+        let Some(offset) = h.base_offset.checked_add(i64::from(span.offset_delta)) else {
+            self.failed = true;
+            return Some(Err(BatchError::UnsupportedFeature("record offset beyond the largest offset")));
+        };
         // With log-append time, every record carries the batch's max timestamp (Kafka's rule).
         let timestamp = if h.attributes & ATTR_TIMESTAMP_TYPE != 0 {
             h.max_timestamp
         } else {
             h.base_timestamp.wrapping_add(span.timestamp_delta)
         };
-        Some(Ok(Record {
-            offset: h.base_offset + i64::from(span.offset_delta),
-            timestamp,
-            key: slice(span.key),
-            value: slice(span.value),
-            headers,
-        }))
+        Some(Ok(Record { offset, timestamp, key: slice(span.key), value: slice(span.value), headers }))
     }
 }
 
