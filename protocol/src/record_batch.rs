@@ -119,6 +119,15 @@ pub enum BatchError {
         /// Records found.
         found: usize,
     },
+    /// A record's offset (base offset plus its delta) is past `i64::MAX`: a damaged base offset,
+    /// which the CRC does not cover.
+    #[error("base offset {base_offset} plus offset delta {delta} is past the largest offset")]
+    OffsetOverflow {
+        /// Base offset in the header.
+        base_offset: i64,
+        /// The record's offset delta.
+        delta: i32,
+    },
     /// `lastOffsetDelta` disagrees with the records.
     #[error("lastOffsetDelta {declared} does not match the record count {count}")]
     LastOffsetDeltaMismatch {
@@ -422,7 +431,7 @@ impl<B: std::borrow::Borrow<RecordBatch>> Iterator for RecordIter<B> {
         // The base offset is outside the CRC: a damaged one must not overflow into a panic.
         let Some(offset) = h.base_offset.checked_add(i64::from(span.offset_delta)) else {
             self.failed = true;
-            return Some(Err(BatchError::UnsupportedFeature("record offset beyond the largest offset")));
+            return Some(Err(BatchError::OffsetOverflow { base_offset: h.base_offset, delta: span.offset_delta }));
         };
         // With log-append time, every record carries the batch's max timestamp (Kafka's rule).
         let timestamp = if h.attributes & ATTR_TIMESTAMP_TYPE != 0 {
