@@ -16,7 +16,9 @@ use cairn_protocol::record_batch::check_batch;
 use super::error::{Result, StorageError};
 use super::index::{read_index_file, time_index_max_timestamp, SegmentIndex, TIME_HEADER_LEN};
 use super::mmap::LogMap;
-use super::segment::{parse_log_name, scan_log, stored_batch_at, sync_dir, ScanStop, Segment, LOG_HEADER_LEN};
+use super::segment::{
+    parse_log_name, scan_log, stored_batch_at, sync_dir, sync_log_file, ScanStop, Segment, LOG_HEADER_LEN,
+};
 use super::Shared;
 
 /// The recovered segments of one partition, and what recovery had to do.
@@ -211,7 +213,6 @@ fn scan_and_restore(
             LogMap::read_only(&file, file_len as usize).map_err(|e| StorageError::io("mmap", seg.log_path(), e))?;
         scan_log(map.slice(0, file_len as usize), seg.base_offset, interval, entries_max)
     };
-    drop(file);
     let mut intact = matches!(scan.stop, ScanStop::End);
     if let Some(next) = next_base {
         intact &= scan.next_offset == next;
@@ -230,17 +231,27 @@ fn scan_and_restore(
     }
     let max_ts = scan.index.max_timestamp();
     seg.restore(scan.valid_len, scan.next_offset, max_ts, Some(scan.index));
-    if !intact || (!is_last && file_len > scan.valid_len) {
+    // Cut the file after its last good batch. This drops the active segment's preallocated tail
+    // too (the appender allocates again): a power loss can lose a page in the middle of it, and
+    // the zeros read as the normal end, but later pages that did reach the disk would still hold
+    // old batches. Appends that happen to end where one of them begins would bring it back at
+    // the next recovery.
+    if file_len > scan.valid_len {
         match seg.truncate_file(scan.valid_len) {
             Ok(()) => {}
             // Read-only: the cut cannot be persisted, but readers never look past the
             // recovered length, and nothing can be appended after it either.
-            Err(StorageError::ReadOnly { .. }) => {
+            Err(StorageError::ReadOnly { .. }) if !intact => {
                 tracing::warn!(segment = %seg.log_path().display(), "read-only filesystem: the cut is not persisted");
             }
+            Err(StorageError::ReadOnly { .. }) => {}
             Err(e) => return Err(e),
         }
     }
+    // A scanned segment holds bytes written after the last checkpointed sync: after a kill -9
+    // they may be only in the page cache. They are served (and a retried idempotent batch among
+    // them is acknowledged as a duplicate) as durable from now on, so make them so.
+    sync_scanned(&file, seg)?;
     if !is_last && intact {
         // The index is in memory either way; on a full disk the files wait for a later seal.
         if let Err(e) = seg.with_index(interval, entries_max, |idx| seg.write_index_files(idx))? {
@@ -248,6 +259,16 @@ fn scan_and_restore(
         }
     }
     Ok((intact, cut))
+}
+
+/// `fdatasync` of a scanned segment. Its cost is the dirty pages the kernel still holds for the
+/// file, that is the bytes written since the last sync, not the segment's size. On a read-only
+/// filesystem nothing can be dirty and there is nothing to do.
+fn sync_scanned(file: &File, seg: &Segment) -> Result<()> {
+    match sync_log_file(file, seg.log_path(), false) {
+        Err(StorageError::ReadOnly { .. }) => Ok(()),
+        other => other,
+    }
 }
 
 /// Bytes from `from` to the last non-zero byte of the file: what a cut really removes (the
@@ -273,5 +294,5 @@ fn rewrite_header(seg: &Segment) -> Result<()> {
     h[..8].copy_from_slice(b"CAIRNLOG");
     h[8..12].copy_from_slice(&1u32.to_be_bytes());
     file.write_all_at(&h, 0).map_err(|e| StorageError::io("write header", seg.log_path(), e))?;
-    file.sync_all().map_err(|e| StorageError::io("fsync", seg.log_path(), e))
+    sync_log_file(&file, seg.log_path(), true)
 }

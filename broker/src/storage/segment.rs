@@ -245,6 +245,8 @@ impl Segment {
         now_ms: i64,
     ) -> Result<(Segment, u64)> {
         let seg = Segment::new(dir, base_offset, capacity, now_ms);
+        #[cfg(test)]
+        disk_model::forget(&seg.log_path);
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -300,12 +302,6 @@ impl Segment {
     /// `true` when the segment holds no batch.
     pub(crate) fn is_empty(&self) -> bool {
         self.len() <= LOG_HEADER_LEN
-    }
-
-    /// Bytes known to be on stable storage (test hook for the power-loss model).
-    #[cfg(test)]
-    pub(crate) fn synced_len(&self) -> u64 {
-        self.synced_len.load(Ordering::Acquire)
     }
 
     /// Offset after the last batch.
@@ -557,7 +553,7 @@ impl Segment {
             Some(Ok(f)) => f,
             _ => File::open(&self.log_path).map_err(|e| StorageError::io("open", &self.log_path, e))?,
         };
-        file.sync_data().map_err(|e| StorageError::io("fdatasync", &self.log_path, e))?;
+        sync_log_file(&file, &self.log_path, false)?;
         self.synced_len.fetch_max(len, Ordering::AcqRel);
         Ok(())
     }
@@ -581,7 +577,7 @@ impl Segment {
             .open(&self.log_path)
             .map_err(|e| StorageError::io("open", &self.log_path, e))?;
         file.set_len(self.len()).map_err(|e| StorageError::io("trim", &self.log_path, e))?;
-        file.sync_all().map_err(|e| StorageError::io("fsync", &self.log_path, e))?;
+        sync_log_file(&file, &self.log_path, true)?;
         self.with_index(interval, entries_max, |idx| self.write_index_files(idx))??;
         self.seal_finished.store(true, Ordering::Release);
         Ok(())
@@ -596,7 +592,7 @@ impl Segment {
             .open(&self.log_path)
             .map_err(|e| StorageError::io("open", &self.log_path, e))?;
         file.set_len(len).map_err(|e| StorageError::io("truncate", &self.log_path, e))?;
-        file.sync_all().map_err(|e| StorageError::io("fsync", &self.log_path, e))
+        sync_log_file(&file, &self.log_path, true)
     }
 
     /// Extends the active log file to `new_len` bytes of allocated space.
@@ -692,6 +688,8 @@ impl Segment {
 
     /// Deletes the segment's files. Mappings held by readers stay valid.
     pub(crate) fn delete_files(&self) -> Result<()> {
+        #[cfg(test)]
+        disk_model::forget(&self.log_path);
         for p in [&self.log_path, &self.index_path, &self.time_path] {
             match std::fs::remove_file(p) {
                 Ok(()) => {}
@@ -713,6 +711,16 @@ pub(crate) fn fallocate(file: &File, path: &Path, len: u64) -> Result<()> {
         let e = std::io::Error::from(e);
         StorageError::io("fallocate", path, e)
     })
+}
+
+/// Flushes a segment's log file to stable storage: `fdatasync`, or `fsync` when `metadata`
+/// changed too. Under test, records what reached the disk for the power-loss model.
+pub(crate) fn sync_log_file(file: &File, path: &Path, metadata: bool) -> Result<()> {
+    let (what, result) = if metadata { ("fsync", file.sync_all()) } else { ("fdatasync", file.sync_data()) };
+    result.map_err(|e| StorageError::io(what, path, e))?;
+    #[cfg(test)]
+    disk_model::synced(path, file.metadata().map_or(0, |m| m.len()));
+    Ok(())
 }
 
 /// Writes `data` to `path` atomically: temp file, fsync, rename, fsync of the directory.
@@ -742,4 +750,30 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
 /// Wall-clock milliseconds since the epoch.
 pub(crate) fn now_ms_wall() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// What reached stable storage, by file, as the tests' power-loss model sees it: the length of
+/// each log file at its last successful sync. Independent of what the storage engine believes.
+#[cfg(test)]
+pub(crate) mod disk_model {
+    use std::collections::HashMap;
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+
+    static DURABLE: Mutex<Option<HashMap<PathBuf, u64>>> = Mutex::new(None);
+
+    /// A sync of `path` succeeded while the file was `len` bytes long.
+    pub(crate) fn synced(path: &Path, len: u64) {
+        DURABLE.lock().unwrap().get_or_insert_with(HashMap::new).insert(path.to_owned(), len);
+    }
+
+    /// `path` was created afresh (or removed): nothing of it is durable yet.
+    pub(crate) fn forget(path: &Path) {
+        DURABLE.lock().unwrap().get_or_insert_with(HashMap::new).remove(path);
+    }
+
+    /// Bytes of `path` a power loss keeps; 0 when it was never synced.
+    pub(crate) fn durable_len(path: &Path) -> u64 {
+        DURABLE.lock().unwrap().as_ref().and_then(|m| m.get(path).copied()).unwrap_or(0)
+    }
 }

@@ -508,10 +508,12 @@ enum PowerLoss {
     TornFinalPage,
 }
 
+/// What a power loss would leave of `p`'s segments: for each log file, the length it had at its
+/// last successful sync (the disk model records real syncs, not what the engine believes).
 fn simulate_power_loss(p: &PartitionLog, _mode: PowerLoss) -> Vec<(std::path::PathBuf, u64)> {
     let mut plan = Vec::new();
     for seg in p.segments().iter() {
-        plan.push((seg.log_path().to_owned(), seg.synced_len()));
+        plan.push((seg.log_path().to_owned(), segment::disk_model::durable_len(seg.log_path())));
     }
     plan
 }
@@ -575,6 +577,89 @@ fn power_loss_keeps_every_synced_record() {
         assert_eq!(p.append(&batch(end, 1, 10, 1)).unwrap().base_offset, end);
         eprintln!("{mode:?}: durable {durable}, recovered end {end}, cut {} bytes", report.truncated_bytes);
     }
+}
+
+#[test]
+fn what_recovery_reports_as_durable_after_a_kill_survives_a_later_power_loss() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = StorageConfig { segment_bytes: 16 * 1024, ..small_config() };
+    let mut first = RecordBatchBuilder::new().producer(5, 0, 0);
+    first.push(1, None, Some(b"acked after the restart"), &[]);
+    let first = first.build();
+    let written = {
+        let (store, _) = open(dir.path(), config.clone());
+        let p = store.create_topic("t", 1, store.config().topic_defaults()).unwrap().partitions[0].clone();
+        let mut next = 0;
+        for i in 0..60u64 {
+            next = p.append(&batch(next, 3, 50, i as i64)).unwrap().next_offset;
+            if i == 19 {
+                p.sync().unwrap();
+            }
+        }
+        let tail = p.append(&first).unwrap();
+        assert!(!tail.duplicate);
+        assert!(p.durable_offset() < tail.next_offset, "the tail is not synced before the kill");
+        drop(store); // kill -9: the page cache keeps every byte, nothing more was synced
+        tail.next_offset
+    };
+    let (plan, durable) = {
+        let (store, report) = open(dir.path(), config.clone());
+        let p = store.partition("t", 0).unwrap();
+        assert!(report.scanned_segments > 0);
+        assert_eq!(p.log_end_offset(), written);
+        // The producer retries its unacknowledged batch: it is acknowledged as a duplicate,
+        // which for acks=all is a promise that it is durable.
+        let again = p.append(&first).unwrap();
+        assert!(again.duplicate);
+        let durable = p.durable_offset();
+        assert!(durable >= again.next_offset, "durable {durable} does not cover the retried batch");
+        let plan = simulate_power_loss(&p, PowerLoss::LoseUnsynced);
+        drop(store);
+        (plan, durable)
+    };
+    apply_power_loss(&plan, PowerLoss::LoseUnsynced);
+    let (store, _) = open(dir.path(), config);
+    let p = store.partition("t", 0).unwrap();
+    assert!(
+        p.log_end_offset() >= durable,
+        "records reported durable were lost: end {} < {durable}",
+        p.log_end_offset()
+    );
+    assert_eq!(read_all(&p, 0).len() as u64, p.log_end_offset());
+}
+
+#[test]
+fn bytes_after_a_lost_page_in_the_active_segment_do_not_come_back_after_the_next_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let batches: Vec<Bytes> = (0..20u64).map(|i| batch(i * 3, 3, 50, i as i64)).collect();
+    let lost = 10;
+    {
+        let (store, _) = open(dir.path(), small_config());
+        let p = store.create_topic("t", 1, store.config().topic_defaults()).unwrap().partitions[0].clone();
+        for b in &batches {
+            p.append(b).unwrap();
+        }
+        drop(store);
+    }
+    // A power loss lost the page where batch 10 begins (here: exactly that batch's bytes), while
+    // later pages of the file reached the disk. Its zeros look like the preallocated tail.
+    let log = active_log(dir.path());
+    let mut data = std::fs::read(&log).unwrap();
+    let at = segment::LOG_HEADER_LEN as usize + batches[..lost].iter().map(Bytes::len).sum::<usize>();
+    data[at..at + batches[lost].len()].fill(0);
+    std::fs::write(&log, &data).unwrap();
+    {
+        let (store, _) = open(dir.path(), small_config());
+        let p = store.partition("t", 0).unwrap();
+        assert_eq!(p.log_end_offset(), 3 * lost as u64, "the log ends at the hole");
+        // The producer resends the lost batch: same size, same place in the file.
+        assert_eq!(p.append(&batches[lost]).unwrap().next_offset, 3 * lost as u64 + 3);
+        drop(store); // kill -9
+    }
+    let (store, _) = open(dir.path(), small_config());
+    let p = store.partition("t", 0).unwrap();
+    assert_eq!(p.log_end_offset(), 3 * lost as u64 + 3, "batches after the hole came back from the dead");
+    assert_eq!(read_all(&p, 0).len(), 3 * lost + 3);
 }
 
 fn proc_counts(data_dir: &Path) -> (usize, usize) {
