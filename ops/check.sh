@@ -246,6 +246,7 @@ EXPECTED = {
         "checkpoint_interval_ms": 5000,
         "preallocate_bytes_min": 65536,
         "preallocate_bytes_max": 67108864,
+        "recovery_threads": 8,
     },
     "groups": {
         "session_timeout_ms_min": 1000,

@@ -176,6 +176,10 @@ pub struct StorageConfig {
     pub preallocate_bytes_min: u64,
     /// Largest preallocation step. Default 64 MiB.
     pub preallocate_bytes_max: u64,
+    /// Threads that open (and after an unclean stop, scan and sync) partitions at startup.
+    /// Startup waits mostly on fsyncs, which the filesystem commits together when they are
+    /// concurrent, so more threads than cores pay off. Default 8.
+    pub recovery_threads: usize,
 }
 
 impl Default for StorageConfig {
@@ -195,6 +199,7 @@ impl Default for StorageConfig {
             checkpoint_interval_ms: 5000,
             preallocate_bytes_min: 64 * 1024,
             preallocate_bytes_max: 64 * 1024 * 1024,
+            recovery_threads: 8,
         }
     }
 }
@@ -232,6 +237,9 @@ impl StorageConfig {
         }
         if self.preallocate_bytes_min < 4096 || self.preallocate_bytes_max < self.preallocate_bytes_min {
             return bad("preallocate_bytes_min must be >= 4096 and <= preallocate_bytes_max");
+        }
+        if !(1..=256).contains(&self.recovery_threads) {
+            return bad("recovery_threads must be between 1 and 256");
         }
         if self.retention_check_interval_ms == 0 || self.checkpoint_interval_ms == 0 {
             return bad("retention_check_interval_ms and checkpoint_interval_ms must be positive");

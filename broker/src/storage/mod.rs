@@ -31,7 +31,7 @@ mod topics;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -210,19 +210,20 @@ impl LogStore {
         let clean = checkpoint::was_clean(dir);
         let points = checkpoint::read(dir);
         let mut report = RecoveryReport { clean, ..Default::default() };
+        let metas = topics::load(dir)?;
+        let jobs: Vec<(usize, u32)> =
+            metas.iter().enumerate().flat_map(|(t, m)| (0..m.partitions).map(move |p| (t, p))).collect();
+        let mut opened = parallel_map(&jobs, shared.config.recovery_threads, |&(t, p)| {
+            let meta = &metas[t];
+            let recovery = points.get(&(meta.name.clone(), p)).map(|r| (clean, *r));
+            let pdir = dir.join(format!("{}-{p}", meta.name));
+            PartitionLog::open(&meta.name, p, pdir, meta.config.clone(), Arc::clone(&shared), recovery)
+        })?
+        .into_iter();
         let mut topics = BTreeMap::new();
-        for meta in topics::load(dir)? {
+        for meta in metas {
             let mut partitions = Vec::with_capacity(meta.partitions as usize);
-            for p in 0..meta.partitions {
-                let recovery = points.get(&(meta.name.clone(), p)).map(|r| (clean, *r));
-                let (log, rec) = PartitionLog::open(
-                    &meta.name,
-                    p,
-                    dir.join(format!("{}-{p}", meta.name)),
-                    meta.config.clone(),
-                    Arc::clone(&shared),
-                    recovery,
-                )?;
+            for (log, rec) in opened.by_ref().take(meta.partitions as usize) {
                 report.partitions += 1;
                 report.scanned_segments += rec.scanned_segments;
                 report.truncated_bytes += rec.truncated_bytes;
@@ -460,6 +461,36 @@ fn apply_retention_all(inner: &StoreInner) -> RetentionOutcome {
         }
     }
     total
+}
+
+/// `f` over `items` on up to `threads` scoped threads; results in the order of `items`. The
+/// first error stops the workers from taking more items and is returned.
+fn parallel_map<T: Sync, R: Send>(items: &[T], threads: usize, f: impl Fn(&T) -> Result<R> + Sync) -> Result<Vec<R>> {
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let workers = threads.clamp(1, items.len().max(1));
+    let mut done: Vec<(usize, Result<R>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut out = Vec::new();
+                    while !failed.load(Ordering::Acquire) {
+                        let i = next.fetch_add(1, Ordering::AcqRel);
+                        let Some(item) = items.get(i) else { break };
+                        let r = f(item);
+                        if r.is_err() {
+                            failed.store(true, Ordering::Release);
+                        }
+                        out.push((i, r));
+                    }
+                    out
+                })
+            })
+            .collect();
+        handles.into_iter().flat_map(|h| h.join().expect("recovery worker panicked")).collect()
+    });
+    done.sort_unstable_by_key(|(i, _)| *i);
+    done.into_iter().map(|(_, r)| r).collect()
 }
 
 /// Background thread: retention, the open-segments budget, and disk free-space refresh.

@@ -231,12 +231,14 @@ fn scan_and_restore(
     }
     let max_ts = scan.index.max_timestamp();
     seg.restore(scan.valid_len, scan.next_offset, max_ts, Some(scan.index));
-    // Cut the file after its last good batch. This drops the active segment's preallocated tail
-    // too (the appender allocates again): a power loss can lose a page in the middle of it, and
-    // the zeros read as the normal end, but later pages that did reach the disk would still hold
-    // old batches. Appends that happen to end where one of them begins would bring it back at
-    // the next recovery.
-    if file_len > scan.valid_len {
+    // Cut the file after its last good batch. The active segment keeps its preallocated tail
+    // only when nothing but zeros follows its last batch: a power loss can lose a page in the
+    // middle of the tail, and the zeros read as the normal end, but later pages that did reach
+    // the disk would still hold old batches. Appends that happen to end where one of them begins
+    // would bring it back at the next recovery.
+    let stale = file_len > scan.valid_len
+        && (!intact || !is_last || stale_bytes_after(&file, seg.log_path(), scan.valid_len, file_len)?);
+    if stale {
         match seg.truncate_file(scan.valid_len) {
             Ok(()) => {}
             // Read-only: the cut cannot be persisted, but readers never look past the
@@ -259,6 +261,48 @@ fn scan_and_restore(
         }
     }
     Ok((intact, cut))
+}
+
+/// Most bytes of data regions [`stale_bytes_after`] reads before it answers "yes" anyway.
+const STALE_CHECK_BYTES: u64 = 1 << 20;
+
+/// Whether anything but zeros follows `from` in the file. `SEEK_DATA` skips the preallocated,
+/// never-written tail without reading it; what it reports as data (written blocks, or pages
+/// readahead brought in) is read and checked. Past [`STALE_CHECK_BYTES`] of data, or where the
+/// filesystem cannot tell, the answer is `true`: the caller then cuts the file, which is always
+/// safe, only slower to append to afterwards.
+fn stale_bytes_after(file: &File, path: &Path, from: u64, file_len: u64) -> Result<bool> {
+    use rustix::fs::{seek, SeekFrom};
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut pos = from;
+    let mut budget = STALE_CHECK_BYTES;
+    while pos < file_len {
+        let start = match seek(file, SeekFrom::Data(pos)) {
+            Ok(p) => p,
+            Err(rustix::io::Errno::NXIO) => return Ok(false),
+            Err(_) => return Ok(true),
+        };
+        let end = match seek(file, SeekFrom::Hole(start)) {
+            Ok(p) => p.min(file_len),
+            Err(_) => return Ok(true),
+        };
+        let mut at = start;
+        while at < end {
+            if budget == 0 {
+                return Ok(true);
+            }
+            let n = (end - at).min(buf.len() as u64).min(budget) as usize;
+            file.read_exact_at(&mut buf[..n], at).map_err(|e| StorageError::io("read", path, e))?;
+            if buf[..n].iter().any(|b| *b != 0) {
+                return Ok(true);
+            }
+            at += n as u64;
+            budget -= n as u64;
+        }
+        pos = end.max(start + 1);
+    }
+    Ok(false)
 }
 
 /// `fdatasync` of a scanned segment. Its cost is the dirty pages the kernel still holds for the
@@ -295,4 +339,47 @@ fn rewrite_header(seg: &Segment) -> Result<()> {
     h[8..12].copy_from_slice(&1u32.to_be_bytes());
     file.write_all_at(&h, 0).map_err(|e| StorageError::io("write header", seg.log_path(), e))?;
     sync_log_file(&file, seg.log_path(), true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    fn preallocated(dir: &Path, written: &[u8], len: u64) -> File {
+        let path = dir.join("seg.log");
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(&path).unwrap();
+        super::super::segment::fallocate(&file, &path, len).unwrap();
+        file.write_all_at(written, 0).unwrap();
+        file
+    }
+
+    #[test]
+    fn a_preallocated_tail_of_zeros_is_not_stale_but_any_byte_after_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("seg.log");
+        let len = 8 << 20;
+        let file = preallocated(dir.path(), &[7u8; 10_000], len);
+        assert!(!stale_bytes_after(&file, &path, 10_000, len).unwrap());
+        assert!(stale_bytes_after(&file, &path, 9_000, len).unwrap(), "the written bytes themselves");
+        // A byte far into the tail, past a run of zeros (a page lost in a power loss).
+        file.write_all_at(&[1], 5 << 20).unwrap();
+        assert!(stale_bytes_after(&file, &path, 10_000, len).unwrap());
+        // Within the first page after the end, too.
+        let file = preallocated(dir.path(), &[7u8; 10_000], len);
+        file.write_all_at(&[1], 10_050).unwrap();
+        assert!(stale_bytes_after(&file, &path, 10_000, len).unwrap());
+    }
+
+    #[test]
+    fn a_tail_read_into_the_page_cache_is_still_found_to_be_zeros() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("seg.log");
+        let len = 4 << 20;
+        let file = preallocated(dir.path(), &[7u8; 100], len);
+        // Reading the tail makes its pages look like data to SEEK_DATA on some filesystems.
+        let mut buf = vec![0u8; 512 * 1024];
+        file.read_exact_at(&mut buf, 100).unwrap();
+        assert!(!stale_bytes_after(&file, &path, 100, len).unwrap());
+    }
 }

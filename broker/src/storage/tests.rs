@@ -662,6 +662,28 @@ fn bytes_after_a_lost_page_in_the_active_segment_do_not_come_back_after_the_next
     assert_eq!(read_all(&p, 0).len(), 3 * lost + 3);
 }
 
+#[test]
+fn partitions_open_in_parallel_keep_their_order_and_the_first_error_wins() {
+    let items: Vec<u32> = (0..500).collect();
+    let out = parallel_map(&items, 7, |i| Ok(i * 2)).unwrap();
+    assert_eq!(out, items.iter().map(|i| i * 2).collect::<Vec<_>>());
+    let err =
+        parallel_map(
+            &items,
+            7,
+            |i| {
+                if *i == 123 {
+                    Err(StorageError::InvalidConfig(format!("bad {i}")))
+                } else {
+                    Ok(*i)
+                }
+            },
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("bad 123"), "{err}");
+    assert!(parallel_map(&[] as &[u32], 8, |i| Ok(*i)).unwrap().is_empty());
+}
+
 fn proc_counts(data_dir: &Path) -> (usize, usize) {
     let needle = data_dir.to_string_lossy().into_owned();
     let fds = std::fs::read_dir("/proc/self/fd")
