@@ -161,6 +161,14 @@ mod tests {
     }
 
     #[test]
+    fn a_zero_rebalance_timeout_cap_is_refused_at_start() {
+        let mut c = BrokerConfig::default();
+        c.groups.rebalance_timeout_ms_max = 0;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("rebalance_timeout_ms_max"), "{err}");
+    }
+
+    #[test]
     fn printed_config_parses_back() {
         let c = BrokerConfig::default();
         let back: BrokerConfig = toml::from_str(&c.to_toml()).unwrap();

@@ -53,6 +53,9 @@ impl GroupConfig {
         if self.session_timeout_ms_min == 0 || self.session_timeout_ms_min > self.session_timeout_ms_max {
             return Err("groups.session_timeout_ms_min must be 1..=session_timeout_ms_max".into());
         }
+        if self.rebalance_timeout_ms_max == 0 {
+            return Err("groups.rebalance_timeout_ms_max must be positive".into());
+        }
         if self.groups_max == 0 || self.members_per_group_max == 0 {
             return Err("groups.groups_max and groups.members_per_group_max must be positive".into());
         }
