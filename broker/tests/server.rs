@@ -261,6 +261,94 @@ fn closed_by_broker(s: &mut TcpStream) -> bool {
     matches!(s.read(&mut buf), Ok(0) | Err(_))
 }
 
+/// Connects and asks for the API versions until the broker answers (it closes connections past
+/// `connections_max` at once); panics if it never does within `limit`.
+fn wait_until_a_connection_is_served(addr: std::net::SocketAddr, limit: Duration, why: &str) -> Duration {
+    let started = Instant::now();
+    let mut request = Vec::new();
+    for chunk in encode_request(1, "probe", &ApiVersionsRequest) {
+        request.extend_from_slice(&chunk);
+    }
+    loop {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        if s.write_all(&request).is_ok() && read_frame(&mut s).is_some() {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < limit, "{why}: no connection served for {limit:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A connection that the broker serves (once the connection before it gave its slot back).
+fn take_the_slot(addr: std::net::SocketAddr) -> TcpStream {
+    let started = Instant::now();
+    loop {
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        for chunk in encode_request(1, "slot", &ApiVersionsRequest) {
+            s.write_all(&chunk).unwrap();
+        }
+        if read_frame(&mut s).is_some() {
+            return s;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "the only connection slot never came free");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_parked_fetch_of_a_client_that_left_does_not_keep_its_connection_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "connections_max = 1\nframe_timeout_ms = 1000\n");
+    run(Duration::from_secs(60), async {
+        broker.admin().await.create_topic(NewTopic::new("gone", 1)).await.unwrap();
+    });
+    wait_until_a_connection_is_served(broker.addr, Duration::from_secs(20), "after the admin client left");
+    // A fetch that may park for 49 days on an empty partition, then the client leaves.
+    let mut s = take_the_slot(broker.addr);
+    for chunk in encode_request(2, "leaver", &fetch_req("gone", 0, u32::MAX)) {
+        s.write_all(&chunk).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let mut probe = TcpStream::connect(broker.addr).unwrap();
+    probe.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert!(closed_by_broker(&mut probe), "the parked fetch's connection holds the only slot");
+    drop(s);
+    let took =
+        wait_until_a_connection_is_served(broker.addr, Duration::from_secs(20), "after the fetching client left");
+    eprintln!("the slot came back {took:?} after the client left");
+}
+
+#[test]
+fn a_client_that_stops_reading_is_disconnected_and_its_slot_comes_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "connections_max = 1\nframe_timeout_ms = 1000\n");
+    run(Duration::from_secs(60), async {
+        broker.admin().await.create_topic(NewTopic::new("big", 1)).await.unwrap();
+        let conn = Connection::connect(broker.connection()).await.unwrap();
+        let value = "x".repeat(64 * 1024);
+        for _ in 0..16 {
+            let values: Vec<&str> = vec![value.as_str(); 15];
+            conn.request(&produce_req("big", Acks::Leader, batch(&values))).await.unwrap();
+        }
+    });
+    wait_until_a_connection_is_served(broker.addr, Duration::from_secs(20), "after the producer left");
+    // 64 fetches of up to 1 MiB each, never read: far more than the socket buffers hold.
+    let mut s = take_the_slot(broker.addr);
+    for id in 2..66u32 {
+        for chunk in encode_request(id, "stalled", &fetch_req("big", 0, 0)) {
+            s.write_all(&chunk).unwrap();
+        }
+    }
+    let mut probe = TcpStream::connect(broker.addr).unwrap();
+    probe.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert!(closed_by_broker(&mut probe), "the stalled connection holds the only slot");
+    let took = wait_until_a_connection_is_served(broker.addr, Duration::from_secs(20), "while a client stalls");
+    eprintln!("the stalled client was cut off and its slot came back after {took:?}");
+    drop(s);
+}
+
 #[test]
 fn hostile_inputs_are_answered_or_cut_off_while_another_client_keeps_working() {
     let dir = tempfile::tempdir().unwrap();

@@ -6,13 +6,17 @@
 //! stops reading its socket, the queue fills and the reader stops reading — backpressure through
 //! TCP instead of buffering without bound.
 
+use std::future::Future;
+use std::io::IoSlice;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -43,9 +47,9 @@ pub(crate) async fn run(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr
     let (rd, wr) = stream.into_split();
     let mut frames = FramedRead::with_capacity(rd, FrameCodec::new(broker.config.frame_bytes_max), READ_BUFFER_BYTES);
     let (tx, rx) = mpsc::channel::<Pending>(broker.config.connection_in_flight_max);
-    let writer = tokio::spawn(write_loop(wr, rx, peer));
     let idle = Duration::from_millis(broker.config.idle_timeout_ms);
     let frame_timeout = Duration::from_millis(broker.config.frame_timeout_ms);
+    let mut writer = tokio::spawn(write_loop(StallGuard::new(wr, frame_timeout), rx, peer));
     // Wake at least this often to check the idle and frame timeouts.
     let tick = frame_timeout.min(idle).min(Duration::from_millis(500)).max(Duration::from_millis(10));
     let mut last_frame = Instant::now();
@@ -54,6 +58,8 @@ pub(crate) async fn run(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr
     loop {
         let next = tokio::select! {
             _ = broker.shutdown.cancelled() => break,
+            // The writer gave up (a client that stopped reading): stop reading too.
+            _ = tx.closed() => break,
             r = frames.next() => Some(r),
             _ = tokio::time::sleep(tick) => None,
         };
@@ -105,14 +111,86 @@ pub(crate) async fn run(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr
         }
     }
     drop(tx);
-    // The writer drains every response already owed, then closes the socket.
-    if let Ok(Err(e)) = writer.await {
-        tracing::debug!(%peer, error = %e, "connection write failed");
+    // The writer drains every response already owed, then closes the socket. A client that has
+    // gone away cannot take them, and a parked fetch may wait as long as its client asked: the
+    // connection (its slot, its queued responses, its parked fetches) is given up after
+    // frame_timeout_ms.
+    match tokio::time::timeout(frame_timeout, &mut writer).await {
+        Ok(Ok(Err(e))) => tracing::debug!(%peer, error = %e, "connection write failed"),
+        Ok(_) => {}
+        Err(_) => {
+            writer.abort();
+            tracing::info!(%peer, frame_timeout_ms = broker.config.frame_timeout_ms,
+                "closing connection: responses still owed after the client stopped sending");
+        }
     }
     tracing::debug!(%peer, "connection closed");
 }
 
-async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Pending>, peer: SocketAddr) -> std::io::Result<()> {
+/// The write half of a connection, failing with `TimedOut` when the client accepts no byte for
+/// `stall` (a client that stopped reading would otherwise hold its connection, and the
+/// responses queued on it, for ever).
+struct StallGuard {
+    inner: OwnedWriteHalf,
+    stall: Duration,
+    /// Armed when a write finds the socket full; disarmed by any progress.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl StallGuard {
+    fn new(inner: OwnedWriteHalf, stall: Duration) -> StallGuard {
+        StallGuard { inner, stall, timer: None }
+    }
+
+    fn guard<T>(&mut self, cx: &mut Context<'_>, poll: Poll<std::io::Result<T>>) -> Poll<std::io::Result<T>> {
+        if poll.is_ready() {
+            self.timer = None;
+            return poll;
+        }
+        let stall = self.stall;
+        let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(stall)));
+        if timer.as_mut().poll(cx).is_ready() {
+            self.timer = None;
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the client accepted no response bytes for {} ms", stall.as_millis()),
+            )));
+        }
+        Poll::Pending
+    }
+}
+
+impl AsyncWrite for StallGuard {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.guard(cx, poll)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.guard(cx, poll)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let poll = Pin::new(&mut self.inner).poll_flush(cx);
+        self.guard(cx, poll)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let poll = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.guard(cx, poll)
+    }
+}
+
+async fn write_loop(mut wr: StallGuard, mut rx: mpsc::Receiver<Pending>, peer: SocketAddr) -> std::io::Result<()> {
     let mut out: Vec<Bytes> = Vec::with_capacity(64);
     // A later response found unfinished while gathering: it heads the next write.
     let mut carried: Option<Pending> = None;
@@ -173,7 +251,7 @@ fn append(out: &mut Vec<Bytes>, chunks: Vec<Bytes>) -> usize {
 
 /// A handler died without answering: responses after it would be misattributed by a client that
 /// matches them in order, so the connection is closed and the client retries on a new one.
-async fn broken(mut wr: OwnedWriteHalf, peer: SocketAddr) -> std::io::Result<()> {
+async fn broken(mut wr: StallGuard, peer: SocketAddr) -> std::io::Result<()> {
     tracing::error!(%peer, "a request handler failed without answering; closing the connection");
     let _ = wr.shutdown().await;
     Ok(())
