@@ -3,6 +3,7 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -384,5 +385,75 @@ fn a_restarted_static_member_gets_its_partitions_back_without_a_rebalance() {
         assert_eq!(changed.error, ErrorCode::None);
         assert!(changed.generation_id > generation, "a new subscription starts a new generation");
         assert_eq!(b_after.generation_id, changed.generation_id);
+    });
+}
+
+/// A TCP proxy in front of the broker that cuts the client's connection at the first request
+/// with API key `cut_at` (that request never reaches the broker); later connections pass.
+async fn cutting_proxy(broker: std::net::SocketAddr, cut_at: u16) -> (std::net::SocketAddr, Arc<AtomicBool>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let cut = Arc::new(AtomicBool::new(false));
+    let cut2 = Arc::clone(&cut);
+    tokio::spawn(async move {
+        loop {
+            let Ok((client, _)) = listener.accept().await else { return };
+            let upstream = tokio::net::TcpStream::connect(broker).await.unwrap();
+            let cut = Arc::clone(&cut2);
+            tokio::spawn(async move {
+                let (mut cr, mut cw) = client.into_split();
+                let (mut ur, mut uw) = upstream.into_split();
+                let back = tokio::spawn(async move { tokio::io::copy(&mut ur, &mut cw).await });
+                loop {
+                    let mut len = [0u8; 4];
+                    if cr.read_exact(&mut len).await.is_err() {
+                        break;
+                    }
+                    let mut frame = vec![0u8; u32::from_be_bytes(len) as usize];
+                    if cr.read_exact(&mut frame).await.is_err() {
+                        break;
+                    }
+                    let api_key = u16::from_be_bytes([frame[0], frame[1]]);
+                    if api_key == cut_at && !cut.swap(true, Ordering::AcqRel) {
+                        break; // drops both sides of this connection
+                    }
+                    if uw.write_all(&len).await.is_err() || uw.write_all(&frame).await.is_err() {
+                        break;
+                    }
+                }
+                back.abort();
+            });
+        }
+    });
+    (addr, cut)
+}
+
+#[test]
+fn a_member_whose_offset_fetch_fails_after_joining_still_reads_its_partitions() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "");
+    run(Duration::from_secs(120), async {
+        broker.admin().await.create_topic(NewTopic::new("cut", 1)).await.unwrap();
+        produce(&broker, "cut", 1, 10).await;
+        let (proxy, cut) = cutting_proxy(broker.addr, 8 /* OffsetFetch */).await;
+        let mut config = member_config(&broker, "cut-group");
+        config.connection.broker = proxy.to_string();
+        config.auto_offset_reset = Offset::Earliest;
+        let mut consumer = Consumer::connect(config).await.unwrap();
+        // Joined, but the connection is lost while fetching the committed offsets.
+        let joined = consumer.subscribe(&["cut"]).await;
+        assert!(cut.load(Ordering::Acquire), "the proxy cut the offset fetch");
+        assert!(joined.is_err(), "the lost connection is reported");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut seen = 0;
+        while seen < 10 {
+            assert!(
+                Instant::now() < deadline,
+                "the member owns its partition but read {seen} of 10 records (assignment {:?})",
+                consumer.assignment()
+            );
+            seen += consumer.poll(Duration::from_millis(500)).await.unwrap().len();
+        }
     });
 }

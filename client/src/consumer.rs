@@ -353,7 +353,17 @@ impl Consumer {
         if assigned.is_empty() {
             return Ok(());
         }
-        let committed = self.committed_offsets(&group, &assigned).await?;
+        let committed = match self.committed_offsets(&group, &assigned).await {
+            Ok(c) => c,
+            Err(e) => {
+                // Without positions this member would own its partitions and never read them
+                // (heartbeats keep succeeding): join again at the next poll.
+                if let Some(m) = self.membership.as_ref() {
+                    m.rejoin.store(true, Ordering::Release);
+                }
+                return Err(e);
+            }
+        };
         for tp in assigned {
             let pos = match committed.get(&tp) {
                 Some(o) if *o >= 0 => Position::At(*o),
