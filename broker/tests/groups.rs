@@ -457,3 +457,52 @@ fn a_member_whose_offset_fetch_fails_after_joining_still_reads_its_partitions() 
         }
     });
 }
+
+/// Cuts the log of `topic-0` (one segment) after its first `keep` batches, as a power loss that
+/// took the rest of the page cache would.
+fn cut_log_after_batches(data: &std::path::Path, topic: &str, keep: usize) {
+    let path = data.join(format!("{topic}-0")).join("00000000000000000000.log");
+    let bytes = std::fs::read(&path).unwrap();
+    let mut pos = 16; // segment header
+    for _ in 0..keep {
+        let len = u32::from_be_bytes(bytes[pos + 8..pos + 12].try_into().unwrap()) as usize;
+        pos += 12 + len;
+    }
+    std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(pos as u64).unwrap();
+}
+
+#[test]
+fn a_committed_offset_past_a_log_cut_by_a_crash_moves_back_to_the_log_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = TestBroker::start(dir.path(), "");
+    run(Duration::from_secs(60), async {
+        broker.admin().await.create_topic(NewTopic::new("lost", 1)).await.unwrap();
+        let producer = Producer::connect(broker.producer_config()).await.unwrap();
+        for i in 0..10 {
+            // One batch per record.
+            producer
+                .send(ProducerRecord::new("lost", format!("{i}")).partition(0))
+                .await
+                .unwrap()
+                .wait()
+                .await
+                .unwrap();
+        }
+        let mut c = Consumer::connect(ConsumerConfig { group: Some("ahead".into()), ..broker.consumer_config() })
+            .await
+            .unwrap();
+        c.assign("lost", None).await.unwrap();
+        c.commit_offsets(&BTreeMap::from([(("lost".to_string(), 0), 10)])).await.unwrap();
+    });
+    broker.kill9();
+    // The power went out too: records 6..10 never reached the disk; the commit (synced) did.
+    cut_log_after_batches(&dir.path().join("data"), "lost", 6);
+    let broker = TestBroker::start(dir.path(), "");
+    run(Duration::from_secs(60), async {
+        // New records take offsets 6..10 again; a consumer resuming at 10 would skip them.
+        produce(&broker, "lost", 1, 4).await;
+        let g = broker.admin().await.describe_group("ahead").await.unwrap();
+        assert_eq!(g.partitions[0].committed, Some(6), "the committed offset moved back to the log end at start");
+    });
+    assert!(broker.log_text().contains("past the log end"), "the move is logged");
+}

@@ -143,14 +143,50 @@ pub(crate) struct PendingCommit {
     pub(crate) offset: u64,
 }
 
+/// Committed offsets past their partition's log end: after a power loss cut records that had
+/// been read and committed (the log is synced every `flush_interval_ms`, a commit before it is
+/// acknowledged). Left there, the next records produced would take those offsets again and the
+/// group would skip them. Moves each back to the log end; returns the moved entries.
+fn move_back_to_log_ends(
+    store: &LogStore,
+    committed: &mut BTreeMap<OffsetKey, Committed>,
+    now_ms: i64,
+) -> Vec<(OffsetKey, Option<Committed>)> {
+    let mut moved = Vec::new();
+    for (key, c) in committed.iter_mut() {
+        let (group, topic, partition) = key;
+        let Some(end) = store.partition(topic, *partition).map(|log| log.log_end_offset() as i64) else {
+            continue;
+        };
+        if c.offset > end {
+            tracing::warn!(group = %group, topic = %topic, partition, committed = c.offset, log_end_offset = end,
+                "committed offset is past the log end (records lost in a crash); moved back to the log end");
+            metrics::counter!("cairn_committed_offsets_reset_total").increment(1);
+            c.offset = end;
+            c.commit_timestamp_ms = now_ms;
+            moved.push((key.clone(), Some(c.clone())));
+        }
+    }
+    moved
+}
+
 impl Coordinator {
     /// Opens the coordinator: creates or replays `__consumer_offsets`.
     ///
     /// # Errors
     /// Storage failures reading or creating the offsets log.
     pub fn open(store: &LogStore, config: GroupConfig) -> Result<Coordinator, StorageError> {
-        let (offsets_log, committed) = offsets_store::open(store)?;
+        let (offsets_log, mut committed) = offsets_store::open(store)?;
         tracing::info!(committed = committed.len(), "loaded committed offsets");
+        let moved = move_back_to_log_ends(store, &mut committed, crate::storage::system_clock()());
+        if !moved.is_empty() {
+            // Stored, so that a later restart (when new records have filled the offsets again)
+            // does not bring the old position back.
+            for batch in offsets_store::encode_batches(&moved, crate::storage::system_clock()()) {
+                offsets_log.append(&batch)?;
+            }
+            offsets_log.sync()?;
+        }
         Ok(Coordinator {
             config,
             inner: Mutex::new(Inner { groups: HashMap::new(), committed }),
