@@ -261,6 +261,35 @@ fn closed_by_broker(s: &mut TcpStream) -> bool {
     matches!(s.read(&mut buf), Ok(0) | Err(_))
 }
 
+#[test]
+fn a_fetch_stays_within_fetch_bytes_max_whatever_its_partition_max_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "fetch_bytes_max = 1048576\n");
+    run(Duration::from_secs(60), async {
+        broker.admin().await.create_topic(NewTopic::new("cap", 1)).await.unwrap();
+        let conn = Connection::connect(broker.connection()).await.unwrap();
+        let value = "v".repeat(60 * 1024);
+        for _ in 0..48 {
+            // 48 batches of 60 KiB: 2.9 MiB in all.
+            conn.request(&produce_req("cap", Acks::Leader, batch(&[value.as_str()]))).await.unwrap();
+        }
+        for (max_bytes, partition_max_bytes) in [(u32::MAX, u32::MAX), (1 << 30, 1 << 30), (100, u32::MAX)] {
+            let mut req = fetch_req("cap", 0, 0);
+            req.max_bytes = max_bytes;
+            req.topics[0].partitions[0].partition_max_bytes = partition_max_bytes;
+            let resp = conn.request(&req).await.unwrap();
+            let got = values(&resp).len();
+            let bytes = resp.topics[0].partitions[0].records_bytes().len();
+            let cap = (max_bytes as usize).min(1 << 20);
+            assert!(got >= 1, "at least one batch, for progress");
+            assert!(
+                bytes <= cap.max(62 * 1024),
+                "max_bytes {max_bytes}, partition_max_bytes {partition_max_bytes}: {bytes} bytes ({got} batches)"
+            );
+        }
+    });
+}
+
 /// Connects and asks for the API versions until the broker answers (it closes connections past
 /// `connections_max` at once); panics if it never does within `limit`.
 fn wait_until_a_connection_is_served(addr: std::net::SocketAddr, limit: Duration, why: &str) -> Duration {

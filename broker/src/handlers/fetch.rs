@@ -116,12 +116,13 @@ fn read_once(broker: &Broker, req: &FetchRequest) -> (FetchResponse, usize) {
                 partitions.push(FetchPartitionResponse::empty(p.partition, ErrorCode::OffsetOutOfRange, start, end));
                 continue;
             }
-            // Budget spent: later partitions get nothing this time (but no error).
-            let max = if total == 0 {
-                u64::from(p.partition_max_bytes)
-            } else {
-                u64::from(p.partition_max_bytes).min(budget)
-            };
+            // Every partition stays within what is left of the budget; until one has returned
+            // records, a partition gets at least its first batch whole (progress). Budget spent:
+            // later partitions get nothing this time (but no error).
+            let mut max = u64::from(p.partition_max_bytes).min(budget);
+            if total == 0 && p.partition_max_bytes > 0 {
+                max = max.max(1);
+            }
             if max == 0 {
                 partitions.push(FetchPartitionResponse::empty(p.partition, ErrorCode::None, start, end));
                 continue;
