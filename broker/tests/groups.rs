@@ -506,3 +506,39 @@ fn a_committed_offset_past_a_log_cut_by_a_crash_moves_back_to_the_log_end() {
     });
     assert!(broker.log_text().contains("past the log end"), "the move is logged");
 }
+
+#[test]
+fn offsets_of_partitions_that_do_not_exist_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "");
+    run(Duration::from_secs(60), async {
+        broker.admin().await.create_topic(NewTopic::new("real", 1)).await.unwrap();
+        let conn = Connection::connect(broker.connection()).await.unwrap();
+        let part = |partition| OffsetCommitPartition { partition, offset: 1, metadata: None };
+        let resp = conn
+            .request(&OffsetCommitRequest {
+                group_id: "outside".into(),
+                member_id: String::new(),
+                generation_id: -1,
+                topics: vec![
+                    OffsetCommitTopic { name: "ghost".into(), partitions: vec![part(0)] },
+                    OffsetCommitTopic { name: "real".into(), partitions: vec![part(0), part(7)] },
+                ],
+            })
+            .await
+            .unwrap();
+        let codes: Vec<(String, u32, ErrorCode)> =
+            resp.topics.iter().flat_map(|t| t.partitions.iter().map(move |(p, c)| (t.name.clone(), *p, *c))).collect();
+        assert_eq!(
+            codes,
+            vec![
+                ("ghost".to_string(), 0, ErrorCode::UnknownTopicOrPartition),
+                ("real".to_string(), 0, ErrorCode::None),
+                ("real".to_string(), 7, ErrorCode::UnknownTopicOrPartition),
+            ]
+        );
+        let g = broker.admin().await.describe_group("outside").await.unwrap();
+        let stored: Vec<(String, u32)> = g.partitions.iter().map(|p| (p.topic.clone(), p.partition)).collect();
+        assert_eq!(stored, vec![("real".to_string(), 0)], "only the real partition's offset is stored");
+    });
+}

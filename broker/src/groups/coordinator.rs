@@ -126,6 +126,8 @@ pub struct Coordinator {
     /// Serialises appends to the offsets log with the in-memory update, so both see the same order.
     commit_lock: Mutex<()>,
     next_member: AtomicU64,
+    /// Size of the offsets log right after the last compaction (0 before the first).
+    snapshot_len: AtomicU64,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -193,6 +195,7 @@ impl Coordinator {
             offsets_log,
             commit_lock: Mutex::new(()),
             next_member: AtomicU64::new(1),
+            snapshot_len: AtomicU64::new(0),
         })
     }
 
@@ -678,13 +681,17 @@ impl Coordinator {
         }
     }
 
-    /// Keeps the offsets log from growing without bound: past `snapshot_bytes`, rewrites the
-    /// current state into a fresh segment and deletes every earlier segment.
+    /// Keeps the offsets log from growing without bound: past `snapshot_bytes`, and once it is
+    /// at least twice as large as right after the last compaction, rewrites the current state
+    /// into a fresh segment and deletes every earlier segment. The doubling keeps the rewrite's
+    /// cost proportional to the commits since the last one, even when the live state alone is
+    /// larger than `snapshot_bytes`.
     ///
     /// # Errors
     /// Storage failures; the old segments are kept then.
     pub fn compact_offsets(&self, snapshot_bytes: u64) -> Result<bool, StorageError> {
-        if self.offsets_log.size_bytes() < snapshot_bytes {
+        let threshold = snapshot_bytes.max(self.snapshot_len.load(Ordering::Acquire).saturating_mul(2));
+        if self.offsets_log.size_bytes() < threshold {
             return Ok(false);
         }
         let _serial = self.commit_lock.lock().expect("commit lock");
@@ -698,6 +705,7 @@ impl Coordinator {
         }
         self.offsets_log.sync()?;
         let removed = self.offsets_log.delete_segments_below(start)?;
+        self.snapshot_len.store(self.offsets_log.size_bytes(), Ordering::Release);
         tracing::info!(
             entries = state.len(),
             segments = removed.segments,
@@ -743,4 +751,34 @@ fn to_topic_partitions(tps: &[(String, u32)]) -> Vec<TopicPartitions> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::{system_clock, StorageConfig};
+
+    fn commit_outside_membership(c: &Coordinator, group: &str, n: u32, metadata: usize) {
+        let entries = (0..n).map(|p| ("t".to_string(), p, 1, Some("m".repeat(metadata)))).collect();
+        let (codes, pending) = c.commit(group, "", -1, entries, 1).unwrap();
+        assert!(codes.iter().all(|c| c.is_ok()), "{codes:?}");
+        pending.unwrap().log.sync().unwrap();
+    }
+
+    #[test]
+    fn compaction_waits_for_the_log_to_double_before_rewriting_it_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = LogStore::open(dir.path(), StorageConfig::default(), system_clock()).unwrap();
+        let c = Coordinator::open(&store, GroupConfig::default()).unwrap();
+        // A live state of about 400 KiB, larger than the snapshot threshold used here.
+        commit_outside_membership(&c, "g", 100, 4000);
+        let snapshot_bytes = 64 * 1024;
+        assert!(c.compact_offsets(snapshot_bytes).unwrap(), "past the threshold: compacted");
+        // One more small commit: the log is still about the size of the live state.
+        commit_outside_membership(&c, "g", 1, 10);
+        assert!(!c.compact_offsets(snapshot_bytes).unwrap(), "a commit must not rewrite the whole state each time");
+        // Once the log has doubled since the snapshot, it is compacted again.
+        commit_outside_membership(&c, "g", 100, 4000);
+        assert!(c.compact_offsets(snapshot_bytes).unwrap());
+    }
 }

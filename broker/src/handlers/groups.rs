@@ -67,15 +67,22 @@ pub(crate) fn offset_commit(ctx: Ctx, req: OffsetCommitRequest) -> Reply {
     let shape: Vec<(String, Vec<u32>)> =
         req.topics.iter().map(|t| (t.name.clone(), t.partitions.iter().map(|p| p.partition).collect())).collect();
     let now = crate::storage::system_clock()();
-    let (codes, pending) = match broker.groups.commit(&req.group_id, &req.member_id, req.generation_id, entries, now) {
+    // Offsets of partitions that do not exist are refused, not stored for ever.
+    let known: Vec<bool> = entries.iter().map(|(t, p, _, _)| broker.store.partition(t, *p).is_some()).collect();
+    let entries: Vec<_> = entries.into_iter().zip(&known).filter(|(_, k)| **k).map(|(e, _)| e).collect();
+    let n = entries.len();
+    let (stored, pending) = match broker.groups.commit(&req.group_id, &req.member_id, req.generation_id, entries, now) {
         Ok(r) => r,
         Err(e) => {
             tracing::error!(group = %req.group_id, error = %e, "storing committed offsets failed");
-            let code = storage_error_code(&e);
-            let n = shape.iter().map(|(_, p)| p.len()).sum();
-            (vec![code; n], None)
+            (vec![storage_error_code(&e); n], None)
         }
     };
+    let mut stored = stored.into_iter();
+    let codes: Vec<ErrorCode> = known
+        .iter()
+        .map(|k| if *k { stored.next().unwrap_or(ErrorCode::Unknown) } else { ErrorCode::UnknownTopicOrPartition })
+        .collect();
     let build = move |codes: Vec<ErrorCode>| {
         let mut it = codes.into_iter();
         let topics = shape
