@@ -358,15 +358,24 @@ fn a_restarted_static_member_gets_its_partitions_back_without_a_rebalance() {
         let generation = a_now.generation_id;
         assert_eq!(a_now.assignment.iter().map(|t| t.partitions.len()).sum::<usize>(), 1);
 
-        // agent-a's process dies (no LeaveGroup) and a new one starts with the same instance id
-        // and no member id: same member, same partitions, same generation.
-        drop(a);
+        // agent-a's process hangs or dies (no LeaveGroup) and a new one starts with the same
+        // instance id and no member id: same partitions, same generation, a new member id.
         let restarted = Connection::connect(broker.connection()).await.unwrap();
         let back = restarted.request(&join("", Some("agent-a"), &["st"])).await.unwrap();
         assert_eq!(back.error, ErrorCode::None);
-        assert_eq!(back.member_id, first.member_id, "the static member keeps its id");
+        assert_ne!(back.member_id, first.member_id, "the new incarnation gets a member id of its own");
         assert_eq!(back.generation_id, generation, "no rebalance");
         assert_eq!(back.assignment, a_now.assignment, "its partitions come back");
+        // The old incarnation, if it still runs, is fenced: its member id is gone, and joining
+        // again with it under the same instance id is refused, so it cannot take the
+        // partitions back and read them alongside the new one.
+        assert_eq!(
+            a.request(&heartbeat(&first.member_id, generation)).await.unwrap().error,
+            ErrorCode::UnknownMemberId
+        );
+        let zombie = a.request(&join(&first.member_id, Some("agent-a"), &["st"])).await.unwrap();
+        assert_eq!(zombie.error, ErrorCode::FencedInstanceId);
+        drop(a);
         // The other member was not disturbed.
         assert_eq!(b.request(&heartbeat(&b_now.member_id, generation)).await.unwrap().error, ErrorCode::None);
         assert_eq!(restarted.request(&heartbeat(&back.member_id, generation)).await.unwrap().error, ErrorCode::None);

@@ -46,6 +46,8 @@ pub struct ConsumerConfig {
     /// Consumer group for [`Consumer::subscribe`] and commits.
     pub group: Option<String>,
     /// Static membership id: a restarting member gets its partitions back without a rebalance.
+    /// An older process still running with the same id is fenced: its `poll` fails with
+    /// `FENCED_INSTANCE_ID`.
     pub group_instance_id: Option<String>,
     /// A member silent for this long is removed from the group. Default 10 s.
     pub session_timeout: Duration,

@@ -61,11 +61,14 @@ pub enum ErrorCode {
     InvalidGroupId = 24,
     /// The offset metadata string is longer than the broker allows.
     OffsetMetadataTooLarge = 25,
+    /// A newer incarnation of this static member (same `group_instance_id`) has joined; this
+    /// one must stop.
+    FencedInstanceId = 26,
 }
 
 impl ErrorCode {
     /// Every code, in numeric order.
-    pub const ALL: [ErrorCode; 26] = [
+    pub const ALL: [ErrorCode; 27] = [
         ErrorCode::None,
         ErrorCode::Unknown,
         ErrorCode::InvalidRequest,
@@ -92,6 +95,7 @@ impl ErrorCode {
         ErrorCode::NotAssigned,
         ErrorCode::InvalidGroupId,
         ErrorCode::OffsetMetadataTooLarge,
+        ErrorCode::FencedInstanceId,
     ];
 
     /// The code for a number, or `None` if the number is not a known code (a newer broker).
@@ -138,6 +142,7 @@ impl ErrorCode {
             ErrorCode::NotAssigned => "NOT_ASSIGNED",
             ErrorCode::InvalidGroupId => "INVALID_GROUP_ID",
             ErrorCode::OffsetMetadataTooLarge => "OFFSET_METADATA_TOO_LARGE",
+            ErrorCode::FencedInstanceId => "FENCED_INSTANCE_ID",
         }
     }
 
@@ -170,6 +175,9 @@ impl ErrorCode {
             ErrorCode::NotAssigned => "the partition is not assigned to this member",
             ErrorCode::InvalidGroupId => "group ids are 1-249 characters",
             ErrorCode::OffsetMetadataTooLarge => "the offset metadata is longer than the broker allows",
+            ErrorCode::FencedInstanceId => {
+                "a newer member with the same group_instance_id has joined the group; this one is fenced"
+            }
         }
     }
 

@@ -240,10 +240,34 @@ impl Coordinator {
             }
             let group = inner.groups.entry(req.group_id.clone()).or_insert_with(Group::new);
             let now = Instant::now();
-            // Static members get their old id back.
             let existing = match &req.group_instance_id {
                 Some(inst) => {
-                    group.members.iter().find(|(_, m)| m.instance_id.as_ref() == Some(inst)).map(|(id, _)| id.clone())
+                    let holder = group
+                        .members
+                        .iter()
+                        .find(|(_, m)| m.instance_id.as_ref() == Some(inst))
+                        .map(|(id, _)| id.clone());
+                    match holder {
+                        // The holder itself, rejoining.
+                        Some(id) if id == req.member_id => Some(id),
+                        // A new incarnation (a restart, no member id yet): it takes over the
+                        // member, assignment included, under a new id, and the old id is gone,
+                        // so an old process that still runs cannot read those partitions too.
+                        Some(old) if req.member_id.is_empty() => {
+                            let id = self.new_member_id(&client_id);
+                            let member = group.members.remove(&old).expect("holder present");
+                            group.members.insert(id.clone(), member);
+                            if let Some(parts) = group.assignment.remove(&old) {
+                                group.assignment.insert(id.clone(), parts);
+                            }
+                            tracing::info!(group = %req.group_id, instance = %inst, old_member = %old, member = %id,
+                                "static member rejoined under a new member id; the old one is fenced");
+                            Some(id)
+                        }
+                        // An older incarnation, replaced since.
+                        Some(_) => return fail(ErrorCode::FencedInstanceId, req.member_id),
+                        None => None,
+                    }
                 }
                 None if !req.member_id.is_empty() => {
                     if !group.members.contains_key(&req.member_id) {
