@@ -551,3 +551,38 @@ fn offsets_of_partitions_that_do_not_exist_are_refused() {
         assert_eq!(stored, vec![("real".to_string(), 0)], "only the real partition's offset is stored");
     });
 }
+
+#[test]
+fn a_join_waiting_for_a_rebalance_does_not_hold_up_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = TestBroker::start(dir.path(), "shutdown_timeout_ms = 120000\n");
+    let join = |member: &str| JoinGroupRequest {
+        group_id: "slow".into(),
+        member_id: member.into(),
+        group_instance_id: None,
+        session_timeout_ms: 60_000,
+        rebalance_timeout_ms: 120_000,
+        topics: vec!["w".into()],
+    };
+    // One runtime for the whole test: the clients must outlive the broker's shutdown.
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let (_a, waiting) = rt.block_on(async {
+        broker.admin().await.create_topic(NewTopic::new("w", 2)).await.unwrap();
+        let a = Connection::connect(broker.connection()).await.unwrap();
+        assert_eq!(a.request(&join("")).await.unwrap().error, ErrorCode::None);
+        // A second member starts a rebalance that waits up to 120 s for the first to rejoin.
+        let b = Connection::connect(broker.connection()).await.unwrap();
+        let waiting = tokio::spawn(async move { b.request_with(&join(""), Duration::from_secs(200)).await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!waiting.is_finished(), "the join waits for the rebalance");
+        (a, waiting)
+    });
+    let started = Instant::now();
+    assert_eq!(broker.terminate(), Some(0), "a clean exit");
+    eprintln!("exited {:?} after SIGTERM", started.elapsed());
+    rt.block_on(async move {
+        let answer = tokio::time::timeout(Duration::from_secs(30), waiting).await.unwrap().unwrap();
+        let code = answer.map(|r| r.error).unwrap_or(ErrorCode::ShuttingDown);
+        assert_eq!(code, ErrorCode::ShuttingDown, "the waiting join is told the broker is going away");
+    });
+}

@@ -9,7 +9,7 @@ use tokio::sync::oneshot;
 
 use cairn_protocol::messages::groups::{
     DescribeGroupsRequest, DescribeGroupsResponse, ErrorOnlyResponse, HeartbeatRequest, JoinGroupRequest,
-    LeaveGroupRequest, ListGroupsResponse,
+    JoinGroupResponse, LeaveGroupRequest, ListGroupsResponse,
 };
 use cairn_protocol::messages::offsets::{
     OffsetCommitRequest, OffsetCommitResponse, OffsetFetchPartitionResponse, OffsetFetchRequest, OffsetFetchResponse,
@@ -30,7 +30,18 @@ pub(crate) fn join_group(ctx: Ctx, req: JoinGroupRequest) -> Reply {
     let client_id = ctx.client_id.clone();
     ctx.reply_later(async move {
         let counts = partition_counts(&broker);
-        let response = broker.groups.join(req, client_id, counts).await;
+        let member_id = req.member_id.clone();
+        // A join may wait for a rebalance for up to rebalance_timeout_ms: not through shutdown.
+        let response = tokio::select! {
+            r = broker.groups.join(req, client_id, counts) => r,
+            _ = broker.shutdown.cancelled() => JoinGroupResponse {
+                error: ErrorCode::ShuttingDown,
+                generation_id: -1,
+                member_id,
+                heartbeat_interval_ms: 0,
+                assignment: Vec::new(),
+            },
+        };
         let error = Some(response.error);
         (response, error)
     })
