@@ -586,3 +586,41 @@ fn a_join_waiting_for_a_rebalance_does_not_hold_up_shutdown() {
         assert_eq!(code, ErrorCode::ShuttingDown, "the waiting join is told the broker is going away");
     });
 }
+
+#[test]
+fn deleting_a_subscribed_topic_rebalances_its_groups_and_the_other_topic_keeps_flowing() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "");
+    run(Duration::from_secs(120), async {
+        let admin = broker.admin().await;
+        admin.create_topic(NewTopic::new("keep", 1)).await.unwrap();
+        admin.create_topic(NewTopic::new("gone", 1)).await.unwrap();
+        produce(&broker, "keep", 1, 5).await;
+        produce(&broker, "gone", 1, 5).await;
+        let mut c = Consumer::connect(member_config(&broker, "two-topics")).await.unwrap();
+        c.subscribe(&["keep", "gone"]).await.unwrap();
+        let mut seen = 0;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while seen < 10 {
+            assert!(Instant::now() < deadline, "read {seen} of 10 records before the deletion");
+            seen += c.poll(Duration::from_millis(200)).await.unwrap().len();
+        }
+        admin.delete_topic("gone").await.unwrap();
+        produce(&broker, "keep", 1, 5).await;
+        let mut after = 0;
+        let mut errors = 0;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while after < 5 {
+            assert!(
+                Instant::now() < deadline,
+                "read {after} of 5 new records after the deletion ({errors} poll errors)"
+            );
+            match c.poll(Duration::from_millis(200)).await {
+                Ok(records) => after += records.len(),
+                Err(_) => errors += 1,
+            }
+        }
+        assert_eq!(c.assignment(), vec![("keep".to_string(), 0)], "the deleted topic's partition is gone");
+        assert_eq!(errors, 0, "a member rejoins instead of failing its polls");
+    });
+}

@@ -566,10 +566,12 @@ impl Consumer {
                         self.positions.insert(key, Position::Resolve(self.config.auto_offset_reset));
                         continue;
                     }
+                    // A deleted topic's partition: the broker rebalances the group without it.
                     ErrorCode::RebalanceInProgress
                     | ErrorCode::IllegalGeneration
                     | ErrorCode::UnknownMemberId
                     | ErrorCode::NotAssigned
+                    | ErrorCode::UnknownTopicOrPartition
                         if self.membership.is_some() =>
                     {
                         if let Some(m) = &self.membership {

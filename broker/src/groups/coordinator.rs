@@ -583,6 +583,21 @@ impl Coordinator {
         }
     }
 
+    /// A topic was created or deleted: every group with a member subscribed to it rebalances,
+    /// so that assignments take in a new topic's partitions and drop a deleted one's (whose
+    /// fetches would otherwise fail for ever).
+    pub fn topic_changed(&self, topic: &str) {
+        let max = Duration::from_millis(u64::from(self.config.rebalance_timeout_ms_max));
+        let now = Instant::now();
+        let mut inner = self.inner.lock().expect("groups lock");
+        for (name, group) in inner.groups.iter_mut() {
+            if group.members.values().any(|m| m.topics.iter().any(|t| t == topic)) {
+                tracing::info!(group = %name, topic, "subscribed topic created or deleted; rebalancing");
+                group.start_rebalance(now, max);
+            }
+        }
+    }
+
     /// Drops committed offsets of a deleted topic (memory and log).
     pub fn forget_topic(&self, topic: &str) {
         let _serial = self.commit_lock.lock().expect("commit lock");

@@ -133,6 +133,7 @@ pub(crate) fn lookup_topic(ctx: &Ctx, name: &str) -> Option<Arc<Topic>> {
     match broker.store.create_topic(name, broker.config.default_partitions, config) {
         Ok(t) => {
             tracing::info!(topic = name, partitions = broker.config.default_partitions, "auto-created topic");
+            broker.groups.topic_changed(name);
             Some(t)
         }
         Err(StorageError::TopicExists(_)) => broker.store.topic(name),

@@ -83,6 +83,7 @@ pub(crate) fn create_topics(ctx: Ctx, req: CreateTopicsRequest) -> Reply {
                 match broker.store.create_topic(&t.name, t.partitions, config) {
                     Ok(_) => {
                         tracing::info!(topic = %t.name, partitions = t.partitions, "created topic");
+                        broker.groups.topic_changed(&t.name);
                         TopicResult { name: t.name.clone(), error: ErrorCode::None, message: None }
                     }
                     Err(e) => fail(storage_error_code(&e), e.to_string()),
@@ -111,6 +112,7 @@ pub(crate) fn delete_topics(ctx: Ctx, req: DeleteTopicsRequest) -> Reply {
                     Ok(()) => {
                         tracing::info!(topic = %name, "deleted topic");
                         broker.groups.forget_topic(name);
+                        broker.groups.topic_changed(name);
                         TopicResult { name: name.clone(), error: ErrorCode::None, message: None }
                     }
                     Err(e) => {
