@@ -239,3 +239,37 @@ fn polls_hand_out_a_fetch_in_max_poll_records_pieces_and_a_seek_drops_the_rest()
         assert!(consumer.poll(Duration::from_millis(200)).await.unwrap().is_empty());
     });
 }
+
+#[test]
+fn acks_none_keeps_a_partitions_order_and_loses_nothing_on_a_healthy_broker() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "");
+    run(Duration::from_secs(120), async {
+        broker.admin().await.create_topic(NewTopic::new("fire", 1)).await.unwrap();
+        let producer = Producer::connect(ProducerConfig {
+            acks: Acks::None,
+            batch_bytes_max: 16 * 1024,
+            ..broker.producer_config()
+        })
+        .await
+        .unwrap();
+        let n = 200_000u64;
+        for i in 0..n {
+            producer.send(ProducerRecord::new("fire", format!("{i:08}")).partition(0)).await.unwrap();
+        }
+        producer.close().await.unwrap();
+        let mut consumer = Consumer::connect(broker.consumer_config()).await.unwrap();
+        consumer.assign("fire", None).await.unwrap();
+        consumer.seek_all(Offset::Earliest);
+        let mut next = 0u64;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while next < n {
+            assert!(std::time::Instant::now() < deadline, "only {next} of {n} records arrived");
+            for r in consumer.poll(Duration::from_millis(500)).await.unwrap() {
+                let i: u64 = std::str::from_utf8(r.value.as_deref().unwrap()).unwrap().parse().unwrap();
+                assert_eq!(i, next, "record {i} at offset {}, expected {next}: order changed or records lost", r.offset);
+                next += 1;
+            }
+        }
+    });
+}

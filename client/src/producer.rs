@@ -603,7 +603,10 @@ fn collect(inner: &Inner) -> (Vec<Sendable>, Option<Instant>) {
             }
             let batch = q.ready.pop_front().expect("front exists");
             budget = budget.saturating_sub(batch.len);
-            q.in_flight = inner.config.acks != Acks::None;
+            // One batch per partition in flight, for acks=none too: until it is written to the
+            // connection, a later batch could overtake it (and the broker would refuse the
+            // earlier one's now older sequence, silently with acks=none).
+            q.in_flight = true;
             out.push(((Arc::clone(&topic.name), partition as u32), batch));
         }
     }
@@ -656,11 +659,12 @@ async fn send_request(inner: &Arc<Inner>, mut batches: Vec<Sendable>) {
     let req = ProduceRequest { acks: inner.config.acks, timeout_ms, topics: by_topic };
     if inner.config.acks == Acks::None {
         let result = inner.conn.send_only(&req).await;
-        for (_, b) in batches {
+        for (tp, b) in batches {
             let outcome = match &result {
                 Ok(()) => Ok(-1),
                 Err(e) => Err((None, e.to_string())),
             };
+            release_partition(inner, &tp);
             finish(inner, b, outcome);
         }
         return;
