@@ -273,3 +273,28 @@ fn acks_none_keeps_a_partitions_order_and_loses_nothing_on_a_healthy_broker() {
         }
     });
 }
+
+#[test]
+fn a_send_racing_close_is_either_refused_or_delivered_never_left_hanging() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "");
+    run(Duration::from_secs(120), async {
+        broker.admin().await.create_topic(NewTopic::new("late", 1)).await.unwrap();
+        for round in 0..20 {
+            let producer = Producer::connect(broker.producer_config()).await.unwrap();
+            let other = producer.clone();
+            // The first send to a topic waits for its metadata: close() runs meanwhile.
+            let send = tokio::spawn(async move { other.send(ProducerRecord::new("late", "x")).await });
+            producer.close().await.unwrap();
+            let outcome = tokio::time::timeout(Duration::from_secs(10), async {
+                match send.await.unwrap() {
+                    Ok(delivery) => delivery.await.map(|_| "delivered"),
+                    Err(Error::Closed) => Ok("refused"),
+                    Err(e) => Err(e),
+                }
+            })
+            .await;
+            assert!(matches!(outcome, Ok(Ok(_))), "round {round}: {outcome:?}");
+        }
+    });
+}

@@ -428,6 +428,13 @@ impl Producer {
                 return Err(e);
             }
         };
+        // Checked again under the lock the sender takes to decide to stop: a send that waited
+        // for metadata while close() ran must not queue a record nothing will ever send.
+        if inner.closed.load(Ordering::Acquire) {
+            drop(state);
+            inner.memory.release(size);
+            return Err(Error::Closed);
+        }
         let topic = &mut state.topics[index];
         let count = topic.partitions;
         if let Some(p) = record.partition {
@@ -617,7 +624,12 @@ async fn sender(inner: Arc<Inner>) {
     loop {
         let (batches, next) = collect(&inner);
         if batches.is_empty() {
-            if inner.closed.load(Ordering::Acquire) && inner.outstanding.load(Ordering::Acquire) == 0 {
+            // Under the state lock, so that no send can slip a record in after this check.
+            let done = {
+                let _state = inner.state.lock().expect("producer state");
+                inner.closed.load(Ordering::Acquire) && inner.outstanding.load(Ordering::Acquire) == 0
+            };
+            if done {
                 return;
             }
             let wake = inner.wake.notified();
