@@ -8,6 +8,10 @@ use std::process::{Command, Stdio};
 use common::{sibling_bin, TestBroker};
 
 fn cairn(broker: &TestBroker, args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
+    cairn_bytes(broker, args, stdin.map(str::as_bytes))
+}
+
+fn cairn_bytes(broker: &TestBroker, args: &[&str], stdin: Option<&[u8]>) -> (i32, String, String) {
     let mut child = Command::new(sibling_bin("cairn-client", "cairn"))
         .args(args)
         .env("CAIRN_BROKER", broker.addr.to_string())
@@ -19,7 +23,7 @@ fn cairn(broker: &TestBroker, args: &[&str], stdin: Option<&str>) -> (i32, Strin
     {
         let mut input = child.stdin.take().unwrap();
         if let Some(s) = stdin {
-            input.write_all(s.as_bytes()).unwrap();
+            input.write_all(s).unwrap();
         }
     }
     let out = child.wait_with_output().unwrap();
@@ -111,4 +115,18 @@ fn errors_print_one_line_and_use_the_documented_exit_codes() {
     let (code, out, _) = cairn(&broker, &["consume", "--help"], None);
     assert_eq!(code, 0);
     assert!(out.contains("--from"));
+}
+
+#[test]
+fn produce_sends_every_line_even_one_that_is_not_utf8() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "");
+    let (code, out, err) = cairn(&broker, &["topic", "create", "raw", "--partitions", "1"], None);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, _, err) = cairn_bytes(&broker, &["produce", "raw", "--key-separator", ":"], Some(b"a\n\xff\xfe:\x80\nb\r\n"));
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("produced 3 record(s)"), "{err}");
+    let (code, out, err) = cairn(&broker, &["consume", "raw", "--count", "3", "--format", "json"], None);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().count(), 3, "{out}");
 }

@@ -375,28 +375,43 @@ async fn produce(conn: ConnectionConfig, args: ProduceArgs) -> Result<(), Error>
         headers.push(Header { key: k.to_owned(), value: Some(bytes::Bytes::copy_from_slice(v.as_bytes())) });
     }
     let producer = Producer::connect(ProducerConfig { connection: conn, acks, ..ProducerConfig::default() }).await?;
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(1024);
-    // Read stdin on a blocking thread.
+    let separator = args.key_separator.as_deref().map(str::as_bytes);
+    if separator.is_some_and(<[u8]>::is_empty) {
+        return Err(Error::InvalidArgument("--key-separator must not be empty".into()));
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<std::io::Result<Vec<u8>>>(1024);
+    // Read stdin on a blocking thread. Lines are bytes: a value need not be UTF-8.
     std::thread::spawn(move || {
-        for line in std::io::stdin().lock().lines() {
-            let Ok(line) = line else { break };
-            if tx.blocking_send(line).is_err() {
+        for line in std::io::stdin().lock().split(b'\n') {
+            let failed = line.is_err();
+            if tx.blocking_send(line).is_err() || failed {
                 break;
             }
         }
     });
     let mut pending = VecDeque::new();
     let mut sent = 0u64;
+    let mut read_error = None;
     while let Some(line) = rx.recv().await {
-        let (key, value) = match &args.key_separator {
-            Some(sep) => match line.split_once(sep.as_str()) {
-                Some((k, v)) => (Some(k.to_owned()), v.to_owned()),
-                None => (None, line),
-            },
+        let mut line = match line {
+            Ok(l) => l,
+            Err(e) => {
+                // What was read before is still sent.
+                read_error = Some(Error::InvalidArgument(format!("reading stdin: {e}")));
+                break;
+            }
+        };
+        if line.last() == Some(&b'\r') {
+            line.pop();
+        }
+        let line = bytes::Bytes::from(line);
+        let split = separator.and_then(|sep| line.windows(sep.len()).position(|w| w == sep).map(|at| (at, sep.len())));
+        let (key, value) = match split {
+            Some((at, len)) => (Some(line.slice(..at)), line.slice(at + len..)),
             None => (None, line),
         };
         let mut record = ProducerRecord::new(args.topic.clone(), value);
-        record.key = key.map(bytes::Bytes::from);
+        record.key = key;
         record.partition = args.partition;
         record.headers = headers.clone();
         pending.push_back(producer.send(record).await?);
@@ -411,7 +426,7 @@ async fn produce(conn: ConnectionConfig, args: ProduceArgs) -> Result<(), Error>
     }
     producer.close().await?;
     eprintln!("produced {sent} record(s)");
-    Ok(())
+    read_error.map_or(Ok(()), Err)
 }
 
 fn parse_from(from: &str) -> Result<Offset, Error> {
