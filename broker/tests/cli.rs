@@ -130,3 +130,46 @@ fn produce_sends_every_line_even_one_that_is_not_utf8() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.lines().count(), 3, "{out}");
 }
+
+#[test]
+fn consume_with_a_group_exits_when_the_group_assigns_it_nothing() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "");
+    let (code, out, err) = cairn(&broker, &["topic", "create", "one", "--partitions", "1"], None);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, _, err) = cairn(&broker, &["produce", "one"], Some("first\n"));
+    assert_eq!(code, 0, "{err}");
+    let spawn = |args: &[&str]| {
+        Command::new(sibling_bin("cairn-client", "cairn"))
+            .args(args)
+            .env("CAIRN_BROKER", broker.addr.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // A follower holds the only partition (and keeps it: assignment is sticky).
+    let mut holder = spawn(&["consume", "one", "--group", "g", "--follow"]);
+    let mut line = String::new();
+    std::io::BufReader::new(holder.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "first");
+    // A second member gets nothing: without --follow it has nothing to read and must exit.
+    let mut idle = spawn(&["consume", "one", "--group", "g"]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = idle.try_wait().unwrap() {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = idle.kill();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let _ = holder.kill();
+    let _ = holder.wait();
+    let status = status.expect("a member with no partitions waited for ever");
+    assert_eq!(status.code(), Some(0));
+}

@@ -496,9 +496,15 @@ async fn consume(conn: ConnectionConfig, args: ConsumeArgs) -> Result<(), Error>
             break;
         }
         if !args.follow {
+            // Joined (subscribe returned) with no partitions: the group's other members hold
+            // them, and there is nothing for this one to read.
             let positions = consumer.positions();
-            let done = !positions.is_empty()
-                && positions.iter().all(|((_, p), pos)| pos.is_some_and(|o| o >= ends.get(p).copied().unwrap_or(0)));
+            if positions.is_empty() {
+                eprintln!("no partitions assigned to this member; the group's other members hold them");
+                break;
+            }
+            let done =
+                positions.iter().all(|((_, p), pos)| pos.is_some_and(|o| o >= ends.get(p).copied().unwrap_or(0)));
             if done {
                 break;
             }
