@@ -112,6 +112,10 @@ fn errors_print_one_line_and_use_the_documented_exit_codes() {
     assert_eq!(code, 1);
     let (code, _, _) = cairn(&broker, &["consume", "x", "--from", "yesterday"], None);
     assert_eq!(code, 2, "usage error");
+    let (code, out, err) = cairn(&broker, &["topic", "create", "zero", "--partitions", "0"], None);
+    assert_eq!(code, 2, "no topic of zero partitions: {out}{err}");
+    let (code, _, _) = cairn(&broker, &["topic", "describe", "zero"], None);
+    assert_eq!(code, 3, "nothing was created");
     let (code, out, _) = cairn(&broker, &["consume", "--help"], None);
     assert_eq!(code, 0);
     assert!(out.contains("--from"));

@@ -46,8 +46,8 @@ enum TopicCommand {
     Create {
         /// Topic name: 1-249 characters from [A-Za-z0-9._-].
         name: String,
-        /// Number of partitions.
-        #[arg(long, default_value_t = 1)]
+        /// Number of partitions (at least 1).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
         partitions: u32,
         /// Delete data older than this (-1 keeps forever).
         #[arg(long, allow_hyphen_values = true)]
