@@ -127,7 +127,8 @@ fn produce_sends_every_line_even_one_that_is_not_utf8() {
     let broker = TestBroker::start(dir.path(), "");
     let (code, out, err) = cairn(&broker, &["topic", "create", "raw", "--partitions", "1"], None);
     assert_eq!(code, 0, "{out}{err}");
-    let (code, _, err) = cairn_bytes(&broker, &["produce", "raw", "--key-separator", ":"], Some(b"a\n\xff\xfe:\x80\nb\r\n"));
+    let (code, _, err) =
+        cairn_bytes(&broker, &["produce", "raw", "--key-separator", ":"], Some(b"a\n\xff\xfe:\x80\nb\r\n"));
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("produced 3 record(s)"), "{err}");
     let (code, out, err) = cairn(&broker, &["consume", "raw", "--count", "3", "--format", "json"], None);

@@ -267,7 +267,11 @@ fn acks_none_keeps_a_partitions_order_and_loses_nothing_on_a_healthy_broker() {
             assert!(std::time::Instant::now() < deadline, "only {next} of {n} records arrived");
             for r in consumer.poll(Duration::from_millis(500)).await.unwrap() {
                 let i: u64 = std::str::from_utf8(r.value.as_deref().unwrap()).unwrap().parse().unwrap();
-                assert_eq!(i, next, "record {i} at offset {}, expected {next}: order changed or records lost", r.offset);
+                assert_eq!(
+                    i, next,
+                    "record {i} at offset {}, expected {next}: order changed or records lost",
+                    r.offset
+                );
                 next += 1;
             }
         }
@@ -295,6 +299,52 @@ fn a_send_racing_close_is_either_refused_or_delivered_never_left_hanging() {
             })
             .await;
             assert!(matches!(outcome, Ok(Ok(_))), "round {round}: {outcome:?}");
+        }
+    });
+}
+
+/// The broker's open client connections, from its metrics endpoint.
+fn open_connections(broker: &TestBroker) -> f64 {
+    let (_, body) = broker.http_get("/metrics");
+    body.lines()
+        .find_map(|l| l.strip_prefix("cairn_connections "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("cairn_connections is exported")
+}
+
+#[test]
+fn a_producer_dropped_without_close_delivers_what_it_had_and_lets_its_connection_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "");
+    run(Duration::from_secs(120), async {
+        broker.admin().await.create_topic(NewTopic::new("dropped", 1)).await.unwrap();
+        let mut deliveries = Vec::new();
+        let mut producers = Vec::new();
+        for i in 0..20 {
+            let producer = Producer::connect(broker.producer_config()).await.unwrap();
+            deliveries.push(producer.send(ProducerRecord::new("dropped", format!("{i}"))).await.unwrap());
+            producers.push(producer);
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while open_connections(&broker) < 20.0 {
+            assert!(std::time::Instant::now() < deadline, "the metric never showed the producers' connections");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        drop(producers);
+        for d in deliveries {
+            tokio::time::timeout(Duration::from_secs(10), d).await.expect("delivered after the drop").unwrap();
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let now = open_connections(&broker);
+            if now == 0.0 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{now} connections still open after the producers were dropped"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     });
 }

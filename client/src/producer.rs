@@ -336,6 +336,28 @@ struct Inner {
 #[derive(Debug, Clone)]
 pub struct Producer {
     inner: Arc<Inner>,
+    /// Dropped with the last clone: the sender then delivers what is left and stops.
+    _handle: Arc<Handle>,
+}
+
+/// Closes the producer when the last [`Producer`] clone is dropped without [`Producer::close`]:
+/// the sender task holds the shared state too and would otherwise wait (and keep its
+/// connection) for ever.
+#[derive(Debug)]
+struct Handle(Arc<Inner>);
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.0.closed.store(true, Ordering::Release);
+        self.0.memory.freed.notify_waiters();
+        self.0.wake.notify_one();
+    }
+}
+
+impl Producer {
+    fn from_inner(inner: Arc<Inner>) -> Producer {
+        Producer { _handle: Arc::new(Handle(Arc::clone(&inner))), inner }
+    }
 }
 
 impl Producer {
@@ -364,7 +386,7 @@ impl Producer {
             closed: AtomicBool::new(false),
         });
         tokio::spawn(sender(Arc::clone(&inner)));
-        Ok(Producer { inner })
+        Ok(Producer::from_inner(inner))
     }
 
     async fn partition_count(&self, topic: &Arc<str>) -> Result<u32> {
@@ -794,7 +816,7 @@ mod tests {
             idle: Notify::new(),
             closed: AtomicBool::new(false),
         });
-        Producer { inner }
+        Producer::from_inner(inner)
     }
 
     #[tokio::test]
