@@ -348,3 +348,45 @@ fn a_producer_dropped_without_close_delivers_what_it_had_and_lets_its_connection
         }
     });
 }
+
+#[test]
+fn cancelled_sends_and_flushes_give_back_what_they_took() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "");
+    run(Duration::from_secs(120), async {
+        broker.admin().await.create_topic(NewTopic::new("cancel", 1)).await.unwrap();
+        let producer = Producer::connect(ProducerConfig {
+            buffer_bytes_max: 64 * 1024,
+            batch_bytes_max: 16 * 1024,
+            ..broker.producer_config()
+        })
+        .await
+        .unwrap();
+        let value = "v".repeat(1000);
+        // Each first send to the topic waits for metadata; the caller gives up on it at once.
+        for _ in 0..200 {
+            let send = producer.send(ProducerRecord::new("cancel", value.clone()));
+            assert!(futures::FutureExt::now_or_never(send).is_none(), "the first send waits for metadata");
+        }
+        let sent = tokio::time::timeout(Duration::from_secs(10), async {
+            for _ in 0..100 {
+                producer.send(ProducerRecord::new("cancel", value.clone())).await.unwrap();
+            }
+            producer.flush().await.unwrap();
+        })
+        .await;
+        assert!(sent.is_ok(), "the buffer space taken by cancelled sends never came back");
+        producer.close().await.unwrap();
+
+        // A flush given up on must not leave the producer flushing, with linger off, for good.
+        let linger = Duration::from_secs(2);
+        let producer = Producer::connect(ProducerConfig { linger, ..broker.producer_config() }).await.unwrap();
+        let first = producer.send(ProducerRecord::new("cancel", "first")).await.unwrap();
+        assert!(futures::FutureExt::now_or_never(producer.flush()).is_none(), "a record is outstanding");
+        first.await.unwrap();
+        let started = std::time::Instant::now();
+        producer.send(ProducerRecord::new("cancel", "second")).await.unwrap().await.unwrap();
+        assert!(started.elapsed() >= linger / 2, "the next batch still lingers: sent after {:?}", started.elapsed());
+        producer.close().await.unwrap();
+    });
+}

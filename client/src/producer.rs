@@ -305,6 +305,29 @@ impl Memory {
     }
 }
 
+/// Buffer bytes a `send` holds until its record is added to a batch.
+struct Reserved<'a> {
+    memory: &'a Memory,
+    bytes: usize,
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        if self.bytes > 0 {
+            self.memory.release(self.bytes);
+        }
+    }
+}
+
+/// One `flush` in progress (linger is off while any is).
+struct Flushing<'a>(&'a Inner);
+
+impl Drop for Flushing<'_> {
+    fn drop(&mut self) {
+        self.0.state.lock().expect("producer state").flushing -= 1;
+    }
+}
+
 #[derive(Debug)]
 struct Inner {
     config: ProducerConfig,
@@ -439,22 +462,21 @@ impl Producer {
             )));
         }
         inner.memory.acquire(size, &inner.closed).await?;
+        // Given back on every early return, and if the caller drops this future while it waits
+        // for metadata; the record's batch takes it over once the record is added.
+        let mut reserved = Reserved { memory: &inner.memory, bytes: size };
         // One lock per record: the topic's partition count is looked up under the same lock
         // that appends, and metadata is fetched (without the lock) only the first time.
         let (mut state, index) = loop {
             if let Some(known) = self.lock_if_known(&record.topic) {
                 break known;
             }
-            if let Err(e) = self.partition_count(&record.topic).await {
-                inner.memory.release(size);
-                return Err(e);
-            }
+            self.partition_count(&record.topic).await?;
         };
         // Checked again under the lock the sender takes to decide to stop: a send that waited
         // for metadata while close() ran must not queue a record nothing will ever send.
         if inner.closed.load(Ordering::Acquire) {
             drop(state);
-            inner.memory.release(size);
             return Err(Error::Closed);
         }
         let topic = &mut state.topics[index];
@@ -462,7 +484,6 @@ impl Producer {
         if let Some(p) = record.partition {
             if p >= count {
                 drop(state);
-                inner.memory.release(size);
                 return Err(Error::InvalidArgument(format!(
                     "partition {p} does not exist: {} has {count}",
                     record.topic
@@ -495,6 +516,7 @@ impl Producer {
         let index = open.builder.len() as u32;
         open.builder.push_shared(timestamp, key, record.value.as_ref(), &record.headers);
         open.reserved += size;
+        reserved.bytes = 0; // now the batch's
         let delivery = Delivery { batch: Arc::clone(&open.result), index };
         inner.outstanding.fetch_add(1, Ordering::AcqRel);
         if open.builder.size_bytes() + 64 >= inner.config.batch_bytes_max {
@@ -519,6 +541,8 @@ impl Producer {
     pub async fn flush(&self) -> Result<()> {
         let inner = &self.inner;
         inner.state.lock().expect("producer state").flushing += 1;
+        // Ended on return and if the caller drops this future: linger applies again.
+        let _flushing = Flushing(inner);
         inner.wake.notify_one();
         loop {
             let idle = inner.idle.notified();
@@ -530,7 +554,6 @@ impl Producer {
             inner.wake.notify_one();
             let _ = tokio::time::timeout(Duration::from_millis(50), idle).await;
         }
-        inner.state.lock().expect("producer state").flushing -= 1;
         Ok(())
     }
 
