@@ -390,3 +390,46 @@ fn cancelled_sends_and_flushes_give_back_what_they_took() {
         producer.close().await.unwrap();
     });
 }
+
+#[test]
+fn flush_waits_for_what_was_sent_before_it_not_for_sends_that_never_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "");
+    run(Duration::from_secs(120), async {
+        broker.admin().await.create_topic(NewTopic::new("busy", 4)).await.unwrap();
+        let producer = Producer::connect(broker.producer_config()).await.unwrap();
+        let mut before = Vec::new();
+        for i in 0..1000 {
+            before.push(producer.send(ProducerRecord::new("busy", format!("{i}"))).await.unwrap());
+        }
+        // Another agent sharing the producer sends without a pause.
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let busy = {
+            let (producer, stop) = (producer.clone(), std::sync::Arc::clone(&stop));
+            tokio::spawn(async move {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    for _ in 0..1000 {
+                        producer.send(ProducerRecord::new("busy", "more")).await.unwrap();
+                    }
+                    tokio::task::yield_now().await;
+                }
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let started = std::time::Instant::now();
+        // Bounded far above what the flush itself needs (milliseconds): without this bound it
+        // waited until the busy clone happened to have nothing outstanding (6-16 s).
+        let flushed = tokio::time::timeout(Duration::from_secs(5), producer.flush()).await;
+        eprintln!("flush under a busy clone took {:?}", started.elapsed());
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        busy.await.unwrap();
+        assert!(flushed.is_ok(), "flush waited for records sent after it began");
+        for d in before {
+            assert!(
+                futures::FutureExt::now_or_never(d.wait()).is_some_and(|r| r.is_ok()),
+                "every record sent before the flush is acknowledged when it returns"
+            );
+        }
+        producer.close().await.unwrap();
+    });
+}

@@ -136,6 +136,19 @@ impl BatchResult {
         let _ = self.outcome.set(outcome);
         self.done.notify_waiters();
     }
+
+    /// Waits until the batch is acknowledged or has failed for good.
+    async fn finished(&self) -> &Outcome {
+        loop {
+            let notified = self.done.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(outcome) = self.outcome.get() {
+                return outcome;
+            }
+            notified.await;
+        }
+    }
 }
 
 /// The outcome of one `send`: await it (it is `IntoFuture`) for the record's partition and
@@ -152,21 +165,13 @@ impl Delivery {
     /// # Errors
     /// The broker's error, or a connection error once the delivery timeout has passed.
     pub async fn wait(self) -> Result<RecordMetadata> {
-        loop {
-            let notified = self.batch.done.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if let Some(outcome) = self.batch.outcome.get() {
-                return match outcome {
-                    Ok(base) => Ok(RecordMetadata {
-                        partition: self.batch.partition,
-                        offset: if *base < 0 { -1 } else { base + i64::from(self.index) },
-                    }),
-                    Err((Some(code), message)) => Err(Error::broker(*code, Some(message.clone()))),
-                    Err((None, message)) => Err(Error::Disconnected { addr: String::new(), detail: message.clone() }),
-                };
-            }
-            notified.await;
+        match self.batch.finished().await {
+            Ok(base) => Ok(RecordMetadata {
+                partition: self.batch.partition,
+                offset: if *base < 0 { -1 } else { base + i64::from(self.index) },
+            }),
+            Err((Some(code), message)) => Err(Error::broker(*code, Some(message.clone()))),
+            Err((None, message)) => Err(Error::Disconnected { addr: String::new(), detail: message.clone() }),
         }
     }
 }
@@ -220,6 +225,9 @@ struct PartitionQueue {
     last_batch_bytes: usize,
     /// Pieces of the last batch sealed here (values sent by reference and what lies between).
     last_batch_pieces: usize,
+    /// Outcome of the last batch sealed here. A partition's batches finish in order (one in
+    /// flight, a retry before anything later), so `flush` waits for this one only.
+    last_sealed: Option<Arc<BatchResult>>,
 }
 
 impl PartitionQueue {
@@ -540,19 +548,24 @@ impl Producer {
     /// None today; reserved for a closed connection.
     pub async fn flush(&self) -> Result<()> {
         let inner = &self.inner;
-        inner.state.lock().expect("producer state").flushing += 1;
+        // The newest batch of every partition, as of now; records sent later (by clones of
+        // this producer) are not waited for.
+        let newest: Vec<Arc<BatchResult>> = {
+            let mut state = inner.state.lock().expect("producer state");
+            state.flushing += 1;
+            let now = Instant::now();
+            let mut newest = Vec::new();
+            for q in state.topics.iter_mut().flat_map(|t| t.queues.iter_mut()) {
+                seal(q, now);
+                newest.extend(q.last_sealed.as_ref().filter(|r| r.outcome.get().is_none()).map(Arc::clone));
+            }
+            newest
+        };
         // Ended on return and if the caller drops this future: linger applies again.
         let _flushing = Flushing(inner);
         inner.wake.notify_one();
-        loop {
-            let idle = inner.idle.notified();
-            tokio::pin!(idle);
-            idle.as_mut().enable();
-            if inner.outstanding.load(Ordering::Acquire) == 0 {
-                break;
-            }
-            inner.wake.notify_one();
-            let _ = tokio::time::timeout(Duration::from_millis(50), idle).await;
+        for batch in newest {
+            batch.finished().await;
         }
         Ok(())
     }
@@ -579,6 +592,7 @@ impl Producer {
 /// sendable to the `collect` pass that sealed it, delaying it by a timer tick.
 fn seal(queue: &mut PartitionQueue, now: Instant) {
     if let Some(open) = queue.open.take() {
+        queue.last_sealed = Some(Arc::clone(&open.result));
         let records = open.builder.len();
         queue.last_batch_bytes = open.builder.inline_bytes();
         queue.last_batch_pieces = open.builder.pieces();
