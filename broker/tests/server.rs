@@ -552,3 +552,75 @@ fn unknown_config_keys_and_bad_values_stop_the_broker_with_a_clear_error() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("listen = \"127.0.0.1:9999\"") && text.contains("[storage]"), "{text}");
 }
+
+/// An acks=all produce's `timeout_ms` counts from when the request arrived, not from when the
+/// responses pipelined before it were written: with syncs stalled, eight pipelined requests
+/// with a 300 ms timeout all time out after about 300 ms (the last used to wait 8 × 300 ms).
+#[test]
+fn pipelined_acks_all_requests_each_time_out_after_their_own_timeout_ms() {
+    use cairn_broker::config::BrokerConfig;
+    use cairn_broker::groups::Coordinator;
+    use cairn_broker::metrics::Health;
+    use cairn_broker::server::{self, Broker};
+    use cairn_broker::storage::{system_clock, LogStore};
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    run(Duration::from_secs(60), async move {
+        let config = BrokerConfig { data_dir: dir.path().to_owned(), ..BrokerConfig::default() };
+        let (store, _) = LogStore::open(dir.path(), config.storage.clone(), system_clock()).unwrap();
+        let groups = Coordinator::open(&store, config.groups.clone()).unwrap();
+        let health = Arc::new(Health { ready: true.into(), shutdown: Default::default() });
+        let topic = store.create_topic("t", 1, config.storage.topic_defaults()).unwrap();
+        let broker = Arc::new(Broker::new(config, store, groups, Arc::clone(&health)));
+        let listener = server::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let served = tokio::spawn(server::serve(Arc::clone(&broker), listener));
+
+        // Stall the group-commit thread: it runs each waiter's callback, and this one blocks
+        // until the test lets it go.
+        let (release, stalled) = std::sync::mpsc::channel::<()>();
+        broker.store.sync_async(
+            Arc::clone(&topic.partitions[0]),
+            0,
+            Box::new(move |_| {
+                let _ = stalled.recv();
+            }),
+        );
+
+        let started = Instant::now();
+        let elapsed = tokio::task::spawn_blocking(move || {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+            let mut frames = Vec::new();
+            for i in 0..8u32 {
+                let mut req = produce_req("t", Acks::All, batch(&["v"]));
+                req.timeout_ms = 300;
+                for chunk in encode_request(i, "timeouts", &req) {
+                    frames.extend_from_slice(&chunk);
+                }
+            }
+            s.write_all(&frames).unwrap();
+            let mut last = Duration::ZERO;
+            for i in 0..8u32 {
+                let frame = read_frame(&mut s).expect("a response");
+                let (corr, resp) = decode_response::<ProduceResponse>(frame).unwrap();
+                assert_eq!(corr, i);
+                let resp = resp.unwrap();
+                assert_eq!(resp.topics[0].partitions[0].error, ErrorCode::RequestTimedOut);
+                last = started.elapsed();
+            }
+            last
+        })
+        .await
+        .unwrap();
+        let _ = release.send(());
+        assert!(
+            elapsed < Duration::from_millis(1_500),
+            "the 8th of eight pipelined 300 ms requests answered after {elapsed:?}"
+        );
+        broker.shutdown.cancel();
+        served.await.unwrap();
+        broker.store.close().unwrap();
+    });
+}

@@ -88,8 +88,10 @@ pub(crate) fn produce(ctx: Ctx, req: ProduceRequest) -> Reply {
         return ctx.reply(&response, error);
     }
     let timeout = Duration::from_millis(u64::from(req.timeout_ms.max(1)));
+    // The deadline counts from now: the future below is first polled only once the responses
+    // pipelined before it have been written, which a stalled sync can hold up.
+    let deadline = tokio::time::Instant::now() + timeout;
     ctx.reply_later(async move {
-        let deadline = tokio::time::Instant::now() + timeout;
         for w in waiters {
             let outcome = tokio::time::timeout_at(deadline, w.rx).await;
             let (code, message) = match outcome {
