@@ -126,9 +126,8 @@ pub async fn serve(broker: Arc<Broker>, listener: TcpListener) {
         };
         let broker = Arc::clone(&broker);
         tracker.spawn(async move {
-            broker.connections.fetch_add(1, Ordering::Relaxed);
+            let _counted = Counted::new(&broker.connections);
             connection::run(Arc::clone(&broker), stream, peer).await;
-            broker.connections.fetch_sub(1, Ordering::Relaxed);
             drop(permit);
         });
     }
@@ -140,10 +139,45 @@ pub async fn serve(broker: Arc<Broker>, listener: TcpListener) {
     }
 }
 
+/// One open connection in [`Broker::connections`], counted until dropped: when the connection
+/// ends, also by a panic in its task (the `cairn_connections` gauge would otherwise stay up).
+struct Counted<'a>(&'a AtomicUsize);
+
+impl<'a> Counted<'a> {
+    fn new(count: &'a AtomicUsize) -> Counted<'a> {
+        count.fetch_add(1, Ordering::Relaxed);
+        Counted(count)
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Binds the client listener.
 ///
 /// # Errors
 /// When the address cannot be bound.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_connection_task_that_panics_is_no_longer_counted() {
+        let count = Arc::new(AtomicUsize::new(0));
+        let inner = Arc::clone(&count);
+        let task = tokio::spawn(async move {
+            let _counted = Counted::new(&inner);
+            assert_eq!(inner.load(Ordering::Relaxed), 1);
+            panic!("a bug in a connection task");
+        });
+        assert!(task.await.unwrap_err().is_panic());
+        assert_eq!(count.load(Ordering::Relaxed), 0);
+    }
 }
