@@ -133,6 +133,36 @@ fn send_waits_when_the_buffer_is_full_and_resumes_when_space_frees() {
 }
 
 #[test]
+fn a_delivery_that_times_out_says_it_timed_out_and_names_the_broker_when_disconnected() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = TestBroker::start(dir.path(), "");
+    run(Duration::from_secs(60), async {
+        broker.admin().await.create_topic(NewTopic::new("slow", 1)).await.unwrap();
+        let mut config = broker.producer_config();
+        config.connection.request_timeout = Duration::from_millis(200);
+        config.delivery_timeout = Duration::from_millis(600);
+        config.retry_backoff = Duration::from_millis(50);
+        let producer = Producer::connect(config).await.unwrap();
+        producer.send(ProducerRecord::new("slow", "first")).await.unwrap().await.unwrap();
+        // A broker that stops answering: every attempt times out, and so does the delivery.
+        signal(&broker, "STOP");
+        let err = producer.send(ProducerRecord::new("slow", "late")).await.unwrap().await.unwrap_err();
+        signal(&broker, "CONT");
+        assert!(matches!(err, Error::Timeout { operation: "produce", .. }), "{err:?}");
+        // A broker that is gone: the connection is lost, and the error says to which broker.
+        producer.send(ProducerRecord::new("slow", "after")).await.unwrap().await.unwrap();
+        broker.kill9();
+        let err = producer.send(ProducerRecord::new("slow", "lost")).await.unwrap().await.unwrap_err();
+        match &err {
+            Error::Disconnected { addr, .. } | Error::Connect { addr, .. } => {
+                assert_eq!(addr, &broker.addr.to_string(), "{err}")
+            }
+            other => panic!("expected a lost connection, got {other:?}"),
+        }
+    });
+}
+
+#[test]
 fn acks_all_records_survive_a_kill_and_the_producer_carries_on_after_the_restart() {
     let dir = tempfile::tempdir().unwrap();
     let mut broker = TestBroker::start(dir.path(), "");

@@ -77,6 +77,24 @@ impl Error {
     pub(crate) fn broker(code: ErrorCode, message: Option<String>) -> Error {
         Error::Broker { code, message }
     }
+
+    /// An owned copy of this error, for an outcome that more than one caller reads (every
+    /// record of a failed batch). An I/O cause keeps its kind and text.
+    pub(crate) fn duplicate(&self) -> Error {
+        match self {
+            Error::Connect { addr, source } => {
+                Error::Connect { addr: addr.clone(), source: std::io::Error::new(source.kind(), source.to_string()) }
+            }
+            Error::Disconnected { addr, detail } => Error::Disconnected { addr: addr.clone(), detail: detail.clone() },
+            Error::Timeout { operation, ms } => Error::Timeout { operation, ms: *ms },
+            Error::Broker { code, message } => Error::Broker { code: *code, message: message.clone() },
+            Error::Protocol(e) => Error::Protocol(e.clone()),
+            Error::Batch(e) => Error::Batch(e.clone()),
+            Error::UnknownTopic(t) => Error::UnknownTopic(t.clone()),
+            Error::InvalidArgument(m) => Error::InvalidArgument(m.clone()),
+            Error::Closed => Error::Closed,
+        }
+    }
 }
 
 /// Result alias.

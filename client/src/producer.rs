@@ -122,7 +122,9 @@ pub struct RecordMetadata {
     pub offset: i64,
 }
 
-type Outcome = std::result::Result<i64, (Option<ErrorCode>, String)>;
+/// A batch's base offset, or why it failed for good (the error as it happened: a broker code,
+/// a timeout, a lost connection...).
+type Outcome = std::result::Result<i64, Error>;
 
 #[derive(Debug)]
 struct BatchResult {
@@ -163,15 +165,16 @@ impl Delivery {
     /// Waits until the record is acknowledged (per the producer's acks) or has failed for good.
     ///
     /// # Errors
-    /// The broker's error, or a connection error once the delivery timeout has passed.
+    /// The broker's error, or, once the delivery timeout has passed, the last attempt's error:
+    /// [`Error::Timeout`] for a request the broker did not answer, [`Error::Disconnected`] or
+    /// [`Error::Connect`] for a lost connection.
     pub async fn wait(self) -> Result<RecordMetadata> {
         match self.batch.finished().await {
             Ok(base) => Ok(RecordMetadata {
                 partition: self.batch.partition,
                 offset: if *base < 0 { -1 } else { base + i64::from(self.index) },
             }),
-            Err((Some(code), message)) => Err(Error::broker(*code, Some(message.clone()))),
-            Err((None, message)) => Err(Error::Disconnected { addr: String::new(), detail: message.clone() }),
+            Err(e) => Err(e.duplicate()),
         }
     }
 }
@@ -733,7 +736,7 @@ async fn send_request(inner: &Arc<Inner>, mut batches: Vec<Sendable>) {
         for (tp, b) in batches {
             let outcome = match &result {
                 Ok(()) => Ok(-1),
-                Err(e) => Err((None, e.to_string())),
+                Err(e) => Err(e.duplicate()),
             };
             release_partition(inner, &tp);
             finish(inner, b, outcome);
@@ -767,28 +770,32 @@ async fn send_request(inner: &Arc<Inner>, mut batches: Vec<Sendable>) {
                     release_partition(inner, &tp);
                     finish(inner, b, Ok(base));
                 } else if code.is_retriable() {
-                    retry(inner, tp, b, (Some(code), message.unwrap_or_else(|| code.message().to_owned())));
+                    retry(inner, tp, b, broker_error(code, message));
                 } else {
                     release_partition(inner, &tp);
-                    finish(inner, b, Err((Some(code), message.unwrap_or_else(|| code.message().to_owned()))));
+                    finish(inner, b, Err(broker_error(code, message)));
                 }
             }
         }
         Err(e) => {
-            let code = e.code();
             for (tp, b) in batches {
                 if e.is_retriable() {
-                    retry(inner, tp, b, (code, e.to_string()));
+                    retry(inner, tp, b, e.duplicate());
                 } else {
                     release_partition(inner, &tp);
-                    finish(inner, b, Err((code, e.to_string())));
+                    finish(inner, b, Err(e.duplicate()));
                 }
             }
         }
     }
 }
 
-fn retry(inner: &Arc<Inner>, tp: TopicPartition, mut b: SealedBatch, why: (Option<ErrorCode>, String)) {
+/// A broker's error for one partition, with the code's own text when the broker sent none.
+fn broker_error(code: ErrorCode, message: Option<String>) -> Error {
+    Error::broker(code, Some(message.unwrap_or_else(|| code.message().to_owned())))
+}
+
+fn retry(inner: &Arc<Inner>, tp: TopicPartition, mut b: SealedBatch, why: Error) {
     let elapsed = b.first_sent.map_or(Duration::ZERO, |t| t.elapsed());
     if elapsed >= inner.config.delivery_timeout {
         release_partition(inner, &tp);
@@ -797,7 +804,7 @@ fn retry(inner: &Arc<Inner>, tp: TopicPartition, mut b: SealedBatch, why: (Optio
     }
     let backoff =
         inner.config.retry_backoff.saturating_mul(1 << b.attempts.saturating_sub(1).min(4)).min(Duration::from_secs(1));
-    tracing::debug!(topic = %tp.0, partition = tp.1, attempt = b.attempts, error = %why.1, "retrying batch");
+    tracing::debug!(topic = %tp.0, partition = tp.1, attempt = b.attempts, error = %why, "retrying batch");
     b.not_before = Instant::now() + backoff;
     let mut state = inner.state.lock().expect("producer state");
     match state.queue(&tp) {
