@@ -3,7 +3,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cairn_client::partitioner::partition_for_key;
 use cairn_client::{Acks, Consumer, ConsumerConfig, Error, NewTopic, Offset, Producer, ProducerConfig, ProducerRecord};
@@ -461,5 +461,34 @@ fn flush_waits_for_what_was_sent_before_it_not_for_sends_that_never_stop() {
             );
         }
         producer.close().await.unwrap();
+    });
+}
+
+#[test]
+fn poll_reports_a_broker_that_stays_unreachable_instead_of_returning_nothing_for_ever() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut broker = TestBroker::start(dir.path(), "");
+    run(Duration::from_secs(60), async {
+        broker.admin().await.create_topic(NewTopic::new("gone", 1)).await.unwrap();
+        let producer = Producer::connect(broker.producer_config()).await.unwrap();
+        producer.send(ProducerRecord::new("gone", "v")).await.unwrap().await.unwrap();
+        producer.close().await.unwrap();
+        let mut consumer = Consumer::connect(broker.consumer_config()).await.unwrap();
+        consumer.assign("gone", None).await.unwrap();
+        let mut got = 0;
+        while got < 1 {
+            got += consumer.poll(Duration::from_secs(2)).await.unwrap().len();
+        }
+        broker.kill9();
+        let started = Instant::now();
+        let err = loop {
+            assert!(started.elapsed() < Duration::from_secs(10), "poll kept returning nothing");
+            match consumer.poll(Duration::from_millis(300)).await {
+                Ok(records) => assert!(records.is_empty()),
+                Err(e) => break e,
+            }
+        };
+        assert!(matches!(err, Error::Connect { .. } | Error::Disconnected { .. }), "{err:?}");
+        assert!(err.is_retriable());
     });
 }

@@ -624,3 +624,76 @@ fn deleting_a_subscribed_topic_rebalances_its_groups_and_the_other_topic_keeps_f
         assert_eq!(errors, 0, "a member rejoins instead of failing its polls");
     });
 }
+
+#[test]
+fn an_idle_consumer_auto_commits_what_it_has_processed() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "");
+    run(Duration::from_secs(60), async {
+        broker.admin().await.create_topic(NewTopic::new("idle", 1)).await.unwrap();
+        produce(&broker, "idle", 1, 10).await;
+        let config = ConsumerConfig { auto_commit: true, ..member_config(&broker, "idle-group") };
+        let mut c = Consumer::connect(config).await.unwrap();
+        c.subscribe(&["idle"]).await.unwrap();
+        let mut got = 0;
+        while got < 10 {
+            got += c.poll(Duration::from_secs(2)).await.unwrap().len();
+        }
+        // Caught up: later polls return nothing, but calling poll says the ten were processed.
+        let committed =
+            || async { broker.admin().await.describe_group("idle-group").await.unwrap().partitions[0].committed };
+        let started = Instant::now();
+        while committed().await != Some(10) {
+            assert!(started.elapsed() < Duration::from_secs(5), "an idle consumer never committed its last records");
+            assert!(c.poll(Duration::from_millis(100)).await.unwrap().is_empty());
+        }
+        c.close().await.unwrap();
+    });
+}
+
+#[test]
+fn subscribing_again_changes_the_subscription_without_leaving_a_ghost_member() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "");
+    run(Duration::from_secs(60), async {
+        let admin = broker.admin().await;
+        admin.create_topic(NewTopic::new("sub-a", 1)).await.unwrap();
+        admin.create_topic(NewTopic::new("sub-b", 1)).await.unwrap();
+        let config = ConsumerConfig {
+            session_timeout: Duration::from_secs(15),
+            rebalance_timeout: Duration::from_secs(20),
+            ..member_config(&broker, "resub")
+        };
+        let mut c = Consumer::connect(config).await.unwrap();
+        c.subscribe(&["sub-a"]).await.unwrap();
+        let started = Instant::now();
+        c.subscribe(&["sub-a", "sub-b"]).await.unwrap();
+        // A second member (the old one, orphaned) would hold up the join until its session
+        // timed out (15 s here) and keep a share of the partitions.
+        assert!(started.elapsed() < Duration::from_secs(5), "subscribe took {:?}", started.elapsed());
+        let group = admin.describe_group("resub").await.unwrap();
+        assert_eq!(group.members.len(), 1, "{:?}", group.members);
+        let mut assigned = c.assignment();
+        assigned.sort();
+        assert_eq!(assigned, vec![("sub-a".to_owned(), 0), ("sub-b".to_owned(), 0)]);
+        c.close().await.unwrap();
+    });
+}
+
+#[test]
+fn poll_returns_within_its_timeout_while_the_group_refuses_the_member() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "[groups]\nmembers_per_group_max = 1\n");
+    run(Duration::from_secs(60), async {
+        broker.admin().await.create_topic(NewTopic::new("full", 1)).await.unwrap();
+        let mut a = Consumer::connect(member_config(&broker, "full-group")).await.unwrap();
+        a.subscribe(&["full"]).await.unwrap();
+        let mut b = Consumer::connect(member_config(&broker, "full-group")).await.unwrap();
+        let err = b.subscribe(&["full"]).await.unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::ResourceLimit), "{err}");
+        let polled = tokio::time::timeout(Duration::from_secs(5), b.poll(Duration::from_secs(1))).await;
+        let err = polled.expect("poll(1 s) did not return within 5 s").unwrap_err();
+        assert_eq!(err.code(), Some(ErrorCode::ResourceLimit), "{err}");
+        a.close().await.unwrap();
+    });
+}

@@ -178,6 +178,8 @@ pub struct Consumer {
     in_flight: Option<InFlightFetch>,
     membership: Option<Membership>,
     last_commit: Instant,
+    /// What the last [`Consumer::commit`] stored: an auto-commit with nothing new is skipped.
+    committed: BTreeMap<TopicPartition, i64>,
 }
 
 impl Consumer {
@@ -197,6 +199,7 @@ impl Consumer {
             in_flight: None,
             membership: None,
             last_commit: Instant::now(),
+            committed: BTreeMap::new(),
         })
     }
 
@@ -226,7 +229,9 @@ impl Consumer {
         Ok(())
     }
 
-    /// Joins the configured group subscribed to `topics`; the broker assigns partitions.
+    /// Joins the configured group subscribed to `topics`; the broker assigns partitions. Called
+    /// again, it changes the subscription: the member commits what it returned (with
+    /// auto-commit) and rejoins under the same member id.
     ///
     /// # Errors
     /// No group configured, or the join failed.
@@ -236,14 +241,24 @@ impl Consumer {
         for t in topics {
             self.partitions_of(t).await?;
         }
-        self.membership = Some(Membership {
-            group,
-            member_id: String::new(),
-            generation: -1,
-            topics: topics.iter().map(|t| t.to_string()).collect(),
-            rejoin: Arc::new(AtomicBool::new(true)),
-            heartbeat: None,
-        });
+        let topics: Vec<String> = topics.iter().map(|t| t.to_string()).collect();
+        match self.membership.as_mut() {
+            Some(m) => {
+                m.topics = topics;
+                m.rejoin.store(true, Ordering::Release);
+                self.before_rebalance().await;
+            }
+            None => {
+                self.membership = Some(Membership {
+                    group,
+                    member_id: String::new(),
+                    generation: -1,
+                    topics,
+                    rejoin: Arc::new(AtomicBool::new(true)),
+                    heartbeat: None,
+                })
+            }
+        }
         self.rejoin().await
     }
 
@@ -478,18 +493,27 @@ impl Consumer {
     /// Connection errors after the broker stays unreachable, group errors, or broker errors.
     pub async fn poll(&mut self, timeout: Duration) -> Result<Vec<ConsumerRecord>> {
         let deadline = Instant::now() + timeout;
+        if !self.membership.as_ref().is_some_and(|m| m.rejoin.load(Ordering::Acquire)) {
+            // Calling poll means the records returned before were processed, also when there
+            // is nothing new to hand out.
+            self.maybe_auto_commit().await;
+        }
         loop {
             if self.membership.as_ref().is_some_and(|m| m.rejoin.load(Ordering::Acquire)) {
                 self.before_rebalance().await;
                 if let Err(e) = self.rejoin().await {
-                    if !e.is_retriable()
-                        && e.code() != Some(ErrorCode::UnknownMemberId)
-                        && e.code() != Some(ErrorCode::RebalanceInProgress)
-                    {
+                    let churn = matches!(e.code(), Some(ErrorCode::UnknownMemberId | ErrorCode::RebalanceInProgress));
+                    if !e.is_retriable() && !churn {
                         return Err(e);
                     }
+                    // Retried until the timeout; then the caller hears why nothing came (a
+                    // rebalance still going on is not a failure).
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return if churn { Ok(Vec::new()) } else { Err(e) };
+                    }
                     tracing::info!(error = %e, "rejoin failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    tokio::time::sleep(left.min(Duration::from_millis(100))).await;
                     continue;
                 }
             }
@@ -526,8 +550,14 @@ impl Consumer {
             let response = match result {
                 Ok(Ok(r)) => r,
                 Ok(Err(e)) if e.is_retriable() => {
+                    // Retried until the timeout; a broker that stays unreachable that long is
+                    // reported (the error is retriable: poll again to carry on).
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(e);
+                    }
                     tracing::warn!(error = %e, "fetch failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    tokio::time::sleep(left.min(Duration::from_millis(100))).await;
                     continue;
                 }
                 Ok(Err(e)) => return Err(e),
@@ -695,6 +725,7 @@ impl Consumer {
         if self.config.auto_commit
             && self.config.group.is_some()
             && self.last_commit.elapsed() >= self.config.auto_commit_interval
+            && self.returned != self.committed
         {
             if let Err(e) = self.commit().await {
                 tracing::warn!(error = %e, "auto-commit failed");
@@ -709,7 +740,9 @@ impl Consumer {
     /// No group configured, a stale generation (`ILLEGAL_GENERATION`), or connection errors.
     pub async fn commit(&mut self) -> Result<()> {
         let returned = self.returned.clone();
-        self.commit_offsets(&returned).await
+        self.commit_offsets(&returned).await?;
+        self.committed = returned;
+        Ok(())
     }
 
     /// Commits explicit offsets (each the next offset to consume) for the configured group.

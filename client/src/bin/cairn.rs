@@ -490,6 +490,7 @@ async fn consume(conn: ConnectionConfig, args: ConsumeArgs) -> Result<(), Error>
     let ends: BTreeMap<u32, i64> = info.partitions.iter().map(|p| (p.partition, p.end_offset)).collect();
     let mut printed: BTreeMap<(String, u32), i64> = BTreeMap::new();
     let mut count = 0u64;
+    let mut waiting = false;
     let stdout = std::io::stdout();
     'outer: loop {
         if args.count.is_some_and(|c| count >= c) {
@@ -509,7 +510,22 @@ async fn consume(conn: ConnectionConfig, args: ConsumeArgs) -> Result<(), Error>
                 break;
             }
         }
-        let records = consumer.poll(Duration::from_millis(500)).await?;
+        let records = match consumer.poll(Duration::from_millis(500)).await {
+            Ok(records) => {
+                if std::mem::take(&mut waiting) {
+                    eprintln!("reading again");
+                }
+                records
+            }
+            // Following, a broker restart is waited out, said once on stderr.
+            Err(e) if args.follow && e.is_retriable() => {
+                if !std::mem::replace(&mut waiting, true) {
+                    eprintln!("waiting for the broker: {e}");
+                }
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         let mut out = stdout.lock();
         for r in records {
             if !args.follow && r.offset >= ends.get(&r.partition).copied().unwrap_or(i64::MAX) {
