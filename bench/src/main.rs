@@ -69,7 +69,8 @@ struct Common {
     /// Records to measure; without it, run for --duration.
     #[arg(long)]
     messages: Option<u64>,
-    /// Seconds to run when --messages is not given.
+    /// Seconds to run when --messages is not given (at a fixed --rate: send every record
+    /// scheduled within them, however late, so that a stall's records count in the latency).
     #[arg(long, default_value_t = 10)]
     duration: u64,
     /// Record value size in bytes.
@@ -85,7 +86,7 @@ struct Common {
     #[arg(long, value_enum, default_value_t = AcksArg::Leader)]
     acks: AcksArg,
     /// Fixed total send rate in records/s (e2e default 10,000).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     rate: Option<u64>,
     /// Keyed records over N distinct keys (0 = no keys).
     #[arg(long, default_value_t = 0)]

@@ -222,15 +222,22 @@ async fn send_records(producers: Vec<Producer>, plan: SendPlan) -> anyhow::Resul
     let keys: Vec<Bytes> = (0..opts.keys.min(100_000)).map(|k| Bytes::from(format!("key-{k}"))).collect();
     let mut samplers = Vec::new();
     let mut samples = Vec::new();
+    let first_error: Arc<Mutex<Option<String>>> = Arc::default();
     if let Some(h) = &hist {
         for _ in &producers {
             let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, cairn_client::Delivery)>();
             let h = Arc::clone(h);
+            let first_error = Arc::clone(&first_error);
             samplers.push(tokio::spawn(async move {
                 while let Some((sent, d)) = rx.recv().await {
-                    if d.wait().await.is_ok() {
-                        let us = sent.elapsed().as_micros().max(1) as u64;
-                        let _ = h.lock().expect("histogram").record(us);
+                    match d.wait().await {
+                        Ok(_) => {
+                            let us = sent.elapsed().as_micros().max(1) as u64;
+                            let _ = h.lock().expect("histogram").record(us);
+                        }
+                        Err(e) => {
+                            first_error.lock().expect("first error").get_or_insert_with(|| e.to_string());
+                        }
                     }
                 }
             }));
@@ -282,10 +289,34 @@ async fn send_records(producers: Vec<Producer>, plan: SendPlan) -> anyhow::Resul
     for s in samplers {
         let _ = s.await;
     }
+    // Records the broker refused are not throughput: a run with any is a failed run.
+    let failed: u64 = producers.iter().map(Producer::failed_records).sum();
+    if failed > 0 {
+        let why = first_error.lock().expect("first error").take();
+        anyhow::bail!(
+            "{failed} of {i} records were not delivered ({})",
+            why.map_or_else(
+                || "none of them was sampled; see the broker's log".to_owned(),
+                |e| format!("first sampled error: {e}")
+            )
+        );
+    }
     for p in &producers {
         p.close().await?;
     }
     Ok(i)
+}
+
+/// Records a run sends: `--messages`, or at a fixed rate every record scheduled within
+/// `--duration` (the run ends when the last is sent, however late: records held up by a stall
+/// count with their full latency; stopping at the clock would drop exactly those), or `None`
+/// to send as fast as possible until the duration ends.
+fn paced_count(opts: &Opts) -> Option<u64> {
+    match (opts.messages, opts.rate) {
+        (Some(n), _) => Some(n),
+        (None, Some(rate)) => Some((rate as f64 * opts.duration.as_secs_f64()).round() as u64),
+        (None, None) => None,
+    }
 }
 
 /// Produce as fast as possible (or at `rate`); latency = send to acknowledgement.
@@ -301,14 +332,14 @@ pub async fn produce(opts: &Opts) -> anyhow::Result<Report> {
     let list = producers(opts).await?;
     let hist = Arc::new(Mutex::new(histogram()));
     let meter = Meter::new();
-    let ticker = meter.spawn(opts.messages, opts.progress, "produce");
+    let ticker = meter.spawn(paced_count(opts), opts.progress, "produce");
     let start = Instant::now();
     let plan = SendPlan {
-        deadline: opts.messages.is_none().then(|| start + opts.duration),
+        deadline: (opts.messages.is_none() && opts.rate.is_none()).then(|| start + opts.duration),
         rate: opts.rate.map(|r| r as f64),
         hist: Some(Arc::clone(&hist)),
         meter: Some(Arc::clone(&meter)),
-        ..SendPlan::new(opts, opts.messages)
+        ..SendPlan::new(opts, paced_count(opts))
     };
     let tasks = start_senders(list, plan);
     finish(opts, "produce", "send to acknowledgement, every 64th record", Finish { tasks, start, meter, ticker, hist })

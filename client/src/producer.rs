@@ -9,7 +9,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::{Future, IntoFuture};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -351,6 +351,8 @@ struct Inner {
     memory: Memory,
     requests: Arc<Semaphore>,
     outstanding: AtomicUsize,
+    /// Records whose delivery failed for good.
+    failed: AtomicU64,
     idle: Notify,
     closed: AtomicBool,
 }
@@ -416,6 +418,7 @@ impl Producer {
             producer_id: random_producer_id(),
             wake: Notify::new(),
             outstanding: AtomicUsize::new(0),
+            failed: AtomicU64::new(0),
             idle: Notify::new(),
             closed: AtomicBool::new(false),
         });
@@ -542,6 +545,13 @@ impl Producer {
             inner.wake.notify_one();
         }
         Ok(delivery)
+    }
+
+    /// Records whose delivery has failed for good since the producer was created (each one's
+    /// [`Delivery`] has the error): a cheap check for a caller that does not await every
+    /// delivery, such as a load generator after [`Producer::flush`].
+    pub fn failed_records(&self) -> u64 {
+        self.inner.failed.load(Ordering::Relaxed)
     }
 
     /// Sends everything buffered now and waits until every record sent so far is acknowledged
@@ -826,6 +836,9 @@ fn release_partition(inner: &Inner, tp: &TopicPartition) {
 }
 
 fn finish(inner: &Inner, b: SealedBatch, outcome: Outcome) {
+    if outcome.is_err() {
+        inner.failed.fetch_add(b.records as u64, Ordering::Relaxed);
+    }
     b.result.complete(outcome);
     inner.memory.release(b.reserved);
     if inner.outstanding.fetch_sub(b.records, Ordering::AcqRel) == b.records {
@@ -857,6 +870,7 @@ mod tests {
             producer_id: 1,
             wake: Notify::new(),
             outstanding: AtomicUsize::new(0),
+            failed: AtomicU64::new(0),
             idle: Notify::new(),
             closed: AtomicBool::new(false),
         });

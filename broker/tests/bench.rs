@@ -1,0 +1,76 @@
+//! The `cairn-bench` load generator against the real broker binary: its JSON report, and runs
+//! that must fail rather than report figures that are not true.
+
+mod common;
+
+use std::process::Command;
+
+use common::{sibling_bin, TestBroker};
+
+fn bench(broker: &TestBroker, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(sibling_bin("cairn-bench", "cairn-bench"))
+        .args(args)
+        .env("CAIRN_BROKER", broker.addr.to_string())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn produce_and_consume_report_the_json_keys_scripts_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "");
+    let args = ["produce", "--topic", "j", "--messages", "3000", "--size", "200", "--warmup", "0", "--json"];
+    let (code, out, err) = bench(&broker, &args);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["records"], 3000);
+    assert!(v["records_per_sec"].as_f64().unwrap() > 0.0);
+    assert!(v["mb_per_sec"].as_f64().unwrap() > 0.0);
+    for key in ["p50", "p90", "p99", "p999", "max"] {
+        assert!(v["latency_us"][key].as_f64().unwrap() > 0.0, "latency_us.{key} in {out}");
+    }
+    assert!(v["latency_us"]["p50"].as_f64().unwrap() <= v["latency_us"]["max"].as_f64().unwrap());
+    assert!(v["command"].as_str().unwrap().contains("produce --topic j --messages 3000"), "{out}");
+
+    let (code, out, err) = bench(&broker, &["consume", "--topic", "j", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["records"], 3000, "consume reads the whole topic");
+}
+
+#[test]
+fn a_run_whose_records_the_broker_refuses_fails_instead_of_reporting_them_as_throughput() {
+    let dir = tempfile::tempdir().unwrap();
+    // Batches over the broker's batch_bytes_max are refused (not retriable).
+    let broker = TestBroker::start(dir.path(), "[storage]\nbatch_bytes_max = 65536\n");
+    let args = ["produce", "--topic", "big", "--messages", "200", "--size", "100000", "--warmup", "0", "--json"];
+    let (code, out, err) = bench(&broker, &args);
+    assert_ne!(code, 0, "a run of refused records reported success: {out}");
+    assert!(err.contains("200 of 200 records were not delivered"), "{err}");
+    assert!(err.contains("BATCH_TOO_LARGE") || err.contains("too large"), "{err}");
+}
+
+#[test]
+fn a_zero_rate_is_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "");
+    let (code, _, err) = bench(&broker, &["produce", "--rate", "0", "--messages", "10"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--rate"), "{err}");
+}
+
+#[test]
+fn a_paced_run_sends_every_record_scheduled_within_its_duration() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "");
+    let args = ["produce", "--topic", "paced", "--rate", "2000", "--duration", "1", "--warmup", "0", "--json"];
+    let (code, out, err) = bench(&broker, &args);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["records"], 2000, "{out}");
+}
