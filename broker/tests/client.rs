@@ -267,6 +267,14 @@ fn polls_hand_out_a_fetch_in_max_poll_records_pieces_and_a_seek_drops_the_rest()
             }
         }
         assert!(consumer.poll(Duration::from_millis(200)).await.unwrap().is_empty());
+
+        // Assigning a partition again starts it over (auto_offset_reset, Earliest here): the
+        // records fetched before are not handed out first.
+        consumer.seek("pieces", 0, Offset::At(50));
+        assert_eq!(offsets(&consumer.poll(Duration::from_secs(5)).await.unwrap()), (50..57).collect::<Vec<_>>());
+        consumer.assign("pieces", None).await.unwrap();
+        let again = consumer.poll(Duration::from_secs(5)).await.unwrap();
+        assert_eq!(offsets(&again), (0..7).collect::<Vec<_>>(), "stale records after assign");
     });
 }
 

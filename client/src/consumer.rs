@@ -223,7 +223,10 @@ impl Consumer {
             if p >= count {
                 return Err(Error::InvalidArgument(format!("partition {p} does not exist: {topic} has {count}")));
             }
-            self.positions.insert((topic.to_owned(), p), Position::Resolve(self.config.auto_offset_reset));
+            let key = (topic.to_owned(), p);
+            // Starting over: records fetched before are not handed out first (as for a seek).
+            self.pending.retain(|f| f.key != key);
+            self.positions.insert(key, Position::Resolve(self.config.auto_offset_reset));
         }
         self.cancel_fetch();
         Ok(())
