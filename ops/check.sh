@@ -256,6 +256,7 @@ EXPECTED = {
         "groups_max": 10000,
         "members_per_group_max": 1000,
         "offsets_snapshot_bytes": 67108864,
+        "offsets_commit_timeout_ms": 30000,
     },
 }
 try:

@@ -169,6 +169,14 @@ mod tests {
     }
 
     #[test]
+    fn a_zero_offsets_commit_timeout_is_refused_at_start() {
+        let mut c = BrokerConfig::default();
+        c.groups.offsets_commit_timeout_ms = 0;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("offsets_commit_timeout_ms"), "{err}");
+    }
+
+    #[test]
     fn printed_config_parses_back() {
         let c = BrokerConfig::default();
         let back: BrokerConfig = toml::from_str(&c.to_toml()).unwrap();

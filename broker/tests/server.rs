@@ -553,74 +553,144 @@ fn unknown_config_keys_and_bad_values_stop_the_broker_with_a_clear_error() {
     assert!(text.contains("listen = \"127.0.0.1:9999\"") && text.contains("[storage]"), "{text}");
 }
 
-/// An acks=all produce's `timeout_ms` counts from when the request arrived, not from when the
-/// responses pipelined before it were written: with syncs stalled, eight pipelined requests
-/// with a 300 ms timeout all time out after about 300 ms (the last used to wait 8 × 300 ms).
-#[test]
-fn pipelined_acks_all_requests_each_time_out_after_their_own_timeout_ms() {
-    use cairn_broker::config::BrokerConfig;
-    use cairn_broker::groups::Coordinator;
-    use cairn_broker::metrics::Health;
-    use cairn_broker::server::{self, Broker};
-    use cairn_broker::storage::{system_clock, LogStore};
-    use std::sync::Arc;
+/// A broker served in this process, so that a test can reach into its store.
+struct InProcess {
+    broker: std::sync::Arc<cairn_broker::server::Broker>,
+    addr: std::net::SocketAddr,
+    served: tokio::task::JoinHandle<()>,
+    /// Lets the group-commit thread go again (see [`InProcess::stall_syncs`]).
+    release: Option<std::sync::mpsc::Sender<()>>,
+}
 
-    let dir = tempfile::tempdir().unwrap();
-    run(Duration::from_secs(60), async move {
-        let config = BrokerConfig { data_dir: dir.path().to_owned(), ..BrokerConfig::default() };
-        let (store, _) = LogStore::open(dir.path(), config.storage.clone(), system_clock()).unwrap();
+impl InProcess {
+    async fn start(dir: &std::path::Path, groups: cairn_broker::groups::GroupConfig) -> InProcess {
+        use cairn_broker::config::BrokerConfig;
+        use cairn_broker::groups::Coordinator;
+        use cairn_broker::metrics::Health;
+        use cairn_broker::server::{self, Broker};
+        use cairn_broker::storage::{system_clock, LogStore};
+        use std::sync::Arc;
+
+        let config = BrokerConfig { data_dir: dir.to_owned(), groups, ..BrokerConfig::default() };
+        let (store, _) = LogStore::open(dir, config.storage.clone(), system_clock()).unwrap();
+        store.create_topic("t", 1, config.storage.topic_defaults()).unwrap();
         let groups = Coordinator::open(&store, config.groups.clone()).unwrap();
         let health = Arc::new(Health { ready: true.into(), shutdown: Default::default() });
-        let topic = store.create_topic("t", 1, config.storage.topic_defaults()).unwrap();
-        let broker = Arc::new(Broker::new(config, store, groups, Arc::clone(&health)));
+        let broker = Arc::new(Broker::new(config, store, groups, health));
         let listener = server::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let served = tokio::spawn(server::serve(Arc::clone(&broker), listener));
+        InProcess { broker, addr, served, release: None }
+    }
 
-        // Stall the group-commit thread: it runs each waiter's callback, and this one blocks
-        // until the test lets it go.
+    /// Stalls the group-commit thread: it runs each waiter's callback, and this one blocks
+    /// until [`InProcess::stop`].
+    fn stall_syncs(&mut self) {
         let (release, stalled) = std::sync::mpsc::channel::<()>();
-        broker.store.sync_async(
-            Arc::clone(&topic.partitions[0]),
+        let partition = self.broker.store.partition("t", 0).unwrap();
+        self.broker.store.sync_async(
+            partition,
             0,
             Box::new(move |_| {
                 let _ = stalled.recv();
             }),
         );
+        self.release = Some(release);
+    }
 
-        let started = Instant::now();
-        let elapsed = tokio::task::spawn_blocking(move || {
+    /// Sends `requests` pipelined on one connection, then reads their responses in order;
+    /// returns each with the time it arrived, counted from the send.
+    async fn pipelined(&self, requests: Vec<Vec<Bytes>>) -> Vec<(Bytes, Duration)> {
+        let addr = self.addr;
+        tokio::task::spawn_blocking(move || {
             let mut s = TcpStream::connect(addr).unwrap();
             s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-            let mut frames = Vec::new();
-            for i in 0..8u32 {
-                let mut req = produce_req("t", Acks::All, batch(&["v"]));
-                req.timeout_ms = 300;
-                for chunk in encode_request(i, "timeouts", &req) {
-                    frames.extend_from_slice(&chunk);
-                }
-            }
+            let frames: Vec<u8> = requests.iter().flatten().flat_map(|c| c.iter().copied()).collect();
+            let started = Instant::now();
             s.write_all(&frames).unwrap();
-            let mut last = Duration::ZERO;
-            for i in 0..8u32 {
-                let frame = read_frame(&mut s).expect("a response");
-                let (corr, resp) = decode_response::<ProduceResponse>(frame).unwrap();
-                assert_eq!(corr, i);
-                let resp = resp.unwrap();
-                assert_eq!(resp.topics[0].partitions[0].error, ErrorCode::RequestTimedOut);
-                last = started.elapsed();
-            }
-            last
+            (0..requests.len()).map(|_| (read_frame(&mut s).expect("a response"), started.elapsed())).collect()
         })
         .await
-        .unwrap();
-        let _ = release.send(());
+        .unwrap()
+    }
+
+    async fn stop(mut self) {
+        if let Some(release) = self.release.take() {
+            let _ = release.send(());
+        }
+        self.broker.shutdown.cancel();
+        self.served.await.unwrap();
+        self.broker.store.close().unwrap();
+    }
+}
+
+/// An acks=all produce's `timeout_ms` counts from when the request arrived, not from when the
+/// responses pipelined before it were written: with syncs stalled, eight pipelined requests
+/// with a 300 ms timeout all time out after about 300 ms (the last used to wait 8 × 300 ms).
+#[test]
+fn pipelined_acks_all_requests_each_time_out_after_their_own_timeout_ms() {
+    let dir = tempfile::tempdir().unwrap();
+    run(Duration::from_secs(60), async move {
+        let mut broker = InProcess::start(dir.path(), Default::default()).await;
+        broker.stall_syncs();
+        let requests = (0..8u32)
+            .map(|i| {
+                let mut req = produce_req("t", Acks::All, batch(&["v"]));
+                req.timeout_ms = 300;
+                encode_request(i, "timeouts", &req)
+            })
+            .collect();
+        let responses = broker.pipelined(requests).await;
+        for (i, (frame, _)) in responses.iter().enumerate() {
+            let (corr, resp) = decode_response::<ProduceResponse>(frame.clone()).unwrap();
+            assert_eq!(corr, i as u32);
+            assert_eq!(resp.unwrap().topics[0].partitions[0].error, ErrorCode::RequestTimedOut);
+        }
+        let last = responses.last().unwrap().1;
         assert!(
-            elapsed < Duration::from_millis(1_500),
-            "the 8th of eight pipelined 300 ms requests answered after {elapsed:?}"
+            last < Duration::from_millis(1_500),
+            "the 8th of eight pipelined 300 ms requests answered after {last:?}"
         );
-        broker.shutdown.cancel();
-        served.await.unwrap();
-        broker.store.close().unwrap();
+        broker.stop().await;
+    });
+}
+
+/// The same for OffsetCommit's wait for its fsync (`groups.offsets_commit_timeout_ms`).
+#[test]
+fn pipelined_offset_commits_each_time_out_after_offsets_commit_timeout_ms() {
+    use cairn_protocol::messages::offsets::{
+        OffsetCommitPartition, OffsetCommitRequest, OffsetCommitResponse, OffsetCommitTopic,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    run(Duration::from_secs(60), async move {
+        let groups = cairn_broker::groups::GroupConfig { offsets_commit_timeout_ms: 300, ..Default::default() };
+        let mut broker = InProcess::start(dir.path(), groups).await;
+        broker.stall_syncs();
+        let requests = (0..8u32)
+            .map(|i| {
+                let req = OffsetCommitRequest {
+                    group_id: "g".into(),
+                    member_id: String::new(),
+                    generation_id: -1,
+                    topics: vec![OffsetCommitTopic {
+                        name: "t".into(),
+                        partitions: vec![OffsetCommitPartition { partition: 0, offset: 0, metadata: None }],
+                    }],
+                };
+                encode_request(i, "commits", &req)
+            })
+            .collect();
+        let responses = broker.pipelined(requests).await;
+        for (i, (frame, _)) in responses.iter().enumerate() {
+            let (corr, resp) = decode_response::<OffsetCommitResponse>(frame.clone()).unwrap();
+            assert_eq!(corr, i as u32);
+            assert_eq!(resp.unwrap().topics[0].partitions[0].1, ErrorCode::RequestTimedOut);
+        }
+        let last = responses.last().unwrap().1;
+        assert!(
+            last < Duration::from_millis(1_500),
+            "the 8th of eight pipelined 300 ms commits answered after {last:?}"
+        );
+        broker.stop().await;
     });
 }

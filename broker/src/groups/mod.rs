@@ -28,6 +28,9 @@ pub struct GroupConfig {
     /// When the committed-offsets log grows past this, it is rewritten as a snapshot and the old
     /// segments are deleted. Default 64 MiB.
     pub offsets_snapshot_bytes: u64,
+    /// How long an OffsetCommit waits for its fsync, counted from its arrival, before it
+    /// answers `REQUEST_TIMED_OUT` (Kafka's `offsets.commit.timeout.ms`). Default 30,000 ms.
+    pub offsets_commit_timeout_ms: u64,
 }
 
 impl Default for GroupConfig {
@@ -40,6 +43,7 @@ impl Default for GroupConfig {
             groups_max: 10_000,
             members_per_group_max: 1_000,
             offsets_snapshot_bytes: 64 * 1024 * 1024,
+            offsets_commit_timeout_ms: 30_000,
         }
     }
 }
@@ -55,6 +59,9 @@ impl GroupConfig {
         }
         if self.rebalance_timeout_ms_max == 0 {
             return Err("groups.rebalance_timeout_ms_max must be positive".into());
+        }
+        if self.offsets_commit_timeout_ms == 0 {
+            return Err("groups.offsets_commit_timeout_ms must be positive".into());
         }
         if self.groups_max == 0 || self.members_per_group_max == 0 {
             return Err("groups.groups_max and groups.members_per_group_max must be positive".into());

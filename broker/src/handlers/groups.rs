@@ -109,7 +109,10 @@ pub(crate) fn offset_commit(ctx: Ctx, req: OffsetCommitRequest) -> Reply {
         let error = first_error(codes.iter().copied());
         return ctx.reply(&build(codes), error);
     };
-    // Acknowledge only once the commit is fsynced.
+    // Acknowledge only once the commit is fsynced. The wait counts from now: the reply below
+    // is first polled only once the responses pipelined before it have been written.
+    let timeout = Duration::from_millis(broker.config.groups.offsets_commit_timeout_ms);
+    let deadline = tokio::time::Instant::now() + timeout;
     let (tx, rx) = oneshot::channel();
     broker.store.sync_async(
         pending.log,
@@ -119,7 +122,7 @@ pub(crate) fn offset_commit(ctx: Ctx, req: OffsetCommitRequest) -> Reply {
         }),
     );
     ctx.reply_later(async move {
-        let outcome = tokio::time::timeout(Duration::from_secs(30), rx).await;
+        let outcome = tokio::time::timeout_at(deadline, rx).await;
         let failure = match outcome {
             Ok(Ok(Ok(()))) => None,
             Ok(Ok(Err(e))) => Some(storage_error_code(&e)),
