@@ -44,6 +44,7 @@ pub async fn run(config: BrokerConfig, shutdown: CancellationToken) -> anyhow::R
     // Health endpoints answer during recovery: alive, not yet ready.
     let health = Arc::new(metrics::Health { ready: false.into(), shutdown: shutdown.clone() });
     let metrics_local = metrics_listener.local_addr()?;
+    tokio::spawn(metrics::keep_up(prometheus.clone(), metrics::UPKEEP_INTERVAL, shutdown.clone()));
     tokio::spawn(metrics::serve_http(metrics_listener, prometheus, Arc::clone(&health)));
 
     let dir = config.data_dir.clone();

@@ -34,19 +34,44 @@ pub const FLUSH_BUCKETS: &[f64] = &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.00
 /// reporting its last lag to an alert.
 pub const GAUGE_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Installs the global recorder and returns the handle that renders `/metrics`.
+/// How often [`keep_up`] folds recorded histogram samples into their buckets.
+pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// The recorder's settings: histogram buckets and the idle timeout of gauges.
+///
+/// # Errors
+/// Never in practice (the bucket lists are not empty).
+pub fn builder() -> anyhow::Result<PrometheusBuilder> {
+    Ok(PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full("cairn_request_duration_seconds".into()), REQUEST_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Full("cairn_flush_duration_seconds".into()), FLUSH_BUCKETS)?
+        .idle_timeout(metrics_util::MetricKindMask::GAUGE, Some(GAUGE_IDLE_TIMEOUT)))
+}
+
+/// Installs the global recorder and returns the handle that renders `/metrics`. Run
+/// [`keep_up`] beside it.
 ///
 /// # Errors
 /// When a recorder is already installed.
 pub fn install() -> anyhow::Result<PrometheusHandle> {
-    let handle = PrometheusBuilder::new()
-        .set_buckets_for_metric(Matcher::Full("cairn_request_duration_seconds".into()), REQUEST_BUCKETS)?
-        .set_buckets_for_metric(Matcher::Full("cairn_flush_duration_seconds".into()), FLUSH_BUCKETS)?
-        .idle_timeout(metrics_util::MetricKindMask::GAUGE, Some(GAUGE_IDLE_TIMEOUT))
-        .install_recorder()?;
+    let handle = builder()?.install_recorder()?;
     publish_build_info();
     describe();
     Ok(handle)
+}
+
+/// Folds recorded histogram samples into their buckets every `every` until `shutdown`. Without
+/// it every sample (one per request) is kept until the next scrape: a broker nobody scrapes
+/// would grow by eight bytes per request for ever.
+pub async fn keep_up(handle: PrometheusHandle, every: Duration, shutdown: tokio_util::sync::CancellationToken) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => handle.run_upkeep(),
+        }
+    }
 }
 
 fn publish_build_info() {
