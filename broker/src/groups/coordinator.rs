@@ -697,20 +697,37 @@ impl Coordinator {
         }
     }
 
-    /// Publishes committed offset, lag and member gauges (at most `series_max` partition series).
+    /// Publishes committed offset, lag and member gauges. Per partition while there is room
+    /// for `series_max` partition series; past that, each (group, topic) gets one series with
+    /// `partition="all"` holding the sums (as the partition gauges do), so that no group's lag
+    /// is left out.
     pub fn publish_metrics(&self, store: &LogStore, series_max: usize) {
         let inner = self.inner.lock().expect("groups lock");
-        for (i, ((group, topic, partition), c)) in inner.committed.iter().enumerate() {
-            if i >= series_max {
-                break;
+        let mut series = 0usize;
+        let mut entries = inner.committed.iter().peekable();
+        while let Some(((group, topic), _)) = entries.peek().map(|((g, t, _), c)| ((g.clone(), t.clone()), c)) {
+            // This (group, topic)'s partitions that still exist, with their lag.
+            let mut block = Vec::new();
+            while let Some(((_, _, partition), c)) = entries.next_if(|((g, t, _), _)| *g == group && *t == topic) {
+                if let Some(log) = store.partition(&topic, *partition) {
+                    block.push((*partition, c.offset, (log.log_end_offset() as i64 - c.offset).max(0)));
+                }
             }
-            let Some(log) = store.partition(topic, *partition) else {
-                continue;
-            };
-            let labels = [("group", group.clone()), ("topic", topic.clone()), ("partition", partition.to_string())];
-            metrics::gauge!("cairn_consumer_group_committed_offset", &labels).set(c.offset as f64);
-            let lag = (log.log_end_offset() as i64 - c.offset).max(0);
-            metrics::gauge!("cairn_consumer_group_lag", &labels).set(lag as f64);
+            if series + block.len() <= series_max {
+                series += block.len();
+                for (partition, offset, lag) in block {
+                    let labels =
+                        [("group", group.clone()), ("topic", topic.clone()), ("partition", partition.to_string())];
+                    metrics::gauge!("cairn_consumer_group_committed_offset", &labels).set(offset as f64);
+                    metrics::gauge!("cairn_consumer_group_lag", &labels).set(lag as f64);
+                }
+            } else if !block.is_empty() {
+                let labels = [("group", group.clone()), ("topic", topic.clone()), ("partition", "all".to_owned())];
+                let offsets: i64 = block.iter().map(|(_, o, _)| o).sum();
+                let lag: i64 = block.iter().map(|(_, _, l)| l).sum();
+                metrics::gauge!("cairn_consumer_group_committed_offset", &labels).set(offsets as f64);
+                metrics::gauge!("cairn_consumer_group_lag", &labels).set(lag as f64);
+            }
         }
         let mut names: BTreeSet<&String> = inner.groups.keys().collect();
         names.extend(inner.committed.keys().map(|(g, _, _)| g));
@@ -819,5 +836,38 @@ mod tests {
         // Once the log has doubled since the snapshot, it is compacted again.
         commit_outside_membership(&c, "g", 100, 4000);
         assert!(c.compact_offsets(snapshot_bytes).unwrap());
+    }
+
+    #[test]
+    fn past_the_series_cap_lag_is_summed_per_group_and_topic_not_left_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = LogStore::open(dir.path(), StorageConfig::default(), system_clock()).unwrap();
+        let topic = store.create_topic("t", 2, StorageConfig::default().topic_defaults()).unwrap();
+        for p in &topic.partitions {
+            let mut b = cairn_protocol::RecordBatchBuilder::new();
+            for _ in 0..10 {
+                b.push(1_700_000_000_000, None, Some(b"v"), &[]);
+            }
+            p.append(&b.build()).unwrap();
+        }
+        let c = Coordinator::open(&store, GroupConfig::default()).unwrap();
+        for g in ["a", "b"] {
+            let entries = vec![("t".to_string(), 0, 1, None), ("t".to_string(), 1, 2, None)];
+            let (codes, pending) = c.commit(g, "", -1, entries, 1).unwrap();
+            assert!(codes.iter().all(|c| c.is_ok()), "{codes:?}");
+            pending.unwrap().log.sync().unwrap();
+        }
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        // Room for two partition series: group a's, then group b's lag summed (9 + 8).
+        metrics::with_local_recorder(&recorder, || c.publish_metrics(&store, 2));
+        let page = recorder.handle().render();
+        let lag = |group: &str, partition: &str| {
+            let series =
+                format!("cairn_consumer_group_lag{{group=\"{group}\",topic=\"t\",partition=\"{partition}\"}} ");
+            page.lines().find_map(|l| l.strip_prefix(&series)).map(|v| v.parse::<f64>().unwrap())
+        };
+        assert_eq!((lag("a", "0"), lag("a", "1")), (Some(9.0), Some(8.0)), "{page}");
+        assert_eq!(lag("b", "all"), Some(17.0), "{page}");
+        assert_eq!(lag("b", "0"), None, "{page}");
     }
 }
