@@ -91,6 +91,8 @@ fn serve(batch: Vec<FlushRequest>) {
                     path: partition.dir().to_owned(),
                     source: std::io::Error::other(format!("durable offset {durable} is below {offset}")),
                 }),
+                // Its topic was deleted: the producer hears of an unknown topic.
+                Err(StorageError::UnknownTopic(topic)) => Err(StorageError::UnknownTopic(topic.clone())),
                 Err(e) => Err(StorageError::Io {
                     op: "sync",
                     path: partition.dir().to_owned(),

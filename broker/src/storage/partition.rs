@@ -109,6 +109,9 @@ pub struct PartitionLog {
     /// When unsynced data first appeared (ms), 0 when everything is synced.
     dirty_since_ms: AtomicI64,
     poisoned: AtomicBool,
+    /// Its topic was deleted ([`PartitionLog::destroy`]): a produce or fetch that looked it up
+    /// just before hears of an unknown topic, not of a storage fault.
+    deleted: AtomicBool,
 }
 
 impl PartitionLog {
@@ -147,6 +150,7 @@ impl PartitionLog {
             durable_offset: AtomicU64::new(end),
             dirty_since_ms: AtomicI64::new(0),
             poisoned: AtomicBool::new(false),
+            deleted: AtomicBool::new(false),
         };
         Ok((log, recovered))
     }
@@ -221,6 +225,7 @@ impl PartitionLog {
     /// written), [`StorageError::Poisoned`] after a failed sync, or an I/O error.
     pub fn append(&self, batch: &[u8]) -> Result<AppendInfo> {
         let header = validate_for_append(batch, self.config.batch_bytes_max as usize)?;
+        self.check_deleted()?;
         if self.poisoned.load(Ordering::Acquire) {
             return Err(StorageError::Poisoned(self.name()));
         }
@@ -229,6 +234,8 @@ impl PartitionLog {
         let len = batch.len() as u64;
         let count = header.record_count as u64;
         let mut ap = self.appender.lock().expect("append lock");
+        // Deleted while this waited for the lock: nothing may be written into its files.
+        self.check_deleted()?;
         let base = self.end_offset.load(Ordering::Acquire);
         if header.producer_id >= 0 {
             if let Some(last) = ap.producers.get(&header.producer_id) {
@@ -349,6 +356,16 @@ impl PartitionLog {
     /// # Errors
     /// [`StorageError::OffsetOutOfRange`] below the log start or above the log end.
     pub fn read(&self, offset: u64, max_bytes: u64) -> Result<ReadResult> {
+        self.check_deleted()?;
+        match self.read_segments(offset, max_bytes) {
+            // Deleted under the reader: its segments were unmapped and removed.
+            Err(_) if self.deleted.load(Ordering::Acquire) => Err(self.unknown()),
+            r => r,
+        }
+    }
+
+    /// [`PartitionLog::read`] of a partition that is not deleted.
+    fn read_segments(&self, offset: u64, max_bytes: u64) -> Result<ReadResult> {
         let end = self.log_end_offset();
         let start = self.log_start_offset();
         let out_of_range = || StorageError::OffsetOutOfRange { offset, log_start: start, log_end: end };
@@ -419,6 +436,7 @@ impl PartitionLog {
     /// The sync failure, or [`StorageError::Poisoned`] if an earlier sync failed.
     pub fn sync(&self) -> Result<u64> {
         let _serial = self.sync_lock.lock().expect("sync lock");
+        self.check_deleted()?;
         if self.poisoned.load(Ordering::Acquire) {
             return Err(StorageError::Poisoned(self.name()));
         }
@@ -597,9 +615,22 @@ impl PartitionLog {
         Ok(self.log_end_offset())
     }
 
+    /// The error for a partition whose topic was deleted.
+    fn unknown(&self) -> StorageError {
+        StorageError::UnknownTopic(self.topic.clone())
+    }
+
+    fn check_deleted(&self) -> Result<()> {
+        if self.deleted.load(Ordering::Acquire) {
+            return Err(self.unknown());
+        }
+        Ok(())
+    }
+
     /// Unmaps every segment and deletes the partition's directory (topic deletion).
     pub(crate) fn destroy(&self) -> Result<()> {
         let _ap = self.appender.lock().expect("append lock");
+        self.deleted.store(true, Ordering::Release);
         self.poisoned.store(true, Ordering::Release);
         for seg in self.segments().iter() {
             seg.evict();

@@ -416,6 +416,23 @@ fn topics_survive_a_restart_and_deletion_removes_data() {
     assert_eq!(store.topic("keep").unwrap().partitions.len(), 2);
 }
 
+/// A produce or fetch that looked its partition up just before the topic was deleted hears that
+/// the topic is gone (not a storage fault, which pages an operator), and the write cannot land
+/// in a file of the deleted partition.
+#[test]
+fn a_partition_used_after_its_topic_was_deleted_reports_an_unknown_topic() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path(), small_config());
+    store.create_topic("gone", 1, store.config().topic_defaults()).unwrap();
+    let p = store.partition("gone", 0).unwrap();
+    p.append(&batch(0, 3, 10, 1)).unwrap();
+    store.delete_topic("gone").unwrap();
+    assert!(matches!(p.append(&batch(3, 1, 10, 1)), Err(StorageError::UnknownTopic(_))));
+    assert!(matches!(p.read(0, 1 << 20), Err(StorageError::UnknownTopic(_))));
+    assert!(matches!(p.sync(), Err(StorageError::UnknownTopic(_))));
+    assert!(!dir.path().join("gone-0").exists(), "nothing written back after the delete");
+}
+
 #[test]
 fn a_second_store_on_the_same_directory_is_refused() {
     let dir = tempfile::tempdir().unwrap();
