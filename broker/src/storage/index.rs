@@ -101,6 +101,14 @@ impl SegmentIndex {
         true
     }
 
+    /// Records a batch without an entry: for rebuilding the index of a segment written under a
+    /// larger budget (`index_bytes_max` or `index_interval_bytes` lowered since) once the budget
+    /// is used up. Lookups past the last entry scan forward from it.
+    pub(crate) fn on_batch_unindexed(&mut self, len: u32, max_timestamp: i64) {
+        self.bytes_since_entry += u64::from(len);
+        self.max_timestamp_before = Some(self.max_timestamp_before.map_or(max_timestamp, |m| m.max(max_timestamp)));
+    }
+
     /// After loading from disk: bytes written since the last entry, so entries keep their spacing.
     pub(crate) fn set_bytes_since_entry(&mut self, bytes: u64) {
         self.bytes_since_entry = bytes;

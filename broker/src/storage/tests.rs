@@ -168,6 +168,36 @@ fn an_unclean_reopen_scans_and_keeps_every_complete_batch() {
     assert_eq!(read_all(&p, 0).len(), 100);
 }
 
+/// Segments written under a larger index budget are rebuilt under a smaller one (an operator
+/// lowered `index_bytes_max` or `index_interval_bytes`, then the broker was killed): the index
+/// gets sparser, and no acknowledged batch is cut as if it were damaged.
+#[test]
+fn a_scan_under_a_smaller_index_budget_keeps_every_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let appended = {
+        let (store, _) = open(dir.path(), small_config());
+        let p = store.create_topic("t", 1, store.config().topic_defaults()).unwrap().partitions[0].clone();
+        for i in 0..300 {
+            p.append(&batch(i * 2, 2, 20, 1)).unwrap();
+        }
+        assert!(p.segment_count() >= 3, "{} segments", p.segment_count());
+        drop(store); // no close(): as if killed
+        600
+    };
+    std::fs::remove_file(dir.path().join(super::checkpoint::CHECKPOINT_FILE)).ok();
+    let smaller = StorageConfig { index_interval_bytes: 16, index_bytes_max: 128, ..small_config() };
+    let (store, report) = open(dir.path(), smaller);
+    assert_eq!(report.truncated_bytes, 0, "{report:?}");
+    let p = store.partition("t", 0).unwrap();
+    assert_eq!(p.log_end_offset(), appended);
+    let records = read_all(&p, 0);
+    assert_eq!(records.len(), appended as usize);
+    assert_eq!(read_all(&p, 555).first().map(|r| r.0), Some(555), "a lookup past the last index entry");
+    // Appends go on (into a new segment once the active one's index is full).
+    p.append(&batch(600, 2, 20, 1)).unwrap();
+    assert_eq!(read_all(&p, 600).len(), 2);
+}
+
 fn active_log(dir: &Path) -> std::path::PathBuf {
     let mut logs: Vec<_> = std::fs::read_dir(dir.join("t-0"))
         .unwrap()
