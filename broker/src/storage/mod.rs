@@ -454,6 +454,8 @@ fn apply_retention_all(inner: &StoreInner) -> RetentionOutcome {
                 total.segments += o.segments;
                 total.bytes += o.bytes;
             }
+            // Its topic was deleted since the list was taken: nothing to do.
+            Err(StorageError::UnknownTopic(_)) => {}
             Err(e) => {
                 metrics::counter!("cairn_storage_errors_total", "kind" => e.kind()).increment(1);
                 tracing::error!(topic = p.topic(), partition = p.partition(), error = %e, "retention failed");

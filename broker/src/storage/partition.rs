@@ -323,6 +323,9 @@ impl PartitionLog {
     /// Seals the active segment and starts a new one at the log end. The flusher persists the
     /// sealed segment's indexes and trims it.
     fn roll(&self, ap: &mut Appender, now: i64) -> Result<Arc<Segment>> {
+        // Deleted (checked under the append lock, which destroy takes): its directory may
+        // already belong to a topic of the same name created since.
+        self.check_deleted()?;
         let base = self.end_offset.load(Ordering::Acquire);
         let cfg = &self.shared.config;
         // A partition that filled a segment is busy: start the next one with the step it had
@@ -510,6 +513,7 @@ impl PartitionLog {
     /// # Errors
     /// I/O errors deleting files or rolling.
     pub fn apply_retention(&self, now_ms: i64) -> Result<RetentionOutcome> {
+        self.check_deleted()?;
         let segments = self.segments();
         let total: u64 = segments.iter().map(|s| s.data_bytes()).sum();
         let expired = |s: &Segment| {
@@ -579,6 +583,10 @@ impl PartitionLog {
         if count == 0 {
             return Ok(RetentionOutcome::default());
         }
+        // Under the append lock, which destroy takes: a partition whose topic was deleted (and
+        // maybe created again, with new files at the same paths) deletes nothing.
+        let _ap = self.appender.lock().expect("append lock");
+        self.check_deleted()?;
         let removed: Vec<Arc<Segment>> = {
             let mut list = self.segments.write().expect("segments lock");
             let count = count.min(list.len() - 1);

@@ -463,6 +463,39 @@ fn a_partition_used_after_its_topic_was_deleted_reports_an_unknown_topic() {
     assert!(!dir.path().join("gone-0").exists(), "nothing written back after the delete");
 }
 
+/// Retention that reaches a partition after its topic was deleted and created again (it took
+/// its list of partitions before) must not touch the new topic's files, which live at the same
+/// paths.
+#[test]
+fn retention_of_a_deleted_partition_leaves_a_recreated_topic_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let (clock, c) = TestClock::new(1_000_000);
+    let (store, _) = LogStore::open(dir.path(), small_config(), c).unwrap();
+    let mut cfg = store.config().topic_defaults();
+    cfg.retention_ms = std::num::NonZeroU64::new(10_000);
+    let old = store.create_topic("t", 1, cfg.clone()).unwrap().partitions[0].clone();
+    for i in 0..300u64 {
+        old.append(&batch(i * 2, 2, 20, 1_000_000)).unwrap();
+    }
+    old.sync().unwrap();
+    assert!(old.segment_count() >= 3);
+    store.delete_topic("t").unwrap();
+    let new = store.create_topic("t", 1, cfg).unwrap().partitions[0].clone();
+    for i in 0..10u64 {
+        new.append(&batch(i * 2, 2, 20, 2_000_000)).unwrap();
+    }
+    new.sync().unwrap();
+    clock.set(2_000_000);
+    assert!(matches!(old.apply_retention(2_000_000), Err(StorageError::UnknownTopic(_))));
+    assert_eq!(read_all(&new, 0).len(), 20);
+    store.close().unwrap();
+    drop((store, old, new));
+    let (store, _) = open(dir.path(), small_config());
+    let new = store.partition("t", 0).unwrap();
+    assert_eq!((new.log_start_offset(), new.log_end_offset()), (0, 20));
+    assert_eq!(read_all(&new, 0).len(), 20);
+}
+
 #[test]
 fn a_second_store_on_the_same_directory_is_refused() {
     let dir = tempfile::tempdir().unwrap();
