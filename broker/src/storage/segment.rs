@@ -452,7 +452,9 @@ impl Segment {
                 )),
             });
         }
-        if self.is_sealed() {
+        // Index files tell recovery that the file length can be trusted, so only a finished
+        // seal (the preallocated tail trimmed) may write them; a pending seal writes its own.
+        if self.is_seal_finished() {
             // Keep the rebuilt index in memory even if it cannot be written (a full disk).
             if let Err(e) = self.write_index_files(&scan.index) {
                 tracing::warn!(segment = %self.log_path.display(), error = %e, "could not persist the rebuilt index; keeping it in memory");

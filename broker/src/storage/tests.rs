@@ -496,6 +496,36 @@ fn retention_of_a_deleted_partition_leaves_a_recreated_topic_alone() {
     assert_eq!(read_all(&new, 0).len(), 20);
 }
 
+/// Recovery trusts a sealed segment's file length once its index files exist, so they may be
+/// written only after the seal has trimmed the preallocated tail: a read that rebuilds the
+/// index of a segment whose seal is still pending keeps it in memory only.
+#[test]
+fn a_read_between_roll_and_seal_writes_no_index_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = StorageConfig { flush_interval_ms: 3_600_000, ..small_config() };
+    let (store, _) = open(dir.path(), config.clone());
+    let mut cfg = store.config().topic_defaults();
+    cfg.flush_interval_ms = 3_600_000;
+    let p = store.create_topic("t", 1, cfg).unwrap().partitions[0].clone();
+    let mut i = 0;
+    while p.segment_count() < 2 {
+        p.append(&batch(i * 2, 2, 20, 1)).unwrap();
+        i += 1;
+    }
+    let first = Arc::clone(&p.segments()[0]);
+    assert!(first.is_sealed() && !first.is_seal_finished(), "the seal waits for the next sync");
+    first.evict();
+    assert_eq!(read_all(&p, 0).len() as u64, p.log_end_offset(), "reads rebuild the index");
+    let index_files = ["00000000000000000000.index", "00000000000000000000.timeindex"];
+    for f in index_files {
+        assert!(!dir.path().join("t-0").join(f).exists(), "{f} written before the seal finished");
+    }
+    p.sync().unwrap();
+    for f in index_files {
+        assert!(dir.path().join("t-0").join(f).exists(), "{f} written by the seal");
+    }
+}
+
 #[test]
 fn a_second_store_on_the_same_directory_is_refused() {
     let dir = tempfile::tempdir().unwrap();
