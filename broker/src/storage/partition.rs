@@ -516,10 +516,14 @@ impl PartitionLog {
         self.check_deleted()?;
         let segments = self.segments();
         let total: u64 = segments.iter().map(|s| s.data_bytes()).sum();
+        // A segment's age: its newest record timestamp, or when it was created (opened, after a
+        // restart) if its batches carry none (-1, Kafka's NO_TIMESTAMP), which would otherwise
+        // read as expired at once.
+        let newest = |s: &Segment| s.max_timestamp().map(|t| if t < 0 { s.created_ms } else { t });
         let expired = |s: &Segment| {
             self.config
                 .retention_ms
-                .is_some_and(|r| s.max_timestamp().is_some_and(|t| t.saturating_add(r.get() as i64) < now_ms))
+                .is_some_and(|r| newest(s).is_some_and(|t| t.saturating_add(r.get() as i64) < now_ms))
         };
         let mut remaining = total;
         let mut doomed = 0;

@@ -526,6 +526,36 @@ fn a_read_between_roll_and_seal_writes_no_index_files() {
     }
 }
 
+/// Batches without timestamps (-1, Kafka's NO_TIMESTAMP) are not "older than retention_ms":
+/// their segment's age counts instead, so they are not deleted at the next retention run.
+#[test]
+fn records_without_timestamps_are_kept_for_retention_ms() {
+    let dir = tempfile::tempdir().unwrap();
+    let (clock, c) = TestClock::new(1_700_000_000_000);
+    let (store, _) = LogStore::open(dir.path(), small_config(), c).unwrap();
+    let mut cfg = store.config().topic_defaults();
+    cfg.retention_ms = std::num::NonZeroU64::new(7 * 24 * 3_600_000);
+    let p = store.create_topic("t", 1, cfg).unwrap().partitions[0].clone();
+    let mut b = RecordBatchBuilder::new();
+    for i in 0..5 {
+        b.push(-1, None, Some(format!("v{i}").as_bytes()), &[]);
+    }
+    p.append(&b.build()).unwrap();
+    for _ in 0..2 {
+        clock.set(1_700_000_060_000);
+        store.apply_retention();
+        p.sync().unwrap();
+    }
+    assert_eq!(p.log_start_offset(), 0, "deleted within a minute of being written");
+    // Once the segment is older than retention_ms, the records go.
+    clock.set(1_700_000_000_000 + 8 * 24 * 3_600_000);
+    for _ in 0..2 {
+        store.apply_retention();
+        p.sync().unwrap();
+    }
+    assert_eq!(p.log_start_offset(), 5);
+}
+
 #[test]
 fn a_second_store_on_the_same_directory_is_refused() {
     let dir = tempfile::tempdir().unwrap();
