@@ -380,6 +380,15 @@ impl PartitionLog {
             return Ok(result);
         }
         let segments = self.segments();
+        if segments.first().is_some_and(|s| s.base_offset > offset) {
+            // Retention deleted the segment holding `offset` since the log start was read: the
+            // reader must hear so, not be served the new first segment's batches.
+            return Err(StorageError::OffsetOutOfRange {
+                offset,
+                log_start: self.log_start_offset(),
+                log_end: self.log_end_offset(),
+            });
+        }
         let i = segments.partition_point(|s| s.base_offset <= offset).saturating_sub(1);
         let interval = self.shared.config.index_interval_bytes;
         let entries_max = self.shared.config.index_entries_max();

@@ -556,6 +556,53 @@ fn records_without_timestamps_are_kept_for_retention_ms() {
     assert_eq!(p.log_start_offset(), 5);
 }
 
+/// A read at the log start while retention deletes that segment gets either the batch asked for
+/// or OFFSET_OUT_OF_RANGE (so the consumer applies its auto_offset_reset), never later batches
+/// handed out as if they were the ones asked for.
+#[test]
+fn a_read_racing_retention_never_skips_ahead_silently() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path(), small_config());
+    let mut cfg = store.config().topic_defaults();
+    cfg.retention_bytes = std::num::NonZeroU64::new(20 * 1024);
+    let p = store.create_topic("t", 1, cfg).unwrap().partitions[0].clone();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (p, stop) = (Arc::clone(&p), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                p.append(&batch(i * 4, 4, 40, 1)).unwrap();
+                i += 1;
+                if i % 8 == 0 {
+                    p.sync().unwrap();
+                    p.apply_retention(0).unwrap();
+                }
+            }
+        })
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(1500);
+    let mut checked = 0u64;
+    while std::time::Instant::now() < deadline {
+        let offset = p.log_start_offset();
+        match p.read(offset, 1 << 20) {
+            Ok(r) => {
+                if let Some(first) = r.chunks.first() {
+                    let b = BatchSplitter::new(first.clone()).next().unwrap().unwrap();
+                    let (base, last) = (b.header().base_offset as u64, b.header().last_offset() as u64);
+                    assert!(base <= offset && offset <= last, "asked for {offset}, got batch {base}..={last}");
+                    checked += 1;
+                }
+            }
+            Err(StorageError::OffsetOutOfRange { .. }) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
+    assert!(checked > 0);
+}
+
 #[test]
 fn a_second_store_on_the_same_directory_is_refused() {
     let dir = tempfile::tempdir().unwrap();
