@@ -424,18 +424,39 @@ impl PartitionLog {
     /// # Errors
     /// I/O errors reading segments.
     pub fn offset_for_timestamp(&self, timestamp: i64) -> Result<Option<(u64, i64)>> {
-        let end = self.log_end_offset();
         let interval = self.shared.config.index_interval_bytes;
         let entries_max = self.shared.config.index_entries_max();
-        for seg in self.segments().iter() {
-            if seg.max_timestamp().is_none_or(|m| m < timestamp) {
-                continue;
+        // Retention may delete segments of the list taken here while the lookup runs; then the
+        // answer is in a later one, maybe one the list does not hold yet: look again.
+        for _ in 0..3 {
+            // The list first, then the end: an end read before the list could be below every
+            // segment of it (appends and retention ran in between), and each would find nothing.
+            let segments = self.segments();
+            let end = self.log_end_offset();
+            let mut deleted_under_us = false;
+            for seg in segments.iter() {
+                if seg.max_timestamp().is_none_or(|m| m < timestamp) {
+                    continue;
+                }
+                match seg.find_timestamp(timestamp, end, interval, entries_max) {
+                    Ok(Some(found)) => return Ok(Some(found)),
+                    Ok(None) => {}
+                    Err(e) if seg.next_offset() <= self.log_start_offset() => {
+                        tracing::debug!(error = %e, "segment deleted under a timestamp lookup");
+                        deleted_under_us = true;
+                    }
+                    Err(e) => return Err(e),
+                }
             }
-            if let Some(found) = seg.find_timestamp(timestamp, end, interval, entries_max)? {
-                return Ok(Some(found));
+            if !deleted_under_us {
+                return Ok(None);
             }
         }
-        Ok(None)
+        Err(StorageError::Io {
+            op: "timestamp lookup",
+            path: self.dir.clone(),
+            source: std::io::Error::other("segments kept being deleted under the lookup; try again"),
+        })
     }
 
     /// Makes everything appended so far durable: finishes pending seals, fsyncs the directory if

@@ -556,6 +556,25 @@ fn records_without_timestamps_are_kept_for_retention_ms() {
     assert_eq!(p.log_start_offset(), 5);
 }
 
+/// Appends on a thread, syncing and applying retention (by size) every eight batches, until
+/// the returned flag is set.
+fn append_under_retention(p: &Arc<PartitionLog>) -> (Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<()>) {
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (p, flag) = (Arc::clone(p), Arc::clone(&stop));
+    let writer = std::thread::spawn(move || {
+        let mut i = 0u64;
+        while !flag.load(Ordering::Relaxed) {
+            p.append(&batch(i * 4, 4, 40, 1)).unwrap();
+            i += 1;
+            if i % 8 == 0 {
+                p.sync().unwrap();
+                p.apply_retention(0).unwrap();
+            }
+        }
+    });
+    (stop, writer)
+}
+
 /// A read at the log start while retention deletes that segment gets either the batch asked for
 /// or OFFSET_OUT_OF_RANGE (so the consumer applies its auto_offset_reset), never later batches
 /// handed out as if they were the ones asked for.
@@ -566,21 +585,7 @@ fn a_read_racing_retention_never_skips_ahead_silently() {
     let mut cfg = store.config().topic_defaults();
     cfg.retention_bytes = std::num::NonZeroU64::new(20 * 1024);
     let p = store.create_topic("t", 1, cfg).unwrap().partitions[0].clone();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer = {
-        let (p, stop) = (Arc::clone(&p), Arc::clone(&stop));
-        std::thread::spawn(move || {
-            let mut i = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                p.append(&batch(i * 4, 4, 40, 1)).unwrap();
-                i += 1;
-                if i % 8 == 0 {
-                    p.sync().unwrap();
-                    p.apply_retention(0).unwrap();
-                }
-            }
-        })
-    };
+    let (stop, writer) = append_under_retention(&p);
     let deadline = std::time::Instant::now() + std::time::Duration::from_millis(1500);
     let mut checked = 0u64;
     while std::time::Instant::now() < deadline {
@@ -601,6 +606,28 @@ fn a_read_racing_retention_never_skips_ahead_silently() {
     stop.store(true, Ordering::Relaxed);
     writer.join().unwrap();
     assert!(checked > 0);
+}
+
+/// The same for a lookup by timestamp (ListOffsets): a segment deleted under it is passed over,
+/// not reported as a storage error.
+#[test]
+fn a_timestamp_lookup_racing_retention_finds_the_oldest_record_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path(), small_config());
+    let mut cfg = store.config().topic_defaults();
+    cfg.retention_bytes = std::num::NonZeroU64::new(20 * 1024);
+    let p = store.create_topic("t", 1, cfg).unwrap().partitions[0].clone();
+    let (stop, writer) = append_under_retention(&p);
+    while p.log_end_offset() == 0 {
+        std::thread::yield_now();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_millis(1500);
+    while std::time::Instant::now() < deadline {
+        let found = p.offset_for_timestamp(0);
+        assert!(matches!(found, Ok(Some(_))), "{found:?}");
+    }
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap();
 }
 
 #[test]
