@@ -204,9 +204,10 @@ impl PartitionLog {
         self.segments().len()
     }
 
-    /// Segments currently mapped (for the open-segments budget).
+    /// Segments holding a mapping or an index in memory (for the open-segments budget).
     pub(crate) fn mapped_segments(&self) -> Vec<Arc<Segment>> {
-        self.segments().iter().filter(|s| s.is_mapped()).cloned().collect()
+        // An index in memory counts too: segments recovery scanned hold one without a mapping.
+        self.segments().iter().filter(|s| s.is_mapped() || (s.is_sealed() && s.has_index())).cloned().collect()
     }
 
     pub(crate) fn segments(&self) -> Arc<Vec<Arc<Segment>>> {

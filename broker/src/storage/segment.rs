@@ -360,6 +360,11 @@ impl Segment {
     }
 
     /// Whether the segment holds a mapping or a file handle (counts against the budget).
+    /// Whether the index is in memory.
+    pub(crate) fn has_index(&self) -> bool {
+        self.index.read().expect("segment index lock").is_some()
+    }
+
     pub(crate) fn is_mapped(&self) -> bool {
         self.map.read().expect("segment map lock").is_some()
             || self.writer.lock().expect("segment writer lock").is_some()

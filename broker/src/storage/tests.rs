@@ -630,6 +630,33 @@ fn a_timestamp_lookup_racing_retention_finds_the_oldest_record_left() {
     writer.join().unwrap();
 }
 
+/// Segments recovery scanned come back with their index in memory but no mapping; the
+/// open-segments budget must count (and evict) those indexes too, or a full scan keeps every
+/// segment's index in memory for good.
+#[test]
+fn indexes_rebuilt_by_recovery_count_against_open_segments_max() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = StorageConfig { open_segments_max: 16, ..small_config() };
+    {
+        let (store, _) = open(dir.path(), config.clone());
+        let p = store.create_topic("t", 1, store.config().topic_defaults()).unwrap().partitions[0].clone();
+        let mut i = 0;
+        while p.segment_count() < 40 {
+            p.append(&batch(i * 4, 4, 40, 1)).unwrap();
+            i += 1;
+        }
+        drop(store); // no close(): as if killed
+    }
+    std::fs::remove_file(dir.path().join(super::checkpoint::CHECKPOINT_FILE)).ok();
+    let (store, report) = open(dir.path(), config);
+    assert!(report.scanned_segments >= 40, "{report:?}");
+    store.enforce_segment_budget();
+    let p = store.partition("t", 0).unwrap();
+    let holding = p.segments().iter().filter(|s| s.is_mapped() || s.has_index()).count();
+    assert!(holding <= 16, "{holding} segments hold a mapping or an index");
+    assert_eq!(read_all(&p, 0).len() as u64, p.log_end_offset(), "evicted indexes load again");
+}
+
 #[test]
 fn a_second_store_on_the_same_directory_is_refused() {
     let dir = tempfile::tempdir().unwrap();
