@@ -65,6 +65,9 @@ pub(crate) fn recover_partition(
         let seg = Segment::existing(dir, bases[i], capacity);
         let file_len =
             std::fs::metadata(seg.log_path()).map_err(|e| StorageError::io("stat", seg.log_path(), e))?.len();
+        // A segment longer than today's segment_bytes (a topics.json edited by hand) is mapped
+        // whole; the next append rolls it.
+        let seg = if file_len > capacity { Segment::existing(dir, bases[i], file_len) } else { seg };
         let next_base = bases.get(i + 1).copied();
         let trusted = i < scan_from
             && if i == last {

@@ -657,6 +657,35 @@ fn indexes_rebuilt_by_recovery_count_against_open_segments_max() {
     assert_eq!(read_all(&p, 0).len() as u64, p.log_end_offset(), "evicted indexes load again");
 }
 
+/// A `topics.json` edited by hand to a `segment_bytes` smaller than the active segment already
+/// is: the broker starts and serves the data (it used to panic mapping the segment).
+#[test]
+fn an_active_segment_longer_than_a_hand_edited_segment_bytes_still_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let written = {
+        let (store, _) = open(dir.path(), small_config());
+        let p = store.create_topic("t", 1, store.config().topic_defaults()).unwrap().partitions[0].clone();
+        let mut i = 0;
+        while p.segments().last().unwrap().len() < 12 * 1024 {
+            p.append(&batch(i * 4, 4, 40, 1)).unwrap();
+            i += 1;
+        }
+        assert_eq!(p.segment_count(), 1);
+        store.close().unwrap();
+        i * 4
+    };
+    let path = dir.path().join("topics.json");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let edited = text.replace("\"segment_bytes\": 16384", "\"segment_bytes\": 8192");
+    assert_ne!(edited, text, "{text}");
+    std::fs::write(&path, edited).unwrap();
+    let (store, _) = open(dir.path(), small_config());
+    let p = store.partition("t", 0).unwrap();
+    assert_eq!(read_all(&p, 0).len() as u64, written);
+    p.append(&batch(written, 4, 40, 1)).unwrap();
+    assert_eq!(read_all(&p, 0).len() as u64, written + 4);
+}
+
 #[test]
 fn a_second_store_on_the_same_directory_is_refused() {
     let dir = tempfile::tempdir().unwrap();
