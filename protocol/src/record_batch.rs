@@ -144,6 +144,14 @@ pub enum BatchError {
         /// Delta found.
         delta: i32,
     },
+    /// The header's max timestamp is not the largest of its records' (create time).
+    #[error("maxTimestamp {declared} is not the records' largest timestamp {records}")]
+    MaxTimestampMismatch {
+        /// Value in the header.
+        declared: i64,
+        /// Largest record timestamp.
+        records: i64,
+    },
     /// A record is malformed.
     #[error("record {index} is malformed: {detail}")]
     MalformedRecord {
@@ -332,6 +340,7 @@ pub fn validate_for_append(buf: &[u8], batch_bytes_max: usize) -> Result<BatchHe
     if count > (buf.len() - BATCH_HEADER_LEN) / 7 {
         return Err(BatchError::RecordCountMismatch { declared: count as i64, found: 0 });
     }
+    let mut max_delta = i64::MIN;
     for index in 0..count {
         if cur.pos >= buf.len() {
             return Err(BatchError::RecordCountMismatch { declared: count as i64, found: index });
@@ -340,9 +349,16 @@ pub fn validate_for_append(buf: &[u8], batch_bytes_max: usize) -> Result<BatchHe
         if span.offset_delta != index as i32 {
             return Err(BatchError::OffsetDeltaGap { index, delta: span.offset_delta });
         }
+        max_delta = max_delta.max(span.timestamp_delta);
     }
     if cur.pos != buf.len() {
         return Err(BatchError::MalformedRecord { index: count, detail: "bytes after the last record" });
+    }
+    // Create-time batches: the broker indexes and retains by the header's max timestamp, so it
+    // must be the records' own (log-append-time batches get theirs from the broker).
+    let records_max = header.base_timestamp.wrapping_add(max_delta);
+    if header.attributes & ATTR_TIMESTAMP_TYPE == 0 && header.max_timestamp != records_max {
+        return Err(BatchError::MaxTimestampMismatch { declared: header.max_timestamp, records: records_max });
     }
     Ok(header)
 }
@@ -788,6 +804,25 @@ mod tests {
         );
         b.push(1_699_999_999_999, Some(b""), None, &[Header { key: "n".into(), value: None }]);
         b.build()
+    }
+
+    /// The header's max timestamp feeds the broker's time index and retention, so it must be
+    /// the records' own: a lower one hid records from time lookups, a higher one (or a stray
+    /// far-future value) held time retention back.
+    #[test]
+    fn a_max_timestamp_that_is_not_the_records_is_refused() {
+        let good = sample();
+        assert!(validate_for_append(&good, 1 << 20).is_ok());
+        for wrong in [1_700_000_000_001i64, 1_900_000_000_000] {
+            let mut bad = good.to_vec();
+            bad[MAX_TIMESTAMP_AT..MAX_TIMESTAMP_AT + 8].copy_from_slice(&wrong.to_be_bytes());
+            let crc = compute_crc(&bad);
+            bad[CRC_AT..CRC_AT + 4].copy_from_slice(&crc.to_be_bytes());
+            assert_eq!(
+                validate_for_append(&bad, 1 << 20),
+                Err(BatchError::MaxTimestampMismatch { declared: wrong, records: 1_700_000_000_005 })
+            );
+        }
     }
 
     #[test]
