@@ -329,7 +329,9 @@ fn take_the_slot(addr: std::net::SocketAddr) -> TcpStream {
 #[test]
 fn a_parked_fetch_of_a_client_that_left_does_not_keep_its_connection_slot() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = TestBroker::start(dir.path(), "connections_max = 1\nframe_timeout_ms = 1000\n");
+    // frame_timeout_ms also bounds how long the producer below may take to send each ~1 MB
+    // request: 3 s leaves room on a loaded 2-core machine (1 s cut it off once).
+    let broker = TestBroker::start(dir.path(), "connections_max = 1\nframe_timeout_ms = 3000\n");
     run(Duration::from_secs(60), async {
         broker.admin().await.create_topic(NewTopic::new("gone", 1)).await.unwrap();
     });
@@ -355,7 +357,17 @@ fn a_client_that_stops_reading_is_disconnected_and_its_slot_comes_back() {
     let broker = TestBroker::start(dir.path(), "connections_max = 1\nframe_timeout_ms = 1000\n");
     run(Duration::from_secs(60), async {
         broker.admin().await.create_topic(NewTopic::new("big", 1)).await.unwrap();
-        let conn = Connection::connect(broker.connection()).await.unwrap();
+    });
+    run(Duration::from_secs(60), async {
+        // One connection at a time here, and the admin's slot comes back only once the broker
+        // has seen it close: hold the slot (answered) before producing.
+        let conn = loop {
+            let conn = Connection::connect(broker.connection()).await.unwrap();
+            if conn.request(&ApiVersionsRequest).await.is_ok() {
+                break conn;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
         let value = "x".repeat(64 * 1024);
         for _ in 0..16 {
             let values: Vec<&str> = vec![value.as_str(); 15];
