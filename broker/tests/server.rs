@@ -329,9 +329,7 @@ fn take_the_slot(addr: std::net::SocketAddr) -> TcpStream {
 #[test]
 fn a_parked_fetch_of_a_client_that_left_does_not_keep_its_connection_slot() {
     let dir = tempfile::tempdir().unwrap();
-    // frame_timeout_ms also bounds how long the producer below may take to send each ~1 MB
-    // request: 3 s leaves room on a loaded 2-core machine (1 s cut it off once).
-    let broker = TestBroker::start(dir.path(), "connections_max = 1\nframe_timeout_ms = 3000\n");
+    let broker = TestBroker::start(dir.path(), "connections_max = 1\nframe_timeout_ms = 1000\n");
     run(Duration::from_secs(60), async {
         broker.admin().await.create_topic(NewTopic::new("gone", 1)).await.unwrap();
     });
