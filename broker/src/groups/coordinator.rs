@@ -750,15 +750,20 @@ impl Coordinator {
         if self.offsets_log.size_bytes() < threshold {
             return Ok(false);
         }
-        let _serial = self.commit_lock.lock().expect("commit lock");
-        let state: Vec<(OffsetKey, Option<Committed>)> = {
-            let inner = self.inner.lock().expect("groups lock");
-            inner.committed.iter().map(|(k, v)| (k.clone(), Some(v.clone()))).collect()
+        let (state, start) = {
+            // The snapshot must precede every commit made after it was taken; the sync need not
+            // hold commits up (they run on the server's threads), as it also covers them.
+            let _serial = self.commit_lock.lock().expect("commit lock");
+            let state: Vec<(OffsetKey, Option<Committed>)> = {
+                let inner = self.inner.lock().expect("groups lock");
+                inner.committed.iter().map(|(k, v)| (k.clone(), Some(v.clone()))).collect()
+            };
+            let start = self.offsets_log.roll_now()?;
+            for batch in offsets_store::encode_batches(&state, crate::storage::system_clock()()) {
+                self.offsets_log.append(&batch)?;
+            }
+            (state, start)
         };
-        let start = self.offsets_log.roll_now()?;
-        for batch in offsets_store::encode_batches(&state, crate::storage::system_clock()()) {
-            self.offsets_log.append(&batch)?;
-        }
         self.offsets_log.sync()?;
         let removed = self.offsets_log.delete_segments_below(start)?;
         self.snapshot_len.store(self.offsets_log.size_bytes(), Ordering::Release);
@@ -836,6 +841,52 @@ mod tests {
         // Once the log has doubled since the snapshot, it is compacted again.
         commit_outside_membership(&c, "g", 100, 4000);
         assert!(c.compact_offsets(snapshot_bytes).unwrap());
+    }
+
+    #[test]
+    fn commits_go_on_while_compaction_waits_for_its_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = LogStore::open(dir.path(), StorageConfig::default(), system_clock()).unwrap();
+        let c = Arc::new(Coordinator::open(&store, GroupConfig::default()).unwrap());
+        commit_outside_membership(&c, "g", 100, 4000);
+        let before = c.offsets_log.log_end_offset();
+        // A disk that takes its time: the compaction's sync waits until `slow_disk` is dropped.
+        let slow_disk = c.offsets_log.hold_syncs();
+        let compactor = {
+            let c = Arc::clone(&c);
+            std::thread::spawn(move || c.compact_offsets(64 * 1024))
+        };
+        // The snapshot (one record per committed partition) is appended before the sync.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while c.offsets_log.log_end_offset() < before + 100 {
+            assert!(Instant::now() < deadline, "compaction never appended its snapshot");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let (tx, rx) = std::sync::mpsc::channel();
+        let committer = {
+            let c = Arc::clone(&c);
+            std::thread::spawn(move || {
+                let entries = vec![("t".to_string(), 7, 42, None)];
+                tx.send(c.commit("g", "", -1, entries, 2).map(|(codes, _)| codes)).unwrap();
+            })
+        };
+        // Commits run on the server's runtime threads: one waiting out a compaction's fsync
+        // would stall every connection on that thread.
+        let codes = rx.recv_timeout(Duration::from_secs(10));
+        drop(slow_disk);
+        let codes = codes.expect("a commit waited for the compaction's sync").unwrap();
+        assert_eq!(codes, vec![ErrorCode::None]);
+        committer.join().unwrap();
+        assert!(compactor.join().unwrap().unwrap(), "compacted");
+        c.offsets_log.sync().unwrap();
+        // The commit made during the compaction survives it, after the snapshot.
+        drop(c);
+        drop(store);
+        let (store, _) = LogStore::open(dir.path(), StorageConfig::default(), system_clock()).unwrap();
+        let c = Coordinator::open(&store, GroupConfig::default()).unwrap();
+        let got = c.committed("g", Some(vec![("t".to_string(), 7), ("t".to_string(), 3)]));
+        assert_eq!(got[0].2.as_ref().map(|e| e.0), Some(42));
+        assert_eq!(got[1].2.as_ref().map(|e| e.0), Some(1));
     }
 
     #[test]

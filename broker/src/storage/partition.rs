@@ -460,6 +460,12 @@ impl PartitionLog {
         })
     }
 
+    /// Test hook: holds off every sync of this partition while the guard lives, as a slow disk would.
+    #[cfg(test)]
+    pub(crate) fn hold_syncs(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.sync_lock.lock().expect("sync lock")
+    }
+
     /// Makes everything appended so far durable: finishes pending seals, fsyncs the directory if
     /// a segment was created, msyncs the active segment. Returns the new durable offset.
     ///
