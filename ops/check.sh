@@ -231,6 +231,8 @@ EXPECTED = {
     "parked_fetches_max": 10000,
     "fetch_bytes_max": 52428800,
     "metrics_partition_series_max": 10000,
+    "metrics_connections_max": 64,
+    "metrics_timeout_ms": 10000,
     "storage": {
         "segment_bytes": 1073741824,
         "segment_ms": 604800000,

@@ -19,6 +19,13 @@ pub struct BrokerConfig {
     pub listen: SocketAddr,
     /// HTTP listener for `/metrics`, `/healthz`, `/readyz`. Default `127.0.0.1:9464`.
     pub metrics_listen: SocketAddr,
+    /// Connections the metrics listener serves at once; more are closed at accept
+    /// (`cairn_http_connections_refused_total`). Default 64.
+    pub metrics_connections_max: usize,
+    /// A metrics connection is closed when a request's headers (or, on an idle keep-alive
+    /// connection, the next request) take longer than this, or when a response write makes no
+    /// progress for this long. Default 10,000 ms.
+    pub metrics_timeout_ms: u64,
     /// Data directory. Default `./cairn-data`.
     pub data_dir: PathBuf,
     /// Largest request frame accepted; a larger length prefix closes the connection. Default 16 MiB.
@@ -57,6 +64,8 @@ impl Default for BrokerConfig {
         BrokerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
             metrics_listen: SocketAddr::from(([127, 0, 0, 1], 9464)),
+            metrics_connections_max: 64,
+            metrics_timeout_ms: 10_000,
             data_dir: PathBuf::from("./cairn-data"),
             frame_bytes_max: 16 * 1024 * 1024,
             connections_max: 10_000,
@@ -122,6 +131,9 @@ impl BrokerConfig {
         }
         if self.connections_max == 0 || self.connection_in_flight_max == 0 {
             return bad("connections_max and connection_in_flight_max must be positive");
+        }
+        if self.metrics_connections_max == 0 || self.metrics_timeout_ms == 0 {
+            return bad("metrics_connections_max and metrics_timeout_ms must be positive");
         }
         if self.default_partitions == 0 || self.default_partitions > self.partitions_max {
             return bad("default_partitions must be 1..=partitions_max");

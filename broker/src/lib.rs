@@ -45,7 +45,11 @@ pub async fn run(config: BrokerConfig, shutdown: CancellationToken) -> anyhow::R
     let health = Arc::new(metrics::Health { ready: false.into(), shutdown: shutdown.clone() });
     let metrics_local = metrics_listener.local_addr()?;
     tokio::spawn(metrics::keep_up(prometheus.clone(), metrics::UPKEEP_INTERVAL, shutdown.clone()));
-    tokio::spawn(metrics::serve_http(metrics_listener, prometheus, Arc::clone(&health)));
+    let http_limits = metrics::HttpLimits {
+        connections_max: config.metrics_connections_max,
+        timeout: Duration::from_millis(config.metrics_timeout_ms),
+    };
+    tokio::spawn(metrics::serve_http(metrics_listener, prometheus, Arc::clone(&health), http_limits));
 
     let dir = config.data_dir.clone();
     let storage_config = config.storage.clone();

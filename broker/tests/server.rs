@@ -490,6 +490,59 @@ fn health_endpoints_and_metrics_are_served() {
 }
 
 #[test]
+fn metrics_connections_are_capped_and_a_silent_one_gives_its_slot_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "metrics_connections_max = 1\nmetrics_timeout_ms = 1000\n");
+    // Takes the only slot and sends nothing.
+    let mut silent = TcpStream::connect(broker.metrics).unwrap();
+    silent.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    // The next one is closed at accept, without an answer.
+    let mut refused = TcpStream::connect(broker.metrics).unwrap();
+    refused.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let _ = refused.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    let mut answer = Vec::new();
+    let _ = refused.read_to_end(&mut answer);
+    assert!(answer.is_empty(), "past metrics_connections_max: {}", String::from_utf8_lossy(&answer));
+    // The silent connection is closed once metrics_timeout_ms passes without a request...
+    let mut buf = [0u8; 64];
+    let closed = silent.read(&mut buf);
+    assert!(
+        matches!(&closed, Ok(0)) || closed.as_ref().is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+        "the silent connection was not closed: {closed:?}"
+    );
+    // ...and its slot serves the next scrape, which counts the refusal.
+    let (status, body) = broker.http_get("/metrics");
+    assert!(status.contains("200"), "{status}");
+    assert!(body.contains("cairn_http_connections_refused_total 1"), "{body}");
+}
+
+#[test]
+fn partition_counts_stay_exact_past_the_series_cap() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "metrics_partition_series_max = 3\n");
+    run(Duration::from_secs(60), async {
+        let admin = broker.admin().await;
+        admin.create_topic(NewTopic::new("narrow", 2)).await.unwrap();
+        admin.create_topic(NewTopic::new("wide", 3)).await.unwrap();
+        let want = [
+            r#"cairn_partition_log_end_offset{topic="narrow",partition="1"}"#,
+            r#"cairn_partition_log_end_offset{topic="wide",partition="all"}"#,
+            r#"cairn_topic_partitions{topic="narrow"} 2"#,
+            r#"cairn_topic_partitions{topic="wide"} 3"#,
+        ];
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (_, body) = broker.http_get("/metrics");
+            if want.iter().all(|m| body.contains(m)) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "gauges never appeared:\n{body}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
+}
+
+#[test]
 fn a_deleted_topics_gauges_leave_metrics_and_live_ones_stay() {
     let dir = tempfile::tempdir().unwrap();
     let broker = TestBroker::start(dir.path(), "");
