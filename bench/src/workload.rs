@@ -409,15 +409,16 @@ pub async fn consume(opts: &Opts) -> anyhow::Result<Report> {
     let ticker = meter.spawn(Some(want), opts.progress, "consume");
     let start = Instant::now();
     let mut tasks = Vec::new();
-    for c in 0..n {
-        let mine: Vec<u32> = parts.iter().copied().filter(|p| *p as usize % n == c).collect();
-        let target: u64 = info
-            .partitions
-            .iter()
-            .filter(|p| mine.contains(&p.partition))
-            .map(|p| (p.end_offset - p.start_offset) as u64)
-            .sum();
-        let target = target.min(want.div_ceil(n as u64));
+    let owned: Vec<Vec<u32>> =
+        (0..n).map(|c| parts.iter().copied().filter(|p| *p as usize % n == c).collect()).collect();
+    let available: Vec<u64> = owned
+        .iter()
+        .map(|mine| {
+            let held = info.partitions.iter().filter(|p| mine.contains(&p.partition));
+            held.map(|p| (p.end_offset - p.start_offset) as u64).sum()
+        })
+        .collect();
+    for (c, (mine, target)) in owned.into_iter().zip(split_wanted(&available, want)).enumerate() {
         let config =
             ConsumerConfig { connection: conn(opts, &format!("bench-consumer-{c}")), ..ConsumerConfig::default() };
         let (topic, hist, meter) = (opts.topic.clone(), Arc::clone(&hist), Arc::clone(&meter));
@@ -437,6 +438,28 @@ pub async fn consume(opts: &Opts) -> anyhow::Result<Report> {
         }));
     }
     finish(opts, "consume", "duration of each poll", Finish { tasks, start, meter, ticker, hist }).await
+}
+
+/// Splits `want` records over consumers that can read `available` records each, in proportion
+/// to what each can read: the shares add up to `want` (when that much is available) and none
+/// exceeds its consumer's records, so uneven partitions neither stop a run short nor leave a
+/// consumer waiting for records that are not there.
+fn split_wanted(available: &[u64], want: u64) -> Vec<u64> {
+    let total: u64 = available.iter().sum();
+    let want = want.min(total);
+    if total == 0 {
+        return vec![0; available.len()];
+    }
+    let mut shares: Vec<u64> =
+        available.iter().map(|&a| (u128::from(want) * u128::from(a) / u128::from(total)) as u64).collect();
+    // Rounding down leaves fewer than one record per consumer; hand those to whoever has room.
+    let mut left = want - shares.iter().sum::<u64>();
+    for (share, &a) in shares.iter_mut().zip(available) {
+        let more = left.min(a - *share);
+        *share += more;
+        left -= more;
+    }
+    shares
 }
 
 /// Producers send at a fixed total rate with the intended send time in the value; consumers
@@ -522,4 +545,29 @@ pub async fn e2e(opts: &Opts) -> anyhow::Result<Report> {
         "intended send time to consumer arrival (coordinated omission corrected)",
         timeline,
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_wanted;
+
+    #[test]
+    fn uneven_partitions_still_read_the_whole_topic() {
+        // Three consumers over partitions of 10, 10 and 1 records: an even split (7 each)
+        // read 15 of 21.
+        assert_eq!(split_wanted(&[10, 10, 1], 21), vec![10, 10, 1]);
+        assert_eq!(split_wanted(&[10, 10, 1], 11).iter().sum::<u64>(), 11);
+    }
+
+    #[test]
+    fn shares_add_up_and_never_exceed_what_is_there() {
+        let cases: &[(&[u64], u64)] =
+            &[(&[0, 5], 5), (&[3, 0, 4], 100), (&[1, 1, 1], 2), (&[7, 0, 0], 0), (&[u64::MAX / 4, 9], 1_000), (&[], 3)];
+        for &(available, want) in cases {
+            let shares = split_wanted(available, want);
+            assert_eq!(shares.len(), available.len());
+            assert_eq!(shares.iter().sum::<u64>(), want.min(available.iter().sum()), "{available:?} {want}");
+            assert!(shares.iter().zip(available).all(|(s, a)| s <= a), "{available:?} {want}: {shares:?}");
+        }
+    }
 }

@@ -5,6 +5,7 @@ mod common;
 
 use std::process::Command;
 
+use cairn_client::{NewTopic, Producer, ProducerRecord};
 use common::{sibling_bin, TestBroker};
 
 fn bench(broker: &TestBroker, args: &[&str]) -> (i32, String, String) {
@@ -41,6 +42,28 @@ fn produce_and_consume_report_the_json_keys_scripts_read() {
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["records"], 3000, "consume reads the whole topic");
+}
+
+#[test]
+fn several_consumers_read_the_whole_topic_from_uneven_partitions() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "");
+    common::run(std::time::Duration::from_secs(60), async {
+        broker.admin().await.create_topic(NewTopic::new("uneven", 3)).await.unwrap();
+        let producer = Producer::connect(broker.producer_config()).await.unwrap();
+        // Larger partitions than one poll returns, so that a consumer stops at its share.
+        let value = bytes::Bytes::from(vec![b'x'; 1024]);
+        for (partition, count) in [(0, 3000), (1, 3000), (2, 10)] {
+            for _ in 0..count {
+                producer.send(ProducerRecord::new("uneven", value.clone()).partition(partition)).await.unwrap();
+            }
+        }
+        producer.close().await.unwrap();
+    });
+    let (code, out, err) = bench(&broker, &["consume", "--topic", "uneven", "--consumers", "3", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["records"], 6010, "every record, not three even thirds: {out}");
 }
 
 #[test]
