@@ -39,7 +39,8 @@ pub struct ProducerConfig {
     pub linger: Duration,
     /// Bytes of records buffered or in flight before `send` waits. Default 64 MiB.
     pub buffer_bytes_max: usize,
-    /// Give up on a record this long after it was sent. Default 120 s.
+    /// Give up on a record this long after `send` returned it (retries stop then; batches
+    /// waiting behind a failing one expire unsent). Default 120 s.
     pub delivery_timeout: Duration,
     /// First retry delay; doubles up to 1 s. Default 100 ms.
     pub retry_backoff: Duration,
@@ -205,8 +206,12 @@ struct SealedBatch {
     result: Arc<BatchResult>,
     records: usize,
     reserved: usize,
-    first_sent: Option<Instant>,
+    /// When its first record was sent: `delivery_timeout` counts from here, so batches queued
+    /// behind a failing one expire with it instead of each getting a timeout of its own.
+    created: Instant,
     attempts: u32,
+    /// The last failed attempt's error, reported if the batch expires before the next one.
+    last_error: Option<Error>,
     not_before: Instant,
 }
 
@@ -616,7 +621,8 @@ fn seal(queue: &mut PartitionQueue, now: Instant) {
             result: open.result,
             records,
             reserved: open.reserved,
-            first_sent: None,
+            created: open.created,
+            last_error: None,
             attempts: 0,
             not_before: now,
         });
@@ -648,7 +654,20 @@ fn now_ms() -> i64 {
 }
 
 /// Takes at most one sendable batch per partition. Returns them and when to look again.
+/// Batches past `delivery_timeout` that wait behind no request fail here, unsent.
 fn collect(inner: &Inner) -> (Vec<Sendable>, Option<Instant>) {
+    let mut expired = Vec::new();
+    let found = collect_locked(inner, &mut expired);
+    let timeout = inner.config.delivery_timeout;
+    for mut b in expired {
+        let why = b.last_error.take();
+        let why = why.unwrap_or(Error::Timeout { operation: "produce delivery", ms: timeout.as_millis() as u64 });
+        finish(inner, b, Err(why));
+    }
+    found
+}
+
+fn collect_locked(inner: &Inner, expired: &mut Vec<SealedBatch>) -> (Vec<Sendable>, Option<Instant>) {
     let mut state = inner.state.lock().expect("producer state");
     // Read the clock under the lock: every batch seen here was created before it.
     let now = Instant::now();
@@ -670,6 +689,9 @@ fn collect(inner: &Inner) -> (Vec<Sendable>, Option<Instant>) {
                         next = Some(next.map_or(due, |n| n.min(due)));
                     }
                 }
+            }
+            while q.ready.front().is_some_and(|b| now >= b.created + inner.config.delivery_timeout) {
+                expired.extend(q.ready.pop_front());
             }
             let Some(front) = q.ready.front() else { continue };
             if front.not_before > now {
@@ -728,10 +750,8 @@ async fn sender(inner: Arc<Inner>) {
 }
 
 async fn send_request(inner: &Arc<Inner>, mut batches: Vec<Sendable>) {
-    let now = Instant::now();
     let mut by_topic: Vec<ProduceTopic> = Vec::new();
     for ((topic, partition), b) in batches.iter_mut() {
-        b.first_sent.get_or_insert(now);
         b.attempts += 1;
         let part = ProducePartition { partition: *partition, records: b.payload.clone() };
         match by_topic.iter_mut().find(|t| *t.name == **topic) {
@@ -806,16 +826,18 @@ fn broker_error(code: ErrorCode, message: Option<String>) -> Error {
 }
 
 fn retry(inner: &Arc<Inner>, tp: TopicPartition, mut b: SealedBatch, why: Error) {
-    let elapsed = b.first_sent.map_or(Duration::ZERO, |t| t.elapsed());
-    if elapsed >= inner.config.delivery_timeout {
+    let backoff =
+        inner.config.retry_backoff.saturating_mul(1 << b.attempts.saturating_sub(1).min(4)).min(Duration::from_secs(1));
+    let retry_at = Instant::now() + backoff;
+    if retry_at >= b.created + inner.config.delivery_timeout {
+        // No attempt left before the deadline: fail now, with this attempt's error.
         release_partition(inner, &tp);
         finish(inner, b, Err(why));
         return;
     }
-    let backoff =
-        inner.config.retry_backoff.saturating_mul(1 << b.attempts.saturating_sub(1).min(4)).min(Duration::from_secs(1));
     tracing::debug!(topic = %tp.0, partition = tp.1, attempt = b.attempts, error = %why, "retrying batch");
-    b.not_before = Instant::now() + backoff;
+    b.not_before = retry_at;
+    b.last_error = Some(why.duplicate());
     let mut state = inner.state.lock().expect("producer state");
     match state.queue(&tp) {
         Some(q) => {
@@ -900,6 +922,33 @@ mod tests {
         assert!(batches.is_empty());
         let next = next.expect("a time to look again");
         assert!(next >= before + linger && next <= Instant::now() + linger, "look again when the linger ends");
+    }
+
+    #[tokio::test]
+    async fn batches_queued_behind_a_failing_one_expire_with_it_not_one_after_another() {
+        let topic: Arc<str> = Arc::from("t");
+        let delivery_timeout = Duration::from_millis(300);
+        let config = ProducerConfig {
+            // Nothing listens there: every attempt fails at once, and is retried.
+            connection: ConnectionConfig { broker: "127.0.0.1:1".into(), ..ConnectionConfig::default() },
+            linger: Duration::from_secs(3600),
+            delivery_timeout,
+            ..ProducerConfig::default()
+        };
+        let p = offline(config, &topic, 1);
+        let mut deliveries = Vec::new();
+        for _ in 0..20 {
+            deliveries.push(p.send(ProducerRecord::new(Arc::clone(&topic), "v")).await.unwrap());
+            seal(&mut p.inner.state.lock().unwrap().topics[0].queues[0], Instant::now());
+        }
+        let started = Instant::now();
+        tokio::spawn(sender(Arc::clone(&p.inner)));
+        for d in deliveries {
+            assert!(d.await.is_err(), "nothing can deliver");
+        }
+        // The timeout counts from `send`, as Kafka's delivery.timeout.ms: the twenty batches
+        // fail together, not 20 timeouts after the first send (6 s).
+        assert!(started.elapsed() < delivery_timeout * 10, "took {:?}", started.elapsed());
     }
 
     #[test]
