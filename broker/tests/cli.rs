@@ -137,6 +137,32 @@ fn produce_sends_every_line_even_one_that_is_not_utf8() {
 }
 
 #[test]
+fn produce_with_acks_none_writes_every_record_before_it_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "");
+    let (code, out, err) = cairn(&broker, &["topic", "create", "fast", "--partitions", "1"], None);
+    assert_eq!(code, 0, "{out}{err}");
+    let lines = 50_000;
+    let input: String = (0..lines).map(|i| format!("{i:0>200}\n")).collect();
+    let (code, _, err) = cairn(&broker, &["produce", "fast", "--acks", "none"], Some(&input));
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains(&format!("produced {lines} record(s)")), "{err}");
+    // No acknowledgements to wait for, but the tool must not exit with records still queued.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (code, out, err) = cairn(&broker, &["topic", "describe", "fast", "--format", "json"], None);
+        assert_eq!(code, 0, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let end = v["partitions"][0]["end_offset"].as_i64().unwrap();
+        if end == lines {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{end} of {lines} records arrived");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+#[test]
 fn consume_with_a_group_exits_when_the_group_assigns_it_nothing() {
     use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();

@@ -133,6 +133,52 @@ fn send_waits_when_the_buffer_is_full_and_resumes_when_space_frees() {
 }
 
 #[test]
+fn acks_none_send_waits_for_the_socket_and_flush_for_every_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "");
+    run(Duration::from_secs(120), async {
+        let admin = broker.admin().await;
+        admin.create_topic(NewTopic::new("none", 1)).await.unwrap();
+        let config = ProducerConfig {
+            acks: Acks::None,
+            buffer_bytes_max: 64 * 1024,
+            batch_bytes_max: 16 * 1024,
+            ..broker.producer_config()
+        };
+        let producer = Producer::connect(config).await.unwrap();
+        let value = vec![b'v'; 1000];
+        producer.send(ProducerRecord::new("none", value.clone())).await.unwrap().await.unwrap();
+        // A frozen broker reads nothing: once the socket's buffers are full, the producer's
+        // buffer must fill too and `send` wait, not queue requests without bound.
+        signal(&broker, "STOP");
+        let mut sent = 1;
+        loop {
+            let send = producer.send(ProducerRecord::new("none", value.clone()));
+            match tokio::time::timeout(Duration::from_millis(500), send).await {
+                Ok(r) => {
+                    r.unwrap();
+                    sent += 1;
+                    assert!(sent < 100_000, "send never waited: 100 MB queued for a broker that reads nothing");
+                }
+                Err(_) => break,
+            }
+        }
+        signal(&broker, "CONT");
+        producer.close().await.unwrap();
+        // Everything `send` took was written before close returned.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let end = admin.describe_topic("none").await.unwrap().partitions[0].end_offset;
+            if end == sent {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{end} of {sent} records arrived");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+}
+
+#[test]
 fn a_delivery_that_times_out_says_it_timed_out_and_names_the_broker_when_disconnected() {
     let dir = tempfile::tempdir().unwrap();
     let mut broker = TestBroker::start(dir.path(), "");

@@ -53,10 +53,14 @@ impl Default for ConnectionConfig {
     }
 }
 
+/// A request frame for the writer, and who to tell once it is written (requests that get no
+/// response: their sender's only sign that the bytes left).
+type Outgoing = (Vec<Bytes>, Option<oneshot::Sender<()>>);
+
 /// A live connection.
 #[derive(Debug)]
 struct Live {
-    tx: mpsc::UnboundedSender<Vec<Bytes>>,
+    tx: mpsc::UnboundedSender<Outgoing>,
     waiters: Waiters,
     dead: Arc<AtomicBool>,
 }
@@ -120,28 +124,35 @@ impl Connection {
         let (rd, mut wr) = stream.into_split();
         let waiters: Waiters = Arc::new(Mutex::new(HashMap::new()));
         let dead = Arc::new(AtomicBool::new(false));
-        let (tx, mut rx) = mpsc::unbounded_channel::<Vec<Bytes>>();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Outgoing>();
         // Writer: gathers queued frames into one vectored write; record batches are not copied.
         let wdead = Arc::clone(&dead);
         let wwaiters = Arc::clone(&waiters);
         let waddr = addr.clone();
         tokio::spawn(async move {
             let mut out: Vec<Bytes> = Vec::with_capacity(64);
-            while let Some(first) = rx.recv().await {
+            let mut written: Vec<oneshot::Sender<()>> = Vec::new();
+            while let Some((first, tell)) = rx.recv().await {
                 let mut gathered: usize = first.iter().map(Bytes::len).sum();
                 out.extend(first);
+                written.extend(tell);
                 while gathered < WRITE_GATHER_BYTES && out.len() < IOV_MAX {
                     match rx.try_recv() {
-                        Ok(more) => {
+                        Ok((more, tell)) => {
                             gathered += more.iter().map(Bytes::len).sum::<usize>();
                             out.extend(more);
+                            written.extend(tell);
                         }
                         Err(_) => break,
                     }
                 }
                 if let Err(e) = write_all_vectored(&mut wr, &mut out).await {
+                    // Dropping `written` tells those senders their requests were not written.
                     fail_all(&wdead, &wwaiters, &waddr, &e.to_string());
                     return;
+                }
+                for tell in written.drain(..) {
+                    let _ = tell.send(());
                 }
             }
             let _ = wr.shutdown().await;
@@ -187,7 +198,7 @@ impl Connection {
         let (tx, rx) = oneshot::channel();
         live.waiters.lock().expect("waiters lock").insert(id, tx);
         if live.dead.load(Ordering::Acquire)
-            || live.tx.send(encode_request(id, &self.config.client_id, request)).is_err()
+            || live.tx.send((encode_request(id, &self.config.client_id, request), None)).is_err()
         {
             live.waiters.lock().expect("waiters lock").remove(&id);
             live.dead.store(true, Ordering::Release);
@@ -219,16 +230,28 @@ impl Connection {
         self.request_with(request, Duration::ZERO).await
     }
 
-    /// Sends a request that gets no response (produce with acks = none).
+    /// Sends a request that gets no response (produce with acks = none), and returns once it is
+    /// written to the socket: what a caller holds for it (a producer's buffer) is bounded by
+    /// what the broker reads, and nothing is still queued in this process when it returns.
     ///
     /// # Errors
-    /// Connection failures.
+    /// Connection failures; [`Error::Timeout`] if the broker takes in none of it within the
+    /// request timeout (the connection is dropped then, as a half-written request cannot be
+    /// taken back).
     pub async fn send_only<R: Request>(&self, request: &R) -> Result<()> {
         let live = self.live().await?;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        live.tx
-            .send(encode_request(id, &self.config.client_id, request))
-            .map_err(|_| Error::Disconnected { addr: self.config.broker.clone(), detail: "connection closed".into() })
+        let closed = || Error::Disconnected { addr: self.config.broker.clone(), detail: "connection closed".into() };
+        let (tell, written) = oneshot::channel();
+        live.tx.send((encode_request(id, &self.config.client_id, request), Some(tell))).map_err(|_| closed())?;
+        match tokio::time::timeout(self.config.request_timeout, written).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(closed()),
+            Err(_) => {
+                live.dead.store(true, Ordering::Release);
+                Err(Error::Timeout { operation: R::API_KEY.name(), ms: self.config.request_timeout.as_millis() as u64 })
+            }
+        }
     }
 }
 
