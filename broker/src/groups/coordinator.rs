@@ -507,9 +507,12 @@ impl Coordinator {
     }
 
     /// Validates and appends commits. Returns per-partition codes and, if anything was appended,
-    /// what must become durable before the acknowledgement.
+    /// what must become durable before the acknowledgement. Partitions missing from `store` are
+    /// refused under the commit lock, which topic deletion takes to forget a topic's offsets:
+    /// a commit that raced a deletion is either forgotten with the topic or refused.
     pub(crate) fn commit(
         &self,
+        store: &LogStore,
         group_id: &str,
         member_id: &str,
         generation: i32,
@@ -526,6 +529,9 @@ impl Coordinator {
             let inner = self.inner.lock().expect("groups lock");
             for (topic, partition, offset, metadata) in &entries {
                 let mut code = self.check_commit(&inner, group_id, member_id, generation, topic, *partition);
+                if code.is_ok() && store.partition(topic, *partition).is_none() {
+                    code = ErrorCode::UnknownTopicOrPartition;
+                }
                 if code.is_ok() && metadata.as_ref().is_some_and(|m| m.len() > self.config.offset_metadata_bytes_max) {
                     code = ErrorCode::OffsetMetadataTooLarge;
                 }
@@ -819,9 +825,9 @@ mod tests {
     use super::*;
     use crate::storage::{system_clock, StorageConfig};
 
-    fn commit_outside_membership(c: &Coordinator, group: &str, n: u32, metadata: usize) {
+    fn commit_outside_membership(c: &Coordinator, store: &LogStore, group: &str, n: u32, metadata: usize) {
         let entries = (0..n).map(|p| ("t".to_string(), p, 1, Some("m".repeat(metadata)))).collect();
-        let (codes, pending) = c.commit(group, "", -1, entries, 1).unwrap();
+        let (codes, pending) = c.commit(store, group, "", -1, entries, 1).unwrap();
         assert!(codes.iter().all(|c| c.is_ok()), "{codes:?}");
         pending.unwrap().log.sync().unwrap();
     }
@@ -830,16 +836,17 @@ mod tests {
     fn compaction_waits_for_the_log_to_double_before_rewriting_it_again() {
         let dir = tempfile::tempdir().unwrap();
         let (store, _) = LogStore::open(dir.path(), StorageConfig::default(), system_clock()).unwrap();
+        store.create_topic("t", 100, StorageConfig::default().topic_defaults()).unwrap();
         let c = Coordinator::open(&store, GroupConfig::default()).unwrap();
         // A live state of about 400 KiB, larger than the snapshot threshold used here.
-        commit_outside_membership(&c, "g", 100, 4000);
+        commit_outside_membership(&c, &store, "g", 100, 4000);
         let snapshot_bytes = 64 * 1024;
         assert!(c.compact_offsets(snapshot_bytes).unwrap(), "past the threshold: compacted");
         // One more small commit: the log is still about the size of the live state.
-        commit_outside_membership(&c, "g", 1, 10);
+        commit_outside_membership(&c, &store, "g", 1, 10);
         assert!(!c.compact_offsets(snapshot_bytes).unwrap(), "a commit must not rewrite the whole state each time");
         // Once the log has doubled since the snapshot, it is compacted again.
-        commit_outside_membership(&c, "g", 100, 4000);
+        commit_outside_membership(&c, &store, "g", 100, 4000);
         assert!(c.compact_offsets(snapshot_bytes).unwrap());
     }
 
@@ -847,8 +854,9 @@ mod tests {
     fn commits_go_on_while_compaction_waits_for_its_sync() {
         let dir = tempfile::tempdir().unwrap();
         let (store, _) = LogStore::open(dir.path(), StorageConfig::default(), system_clock()).unwrap();
+        store.create_topic("t", 100, StorageConfig::default().topic_defaults()).unwrap();
         let c = Arc::new(Coordinator::open(&store, GroupConfig::default()).unwrap());
-        commit_outside_membership(&c, "g", 100, 4000);
+        commit_outside_membership(&c, &store, "g", 100, 4000);
         let before = c.offsets_log.log_end_offset();
         // A disk that takes its time: the compaction's sync waits until `slow_disk` is dropped.
         let slow_disk = c.offsets_log.hold_syncs();
@@ -862,21 +870,21 @@ mod tests {
             assert!(Instant::now() < deadline, "compaction never appended its snapshot");
             std::thread::sleep(Duration::from_millis(5));
         }
-        let (tx, rx) = std::sync::mpsc::channel();
-        let committer = {
-            let c = Arc::clone(&c);
-            std::thread::spawn(move || {
-                let entries = vec![("t".to_string(), 7, 42, None)];
-                tx.send(c.commit("g", "", -1, entries, 2).map(|(codes, _)| codes)).unwrap();
-            })
-        };
-        // Commits run on the server's runtime threads: one waiting out a compaction's fsync
-        // would stall every connection on that thread.
-        let codes = rx.recv_timeout(Duration::from_secs(10));
-        drop(slow_disk);
+        let codes = std::thread::scope(|scope| {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let (c, store) = (&c, &store);
+            scope.spawn(move || {
+                let entries = vec![("t".to_string(), 7, 0, None)];
+                tx.send(c.commit(store, "h", "", -1, entries, 2).map(|(codes, _)| codes)).unwrap();
+            });
+            // Commits run on the server's runtime threads: one waiting out a compaction's fsync
+            // would stall every connection on that thread.
+            let codes = rx.recv_timeout(Duration::from_secs(10));
+            drop(slow_disk);
+            codes
+        });
         let codes = codes.expect("a commit waited for the compaction's sync").unwrap();
         assert_eq!(codes, vec![ErrorCode::None]);
-        committer.join().unwrap();
         assert!(compactor.join().unwrap().unwrap(), "compacted");
         c.offsets_log.sync().unwrap();
         // The commit made during the compaction survives it, after the snapshot.
@@ -884,9 +892,29 @@ mod tests {
         drop(store);
         let (store, _) = LogStore::open(dir.path(), StorageConfig::default(), system_clock()).unwrap();
         let c = Coordinator::open(&store, GroupConfig::default()).unwrap();
-        let got = c.committed("g", Some(vec![("t".to_string(), 7), ("t".to_string(), 3)]));
-        assert_eq!(got[0].2.as_ref().map(|e| e.0), Some(42));
-        assert_eq!(got[1].2.as_ref().map(|e| e.0), Some(1));
+        // (Offsets past the empty partitions' ends come back at their ends, 0.)
+        let got = c.committed("h", None);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert_eq!(got[0].2.as_ref().map(|e| e.0), Some(0));
+        assert_eq!(c.committed("g", None).len(), 100, "the snapshot's entries");
+    }
+
+    #[test]
+    fn a_commit_that_reaches_the_lock_after_its_topic_was_deleted_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = LogStore::open(dir.path(), StorageConfig::default(), system_clock()).unwrap();
+        store.create_topic("t", 1, StorageConfig::default().topic_defaults()).unwrap();
+        let c = Coordinator::open(&store, GroupConfig::default()).unwrap();
+        // The handler saw the partition; then DeleteTopics ran in full before the commit took
+        // the commit lock.
+        store.delete_topic("t").unwrap();
+        c.forget_topic("t");
+        let entries = vec![("t".to_string(), 0, 50_000, None)];
+        let (codes, pending) = c.commit(&store, "g", "", -1, entries, 1).unwrap();
+        assert_eq!(codes, vec![ErrorCode::UnknownTopicOrPartition]);
+        assert!(pending.is_none(), "nothing appended");
+        // Left there, a recreated "t" would have its first 50,000 records skipped by the group.
+        assert!(c.committed("g", None).is_empty());
     }
 
     #[test]
@@ -904,7 +932,7 @@ mod tests {
         let c = Coordinator::open(&store, GroupConfig::default()).unwrap();
         for g in ["a", "b"] {
             let entries = vec![("t".to_string(), 0, 1, None), ("t".to_string(), 1, 2, None)];
-            let (codes, pending) = c.commit(g, "", -1, entries, 1).unwrap();
+            let (codes, pending) = c.commit(&store, g, "", -1, entries, 1).unwrap();
             assert!(codes.iter().all(|c| c.is_ok()), "{codes:?}");
             pending.unwrap().log.sync().unwrap();
         }

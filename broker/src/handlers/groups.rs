@@ -82,13 +82,14 @@ pub(crate) fn offset_commit(ctx: Ctx, req: OffsetCommitRequest) -> Reply {
     let known: Vec<bool> = entries.iter().map(|(t, p, _, _)| broker.store.partition(t, *p).is_some()).collect();
     let entries: Vec<_> = entries.into_iter().zip(&known).filter(|(_, k)| **k).map(|(e, _)| e).collect();
     let n = entries.len();
-    let (stored, pending) = match broker.groups.commit(&req.group_id, &req.member_id, req.generation_id, entries, now) {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::error!(group = %req.group_id, error = %e, "storing committed offsets failed");
-            (vec![storage_error_code(&e); n], None)
-        }
-    };
+    let (stored, pending) =
+        match broker.groups.commit(&broker.store, &req.group_id, &req.member_id, req.generation_id, entries, now) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(group = %req.group_id, error = %e, "storing committed offsets failed");
+                (vec![storage_error_code(&e); n], None)
+            }
+        };
     let mut stored = stored.into_iter();
     let codes: Vec<ErrorCode> = known
         .iter()
