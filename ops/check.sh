@@ -257,6 +257,7 @@ EXPECTED = {
         "offset_metadata_bytes_max": 4096,
         "groups_max": 10000,
         "members_per_group_max": 1000,
+        "member_topics_max": 10000,
         "offsets_snapshot_bytes": 67108864,
         "offsets_commit_timeout_ms": 30000,
     },

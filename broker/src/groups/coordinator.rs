@@ -210,7 +210,7 @@ impl Coordinator {
     /// Handles a join: registers the member and waits for the rebalance it takes part in.
     pub async fn join(
         &self,
-        req: JoinGroupRequest,
+        mut req: JoinGroupRequest,
         client_id: String,
         partitions: HashMap<String, u32>,
     ) -> JoinGroupResponse {
@@ -225,6 +225,16 @@ impl Coordinator {
             return fail(ErrorCode::InvalidGroupId, req.member_id);
         }
         let c = &self.config;
+        // Every rebalance copies and sorts the members' topic lists under the groups lock: a
+        // member may not bring an unbounded one (a 16 MiB request holds millions of names).
+        if req.topics.len() > c.member_topics_max {
+            return fail(ErrorCode::ResourceLimit, req.member_id);
+        }
+        req.topics.sort_unstable();
+        req.topics.dedup();
+        if req.topics.iter().any(|t| t.is_empty() || t.len() > 249) {
+            return fail(ErrorCode::InvalidTopicName, req.member_id);
+        }
         if req.session_timeout_ms < c.session_timeout_ms_min || req.session_timeout_ms > c.session_timeout_ms_max {
             return fail(ErrorCode::InvalidSessionTimeout, req.member_id);
         }
@@ -915,6 +925,26 @@ mod tests {
         assert!(pending.is_none(), "nothing appended");
         // Left there, a recreated "t" would have its first 50,000 records skipped by the group.
         assert!(c.committed("g", None).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_join_with_too_many_or_empty_topic_names_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = LogStore::open(dir.path(), StorageConfig::default(), system_clock()).unwrap();
+        let c = Coordinator::open(&store, GroupConfig { member_topics_max: 3, ..GroupConfig::default() }).unwrap();
+        let join = |topics: Vec<&str>| JoinGroupRequest {
+            group_id: "g".into(),
+            member_id: String::new(),
+            group_instance_id: None,
+            session_timeout_ms: 10_000,
+            rebalance_timeout_ms: 10_000,
+            topics: topics.into_iter().map(str::to_owned).collect(),
+        };
+        let r = c.join(join(vec!["a", "b", "c", "d"]), "c".into(), HashMap::new()).await;
+        assert_eq!(r.error, ErrorCode::ResourceLimit);
+        let r = c.join(join(vec!["a", ""]), "c".into(), HashMap::new()).await;
+        assert_eq!(r.error, ErrorCode::InvalidTopicName);
+        assert!(c.list().is_empty(), "no group was created for a refused join");
     }
 
     #[test]

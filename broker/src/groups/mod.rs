@@ -25,6 +25,9 @@ pub struct GroupConfig {
     pub groups_max: usize,
     /// Most members per group. Default 1,000.
     pub members_per_group_max: usize,
+    /// Most topics one member may subscribe to; a join with more fails with `RESOURCE_LIMIT`.
+    /// Default 10,000.
+    pub member_topics_max: usize,
     /// When the committed-offsets log grows past this, it is rewritten as a snapshot and the old
     /// segments are deleted. Default 64 MiB.
     pub offsets_snapshot_bytes: u64,
@@ -42,6 +45,7 @@ impl Default for GroupConfig {
             offset_metadata_bytes_max: 4096,
             groups_max: 10_000,
             members_per_group_max: 1_000,
+            member_topics_max: 10_000,
             offsets_snapshot_bytes: 64 * 1024 * 1024,
             offsets_commit_timeout_ms: 30_000,
         }
@@ -63,8 +67,10 @@ impl GroupConfig {
         if self.offsets_commit_timeout_ms == 0 {
             return Err("groups.offsets_commit_timeout_ms must be positive".into());
         }
-        if self.groups_max == 0 || self.members_per_group_max == 0 {
-            return Err("groups.groups_max and groups.members_per_group_max must be positive".into());
+        if self.groups_max == 0 || self.members_per_group_max == 0 || self.member_topics_max == 0 {
+            return Err(
+                "groups.groups_max, groups.members_per_group_max and groups.member_topics_max must be positive".into(),
+            );
         }
         Ok(())
     }
