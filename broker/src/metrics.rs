@@ -6,12 +6,9 @@
 //! `partition="all"`).
 
 use std::convert::Infallible;
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http_body_util::Full;
@@ -19,11 +16,11 @@ use hyper::body::Bytes as HttpBytes;
 use hyper::{Request, Response, StatusCode};
 use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 
 use cairn_protocol::ApiKey;
 
+use crate::server::stall::StallGuard;
 use crate::server::Broker;
 
 /// Histogram buckets of `cairn_request_duration_seconds`: 50 µs to 10 s.
@@ -271,7 +268,7 @@ pub async fn serve_http(listener: TcpListener, handle: PrometheusHandle, broker:
                 let broker = Arc::clone(&broker);
                 async move { Ok::<_, Infallible>(route(&req, &handle, &broker)) }
             });
-            let io = hyper_util::rt::TokioIo::new(WriteDeadline::new(stream, limits.timeout));
+            let io = hyper_util::rt::TokioIo::new(StallGuard::new(stream, limits.timeout));
             let conn = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(limits.timeout)
@@ -280,78 +277,6 @@ pub async fn serve_http(listener: TcpListener, handle: PrometheusHandle, broker:
                 tracing::debug!(error = %e, "metrics connection ended");
             }
         });
-    }
-}
-
-/// A stream whose writes fail with [`std::io::ErrorKind::TimedOut`] once one has waited `limit`
-/// without the peer taking a byte, so that a client that stops reading cannot hold a rendered
-/// page and its connection for ever.
-struct WriteDeadline<S> {
-    inner: S,
-    limit: Duration,
-    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
-}
-
-impl<S> WriteDeadline<S> {
-    fn new(inner: S, limit: Duration) -> WriteDeadline<S> {
-        WriteDeadline { inner, limit, stalled: None }
-    }
-
-    /// Passes a finished write through (ending any stall); a pending one starts or checks the clock.
-    fn watch<T>(&mut self, cx: &mut Context<'_>, r: Poll<std::io::Result<T>>) -> Poll<std::io::Result<T>> {
-        if r.is_ready() {
-            self.stalled = None;
-            return r;
-        }
-        let limit = self.limit;
-        let sleep = self.stalled.get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-        match sleep.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("peer read nothing for {} ms", limit.as_millis()),
-            ))),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for WriteDeadline<S> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for WriteDeadline<S> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.inner).poll_write(cx, buf);
-        this.watch(cx, r)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
-        this.watch(cx, r)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.inner).poll_flush(cx);
-        this.watch(cx, r)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let this = self.get_mut();
-        let r = Pin::new(&mut this.inner).poll_shutdown(cx);
-        this.watch(cx, r)
     }
 }
 
@@ -391,41 +316,4 @@ fn route(
 /// When the address cannot be bound.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
-}
-
-#[cfg(test)]
-mod http_tests {
-    use super::*;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    #[tokio::test(start_paused = true)]
-    async fn a_write_the_peer_never_reads_fails_after_the_limit() {
-        let (ours, _theirs) = tokio::io::duplex(1024);
-        let mut w = WriteDeadline::new(ours, Duration::from_secs(10));
-        let started = tokio::time::Instant::now();
-        let err = w.write_all(&[7u8; 64 * 1024]).await.unwrap_err();
-        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
-        assert_eq!(started.elapsed(), Duration::from_secs(10));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_slow_reader_that_keeps_reading_is_not_cut_off() {
-        let (ours, mut theirs) = tokio::io::duplex(1024);
-        let mut w = WriteDeadline::new(ours, Duration::from_secs(1));
-        let reader = tokio::spawn(async move {
-            let mut got = 0;
-            let mut buf = [0u8; 1024];
-            loop {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                match theirs.read(&mut buf).await.unwrap() {
-                    0 => return got,
-                    n => got += n,
-                }
-            }
-        });
-        // 64 reads half a second apart: half a minute in all, never a second without progress.
-        w.write_all(&[7u8; 64 * 1024]).await.unwrap();
-        w.shutdown().await.unwrap();
-        assert_eq!(reader.await.unwrap(), 64 * 1024);
-    }
 }

@@ -6,17 +6,13 @@
 //! stops reading its socket, the queue fills and the reader stops reading — backpressure through
 //! TCP instead of buffering without bound.
 
-use std::future::Future;
-use std::io::IoSlice;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::{FutureExt, StreamExt};
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -26,6 +22,7 @@ use cairn_protocol::io::{write_all_vectored, IOV_MAX};
 use cairn_protocol::{FrameCodec, FrameError};
 
 use super::dispatch::{dispatch, LaterReply, Reply};
+use super::stall::StallGuard;
 use super::Broker;
 
 /// A response that is ready now or will be later.
@@ -127,70 +124,11 @@ pub(crate) async fn run(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr
     tracing::debug!(%peer, "connection closed");
 }
 
-/// The write half of a connection, failing with `TimedOut` when the client accepts no byte for
-/// `stall` (a client that stopped reading would otherwise hold its connection, and the
-/// responses queued on it, for ever).
-struct StallGuard {
-    inner: OwnedWriteHalf,
-    stall: Duration,
-    /// Armed when a write finds the socket full; disarmed by any progress.
-    timer: Option<Pin<Box<tokio::time::Sleep>>>,
-}
-
-impl StallGuard {
-    fn new(inner: OwnedWriteHalf, stall: Duration) -> StallGuard {
-        StallGuard { inner, stall, timer: None }
-    }
-
-    fn guard<T>(&mut self, cx: &mut Context<'_>, poll: Poll<std::io::Result<T>>) -> Poll<std::io::Result<T>> {
-        if poll.is_ready() {
-            self.timer = None;
-            return poll;
-        }
-        let stall = self.stall;
-        let timer = self.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(stall)));
-        if timer.as_mut().poll(cx).is_ready() {
-            self.timer = None;
-            return Poll::Ready(Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("the client accepted no response bytes for {} ms", stall.as_millis()),
-            )));
-        }
-        Poll::Pending
-    }
-}
-
-impl AsyncWrite for StallGuard {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        let poll = Pin::new(&mut self.inner).poll_write(cx, buf);
-        self.guard(cx, poll)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        let poll = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
-        self.guard(cx, poll)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let poll = Pin::new(&mut self.inner).poll_flush(cx);
-        self.guard(cx, poll)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        let poll = Pin::new(&mut self.inner).poll_shutdown(cx);
-        self.guard(cx, poll)
-    }
-}
-
-async fn write_loop(mut wr: StallGuard, mut rx: mpsc::Receiver<Pending>, peer: SocketAddr) -> std::io::Result<()> {
+async fn write_loop(
+    mut wr: StallGuard<OwnedWriteHalf>,
+    mut rx: mpsc::Receiver<Pending>,
+    peer: SocketAddr,
+) -> std::io::Result<()> {
     let mut out: Vec<Bytes> = Vec::with_capacity(64);
     // A later response found unfinished while gathering: it heads the next write.
     let mut carried: Option<Pending> = None;
@@ -251,7 +189,7 @@ fn append(out: &mut Vec<Bytes>, chunks: Vec<Bytes>) -> usize {
 
 /// A handler died without answering: responses after it would be misattributed by a client that
 /// matches them in order, so the connection is closed and the client retries on a new one.
-async fn broken(mut wr: StallGuard, peer: SocketAddr) -> std::io::Result<()> {
+async fn broken(mut wr: StallGuard<OwnedWriteHalf>, peer: SocketAddr) -> std::io::Result<()> {
     tracing::error!(%peer, "a request handler failed without answering; closing the connection");
     let _ = wr.shutdown().await;
     Ok(())

@@ -2,6 +2,7 @@
 
 mod connection;
 mod dispatch;
+pub(crate) mod stall;
 
 pub(crate) use dispatch::Reply;
 
