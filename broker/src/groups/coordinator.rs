@@ -232,7 +232,7 @@ impl Coordinator {
         }
         req.topics.sort_unstable();
         req.topics.dedup();
-        if req.topics.iter().any(|t| t.is_empty() || t.len() > 249) {
+        if req.topics.iter().any(|t| crate::storage::validate_topic_name(t).is_err()) {
             return fail(ErrorCode::InvalidTopicName, req.member_id);
         }
         if req.session_timeout_ms < c.session_timeout_ms_min || req.session_timeout_ms > c.session_timeout_ms_max {

@@ -28,6 +28,7 @@ mod segment;
 #[cfg(test)]
 mod tests;
 mod topics;
+pub(crate) use topics::validate_name as validate_topic_name;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
