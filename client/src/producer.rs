@@ -837,10 +837,10 @@ fn retry(inner: &Arc<Inner>, tp: TopicPartition, mut b: SealedBatch, why: Error)
     }
     tracing::debug!(topic = %tp.0, partition = tp.1, attempt = b.attempts, error = %why, "retrying batch");
     b.not_before = retry_at;
-    b.last_error = Some(why.duplicate());
     let mut state = inner.state.lock().expect("producer state");
     match state.queue(&tp) {
         Some(q) => {
+            b.last_error = Some(why);
             q.ready.push_front(b);
             q.in_flight = false;
         }
