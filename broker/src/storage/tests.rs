@@ -556,11 +556,17 @@ fn records_without_timestamps_are_kept_for_retention_ms() {
     assert_eq!(p.log_start_offset(), 5);
 }
 
-/// Appends on a thread, syncing and applying retention (by size) every eight batches, until
-/// the returned flag is set.
-fn append_under_retention(p: &Arc<PartitionLog>) -> (Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<()>) {
+/// A partition kept at about 20 KiB by size retention, with a thread that appends to it,
+/// syncing and applying retention every eight batches, until the returned flag is set.
+type UnderRetention = (LogStore, Arc<PartitionLog>, Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<()>);
+
+fn append_under_retention(dir: &Path) -> UnderRetention {
+    let (store, _) = open(dir, small_config());
+    let mut cfg = store.config().topic_defaults();
+    cfg.retention_bytes = std::num::NonZeroU64::new(20 * 1024);
+    let partition = store.create_topic("t", 1, cfg).unwrap().partitions[0].clone();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (p, flag) = (Arc::clone(p), Arc::clone(&stop));
+    let (p, flag) = (Arc::clone(&partition), Arc::clone(&stop));
     let writer = std::thread::spawn(move || {
         let mut i = 0u64;
         while !flag.load(Ordering::Relaxed) {
@@ -572,7 +578,7 @@ fn append_under_retention(p: &Arc<PartitionLog>) -> (Arc<std::sync::atomic::Atom
             }
         }
     });
-    (stop, writer)
+    (store, partition, stop, writer)
 }
 
 /// A read at the log start while retention deletes that segment gets either the batch asked for
@@ -581,11 +587,7 @@ fn append_under_retention(p: &Arc<PartitionLog>) -> (Arc<std::sync::atomic::Atom
 #[test]
 fn a_read_racing_retention_never_skips_ahead_silently() {
     let dir = tempfile::tempdir().unwrap();
-    let (store, _) = open(dir.path(), small_config());
-    let mut cfg = store.config().topic_defaults();
-    cfg.retention_bytes = std::num::NonZeroU64::new(20 * 1024);
-    let p = store.create_topic("t", 1, cfg).unwrap().partitions[0].clone();
-    let (stop, writer) = append_under_retention(&p);
+    let (_store, p, stop, writer) = append_under_retention(dir.path());
     let deadline = std::time::Instant::now() + std::time::Duration::from_millis(1500);
     let mut checked = 0u64;
     while std::time::Instant::now() < deadline {
@@ -613,11 +615,7 @@ fn a_read_racing_retention_never_skips_ahead_silently() {
 #[test]
 fn a_timestamp_lookup_racing_retention_finds_the_oldest_record_left() {
     let dir = tempfile::tempdir().unwrap();
-    let (store, _) = open(dir.path(), small_config());
-    let mut cfg = store.config().topic_defaults();
-    cfg.retention_bytes = std::num::NonZeroU64::new(20 * 1024);
-    let p = store.create_topic("t", 1, cfg).unwrap().partitions[0].clone();
-    let (stop, writer) = append_under_retention(&p);
+    let (_store, p, stop, writer) = append_under_retention(dir.path());
     while p.log_end_offset() == 0 {
         std::thread::yield_now();
     }
