@@ -11,8 +11,9 @@
 //!    fetch for a partition the member does not own gets `NOT_ASSIGNED`. So two live members never
 //!    read the same partition in the same generation.
 //!
-//! Static members (`group_instance_id`) keep their member id across restarts: rejoining a stable
-//! group with an unchanged subscription returns the current assignment without a rebalance.
+//! Static members (`group_instance_id`) keep their assignment across restarts: a new incarnation
+//! that rejoins a stable group with an unchanged subscription takes over the member's partitions
+//! under a new member id, without a rebalance, and the old id is fenced.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
