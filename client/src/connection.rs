@@ -4,7 +4,7 @@
 //! correlation id by a reader task. Many requests may be in flight at once.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,6 +13,7 @@ use futures::StreamExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
+use tokio::task::AbortHandle;
 use tokio_util::codec::FramedRead;
 
 use cairn_protocol::api::response_correlation_id;
@@ -63,13 +64,49 @@ struct Live {
     tx: mpsc::UnboundedSender<Outgoing>,
     waiters: Waiters,
     dead: Arc<AtomicBool>,
+    /// The writer and reader tasks; they own the socket's halves.
+    tasks: [AbortHandle; 2],
+}
+
+impl Live {
+    /// Ends the connection now: its tasks stop, which closes the socket, and the requests still
+    /// waiting on it fail with `detail`. For a peer that stopped answering: the kernel would keep
+    /// the socket for minutes, and every retry sent on it would time out too.
+    fn close(&self, addr: &str, detail: &str) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        fail_all(&self.dead, &self.waiters, addr, detail);
+    }
+}
+
+impl Drop for Live {
+    fn drop(&mut self) {
+        // Nothing waits on it any more (requests hold the `Live` until they finish); without
+        // this, the reader of a silent peer's socket would outlive it.
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// The current connection, and how the last attempt to make one failed.
+#[derive(Debug, Default)]
+struct Slot {
+    live: Option<Arc<Live>>,
+    /// The failed attempt's number (see [`Connection::failures`]) and its error.
+    failed: Option<(u64, Error)>,
 }
 
 /// A connection handle that reconnects on the next request after a failure.
 #[derive(Debug, Clone)]
 pub struct Connection {
     config: Arc<ConnectionConfig>,
-    live: Arc<tokio::sync::Mutex<Option<Arc<Live>>>>,
+    slot: Arc<tokio::sync::Mutex<Slot>>,
+    /// Failed connection attempts so far. A request that finds an attempt failed after it began
+    /// to wait for the slot shares that failure instead of making its own attempt: concurrent
+    /// requests to a dead broker wait out one `connect_timeout`, not one each in turn.
+    failures: Arc<AtomicU64>,
     next_id: Arc<AtomicU32>,
 }
 
@@ -78,7 +115,8 @@ impl Connection {
     pub fn new(config: ConnectionConfig) -> Connection {
         Connection {
             config: Arc::new(config),
-            live: Arc::new(tokio::sync::Mutex::new(None)),
+            slot: Arc::new(tokio::sync::Mutex::new(Slot::default())),
+            failures: Arc::new(AtomicU64::new(0)),
             next_id: Arc::new(AtomicU32::new(1)),
         }
     }
@@ -99,15 +137,32 @@ impl Connection {
     }
 
     async fn live(&self) -> Result<Arc<Live>> {
-        let mut slot = self.live.lock().await;
-        if let Some(l) = slot.as_ref() {
+        let failures_seen = self.failures.load(Ordering::Acquire);
+        let mut slot = self.slot.lock().await;
+        if let Some(l) = slot.live.as_ref() {
             if !l.dead.load(Ordering::Acquire) {
                 return Ok(Arc::clone(l));
             }
         }
-        let l = Arc::new(self.open().await?);
-        *slot = Some(Arc::clone(&l));
-        Ok(l)
+        if let Some((attempt, error)) = &slot.failed {
+            if *attempt > failures_seen {
+                return Err(error.duplicate());
+            }
+        }
+        match self.open().await {
+            Ok(l) => {
+                let l = Arc::new(l);
+                slot.live = Some(Arc::clone(&l));
+                slot.failed = None;
+                Ok(l)
+            }
+            Err(e) => {
+                slot.live = None;
+                let attempt = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
+                slot.failed = Some((attempt, e.duplicate()));
+                Err(e)
+            }
+        }
     }
 
     async fn open(&self) -> Result<Live> {
@@ -129,7 +184,7 @@ impl Connection {
         let wdead = Arc::clone(&dead);
         let wwaiters = Arc::clone(&waiters);
         let waddr = addr.clone();
-        tokio::spawn(async move {
+        let writer = tokio::spawn(async move {
             let mut out: Vec<Bytes> = Vec::with_capacity(64);
             let mut written: Vec<oneshot::Sender<()>> = Vec::new();
             while let Some((first, tell)) = rx.recv().await {
@@ -161,7 +216,7 @@ impl Connection {
         let rdead = Arc::clone(&dead);
         let rwaiters = Arc::clone(&waiters);
         let mut frames = FramedRead::with_capacity(rd, FrameCodec::new(self.config.frame_bytes_max), 256 * 1024);
-        tokio::spawn(async move {
+        let reader = tokio::spawn(async move {
             loop {
                 match frames.next().await {
                     Some(Ok(frame)) => {
@@ -185,7 +240,7 @@ impl Connection {
                 }
             }
         });
-        Ok(Live { tx, waiters, dead })
+        Ok(Live { tx, waiters, dead, tasks: [writer.abort_handle(), reader.abort_handle()] })
     }
 
     /// Sends a request and waits for its response, up to the request timeout plus `extra`.
@@ -208,7 +263,11 @@ impl Connection {
         let frame = match tokio::time::timeout(timeout, rx).await {
             Err(_) => {
                 live.waiters.lock().expect("waiters lock").remove(&id);
-                return Err(Error::Timeout { operation: R::API_KEY.name(), ms: timeout.as_millis() as u64 });
+                // As Kafka's clients do: a broker that does not answer in time is treated as
+                // gone, and the next request (a retry, say) gets a fresh connection.
+                let operation = R::API_KEY.name();
+                live.close(&self.config.broker, &format!("closed after a {operation} request timed out"));
+                return Err(Error::Timeout { operation, ms: timeout.as_millis() as u64 });
             }
             Ok(Err(_)) => {
                 return Err(Error::Disconnected {
@@ -248,8 +307,9 @@ impl Connection {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(closed()),
             Err(_) => {
-                live.dead.store(true, Ordering::Release);
-                Err(Error::Timeout { operation: R::API_KEY.name(), ms: self.config.request_timeout.as_millis() as u64 })
+                let operation = R::API_KEY.name();
+                live.close(&self.config.broker, &format!("closed after a {operation} request timed out"));
+                Err(Error::Timeout { operation, ms: self.config.request_timeout.as_millis() as u64 })
             }
         }
     }
@@ -260,5 +320,84 @@ fn fail_all(dead: &AtomicBool, waiters: &Waiters, addr: &str, detail: &str) {
     let drained: Vec<_> = waiters.lock().expect("waiters lock").drain().collect();
     for (_, w) in drained {
         let _ = w.send(Err(Error::Disconnected { addr: addr.to_owned(), detail: detail.to_owned() }));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cairn_protocol::messages::metadata::MetadataRequest;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::{TcpListener, TcpSocket};
+
+    fn config(addr: std::net::SocketAddr) -> ConnectionConfig {
+        ConnectionConfig { broker: addr.to_string(), ..ConnectionConfig::default() }
+    }
+
+    #[tokio::test]
+    async fn a_request_that_times_out_closes_its_connection_and_the_next_one_reconnects() {
+        // A broker that reads everything and answers nothing, and says when a connection ends.
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicU32::new(0));
+        let (ended_tx, mut ended) = mpsc::unbounded_channel::<()>();
+        let counter = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                let ended_tx = ended_tx.clone();
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    while matches!(socket.read(&mut buf).await, Ok(n) if n > 0) {}
+                    let _ = ended_tx.send(());
+                });
+            }
+        });
+        let conn = Connection::new(ConnectionConfig { request_timeout: Duration::from_millis(100), ..config(addr) });
+        let request = MetadataRequest { topics: None };
+        // A long poll on the same connection, still within its own wait: it fails with the
+        // connection rather than waiting on a socket nobody reads any more.
+        let polling = {
+            let conn = conn.clone();
+            tokio::spawn(
+                async move { conn.request_with(&MetadataRequest { topics: None }, Duration::from_secs(30)).await },
+            )
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let err = conn.request(&request).await.unwrap_err();
+        assert!(matches!(err, Error::Timeout { operation: "metadata", .. }), "{err:?}");
+        tokio::time::timeout(Duration::from_secs(5), ended.recv())
+            .await
+            .expect("the connection of the timed-out request was closed")
+            .unwrap();
+        let err = tokio::time::timeout(Duration::from_secs(5), polling).await.expect("the long poll ended").unwrap();
+        assert!(matches!(err, Err(Error::Disconnected { .. })), "{err:?}");
+        let err = conn.request(&request).await.unwrap_err();
+        assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
+        assert_eq!(accepted.load(Ordering::SeqCst), 2, "the second request reconnected");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_requests_to_an_unreachable_broker_share_one_connect_timeout() {
+        // A listen backlog of 0 queues one connection; the kernel then ignores further SYNs, so
+        // connecting hangs as it does to a host that is down.
+        let socket = TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _queued = TcpStream::connect(addr).await.unwrap();
+        let conn = Connection::new(ConnectionConfig { connect_timeout: Duration::from_secs(1), ..config(addr) });
+        let started = tokio::time::Instant::now();
+        let request = MetadataRequest { topics: None };
+        let results = futures::future::join_all((0..4).map(|_| conn.request(&request))).await;
+        for r in results {
+            assert!(matches!(r, Err(Error::Timeout { operation: "connect", .. })), "{r:?}");
+        }
+        // The paused clock advances only by the timeouts waited out: one, not four in turn.
+        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+        // A later request tries again rather than reusing an old failure.
+        let later = conn.request(&request).await;
+        assert!(matches!(later, Err(Error::Timeout { operation: "connect", .. })), "{later:?}");
+        drop(listener);
     }
 }
