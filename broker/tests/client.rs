@@ -209,6 +209,39 @@ fn a_delivery_that_times_out_says_it_timed_out_and_names_the_broker_when_disconn
 }
 
 #[test]
+fn keyed_records_reach_the_partitions_of_a_topic_recreated_with_more() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "");
+    run(Duration::from_secs(60), async {
+        let admin = broker.admin().await;
+        admin.create_topic(NewTopic::new("grows", 2)).await.unwrap();
+        let config = ProducerConfig { metadata_max_age: Duration::from_millis(200), ..broker.producer_config() };
+        let producer = Producer::connect(config).await.unwrap();
+        producer.send(ProducerRecord::new("grows", "before").key("k")).await.unwrap().await.unwrap();
+        admin.delete_topic("grows").await.unwrap();
+        admin.create_topic(NewTopic::new("grows", 8)).await.unwrap();
+        // Within a few refreshes, every key goes where eight partitions put it.
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let mut misplaced = 0;
+            for i in 0..64 {
+                let key = format!("key-{i}");
+                let sent = producer.send(ProducerRecord::new("grows", "after").key(key.clone())).await.unwrap();
+                if let Ok(meta) = sent.await {
+                    misplaced += usize::from(meta.partition != partition_for_key(key.as_bytes(), 8));
+                }
+            }
+            if misplaced == 0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{misplaced} of 64 keys still go where two partitions put them");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        producer.close().await.unwrap();
+    });
+}
+
+#[test]
 fn acks_all_records_survive_a_kill_and_the_producer_carries_on_after_the_restart() {
     let dir = tempfile::tempdir().unwrap();
     let mut broker = TestBroker::start(dir.path(), "");

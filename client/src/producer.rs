@@ -52,6 +52,11 @@ pub struct ProducerConfig {
     /// below the broker's `frame_bytes_max` (16 MiB). Default 1 MiB, as Kafka's
     /// `max.request.size`.
     pub request_bytes_max: usize,
+    /// How old a topic's partition count may get before it is fetched again, so that records
+    /// reach partitions added since (a topic recreated with more, say). A partition reported
+    /// missing by the broker makes it fetched at once. Default 5 min, as Kafka's
+    /// `metadata.max.age.ms`.
+    pub metadata_max_age: Duration,
 }
 
 impl Default for ProducerConfig {
@@ -66,6 +71,7 @@ impl Default for ProducerConfig {
             retry_backoff: Duration::from_millis(100),
             in_flight_requests_max: 16,
             request_bytes_max: 1024 * 1024,
+            metadata_max_age: Duration::from_secs(300),
         }
     }
 }
@@ -255,10 +261,40 @@ impl PartitionQueue {
 #[derive(Debug)]
 struct TopicQueues {
     name: Arc<str>,
+    /// Partitions records are spread over (`queues` may be longer: a topic that shrank keeps
+    /// the queues of partitions it lost until they drain).
     partitions: u32,
     sticky: u32,
     /// Indexed by partition.
     queues: Vec<PartitionQueue>,
+    /// When `partitions` is to be fetched again.
+    refresh_at: Instant,
+    /// A fetch of it is under way.
+    refreshing: bool,
+}
+
+impl TopicQueues {
+    fn new(name: Arc<str>, partitions: u32, refresh_at: Instant) -> TopicQueues {
+        TopicQueues {
+            name,
+            partitions,
+            sticky: (now_ms() as u32) % partitions,
+            queues: (0..partitions).map(|_| PartitionQueue::default()).collect(),
+            refresh_at,
+            refreshing: false,
+        }
+    }
+
+    /// Takes a partition count fetched again.
+    fn resize(&mut self, partitions: u32) {
+        if partitions as usize > self.queues.len() {
+            self.queues.resize_with(partitions as usize, PartitionQueue::default);
+        }
+        self.partitions = partitions;
+        if self.sticky >= partitions {
+            self.sticky = 0;
+        }
+    }
 }
 
 /// Producers write to few topics: a short vector beats hashing the name for every record.
@@ -443,12 +479,8 @@ impl Producer {
         let n = t.partitions.len() as u32;
         let mut state = self.inner.state.lock().expect("producer state");
         if state.topic_mut(topic).is_none() {
-            state.topics.push(TopicQueues {
-                name: Arc::clone(topic),
-                partitions: n,
-                sticky: (now_ms() as u32) % n,
-                queues: (0..n).map(|_| PartitionQueue::default()).collect(),
-            });
+            let refresh_at = Instant::now() + self.inner.config.metadata_max_age;
+            state.topics.push(TopicQueues::new(Arc::clone(topic), n, refresh_at));
         }
         Ok(n)
     }
@@ -653,9 +685,20 @@ fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
-/// Takes at most one sendable batch per partition. Returns them and when to look again.
+/// What one pass of the sender found to do.
+#[derive(Debug, Default)]
+struct Pass {
+    /// At most one batch per partition.
+    batches: Vec<Sendable>,
+    /// When to look again, if nothing wakes the sender before.
+    next: Option<Instant>,
+    /// Topics whose partition count is to be fetched again.
+    refresh: Vec<Arc<str>>,
+}
+
+/// Takes at most one sendable batch per partition, and the topics due for a metadata refresh.
 /// Batches past `delivery_timeout` that wait behind no request fail here, unsent.
-fn collect(inner: &Inner) -> (Vec<Sendable>, Option<Instant>) {
+fn collect(inner: &Inner) -> Pass {
     let mut expired = Vec::new();
     let found = collect_locked(inner, &mut expired);
     let timeout = inner.config.delivery_timeout;
@@ -667,15 +710,20 @@ fn collect(inner: &Inner) -> (Vec<Sendable>, Option<Instant>) {
     found
 }
 
-fn collect_locked(inner: &Inner, expired: &mut Vec<SealedBatch>) -> (Vec<Sendable>, Option<Instant>) {
+fn collect_locked(inner: &Inner, expired: &mut Vec<SealedBatch>) -> Pass {
     let mut state = inner.state.lock().expect("producer state");
     // Read the clock under the lock: every batch seen here was created before it.
     let now = Instant::now();
     let flushing = state.flushing > 0 || inner.closed.load(Ordering::Acquire);
     let mut out = Vec::new();
     let mut next: Option<Instant> = None;
+    let mut refresh = Vec::new();
     let mut budget = inner.config.request_bytes_max;
     for topic in state.topics.iter_mut() {
+        if topic.refresh_at <= now && !topic.refreshing {
+            topic.refreshing = true;
+            refresh.push(Arc::clone(&topic.name));
+        }
         for (partition, q) in topic.queues.iter_mut().enumerate() {
             if q.in_flight {
                 continue;
@@ -711,12 +759,15 @@ fn collect_locked(inner: &Inner, expired: &mut Vec<SealedBatch>) -> (Vec<Sendabl
             out.push(((Arc::clone(&topic.name), partition as u32), batch));
         }
     }
-    (out, next)
+    Pass { batches: out, next, refresh }
 }
 
 async fn sender(inner: Arc<Inner>) {
     loop {
-        let (batches, next) = collect(&inner);
+        let Pass { batches, next, refresh } = collect(&inner);
+        if !refresh.is_empty() {
+            tokio::spawn(refresh_metadata(Arc::clone(&inner), refresh));
+        }
         if batches.is_empty() {
             // Under the state lock, so that no send can slip a record in after this check.
             let done = {
@@ -746,6 +797,34 @@ async fn sender(inner: Arc<Inner>) {
             drop(permit);
             inner2.wake.notify_one();
         });
+    }
+}
+
+/// Fetches the partition counts of `topics` again. A topic that grew gets queues for its new
+/// partitions, and keyed records spread over all of them from then on. A failed fetch keeps the
+/// count it had and is tried again after `retry_backoff`.
+async fn refresh_metadata(inner: Arc<Inner>, topics: Vec<Arc<str>>) {
+    let request = MetadataRequest { topics: Some(topics.iter().map(|t| t.to_string()).collect()) };
+    let fetched = inner.conn.request(&request).await;
+    let now = Instant::now();
+    let mut state = inner.state.lock().expect("producer state");
+    for name in &topics {
+        let Some(topic) = state.topic_mut(name) else { continue };
+        topic.refreshing = false;
+        let found = fetched.as_ref().ok().and_then(|resp| {
+            resp.topics.iter().find(|t| *t.name == **name && t.error.is_ok() && !t.partitions.is_empty())
+        });
+        match found {
+            Some(t) => {
+                let partitions = t.partitions.len() as u32;
+                if partitions != topic.partitions {
+                    tracing::info!(topic = %name, from = topic.partitions, to = partitions, "partition count changed");
+                }
+                topic.resize(partitions);
+                topic.refresh_at = now + inner.config.metadata_max_age;
+            }
+            None => topic.refresh_at = now + inner.config.retry_backoff,
+        }
     }
 }
 
@@ -796,6 +875,9 @@ async fn send_request(inner: &Arc<Inner>, mut batches: Vec<Sendable>) {
                     .collect()
             };
             for ((tp, b), (code, message, base)) in batches.into_iter().zip(outcomes) {
+                if code == ErrorCode::UnknownTopicOrPartition {
+                    refresh_soon(inner, &tp.0);
+                }
                 if code.is_ok() {
                     release_partition(inner, &tp);
                     finish(inner, b, Ok(base));
@@ -817,6 +899,14 @@ async fn send_request(inner: &Arc<Inner>, mut batches: Vec<Sendable>) {
                 }
             }
         }
+    }
+}
+
+/// Has the sender fetch `topic`'s partition count on its next pass: the broker no longer knows
+/// one of its partitions (deleted, or recreated with fewer).
+fn refresh_soon(inner: &Inner, topic: &Arc<str>) {
+    if let Some(t) = inner.state.lock().expect("producer state").topic_mut(topic) {
+        t.refresh_at = t.refresh_at.min(Instant::now());
     }
 }
 
@@ -875,12 +965,7 @@ mod tests {
     /// A producer that knows `topic` already and has not connected (nothing here sends).
     fn offline(config: ProducerConfig, topic: &Arc<str>, partitions: u32) -> Producer {
         let state = State {
-            topics: vec![TopicQueues {
-                name: Arc::clone(topic),
-                partitions,
-                sticky: 0,
-                queues: (0..partitions).map(|_| PartitionQueue::default()).collect(),
-            }],
+            topics: vec![TopicQueues::new(Arc::clone(topic), partitions, Instant::now() + Duration::from_secs(3600))],
             flushing: 0,
         };
         let inner = Arc::new(Inner {
@@ -905,7 +990,7 @@ mod tests {
         let p = offline(ProducerConfig { linger: Duration::ZERO, ..ProducerConfig::default() }, &topic, 1);
         for _ in 0..100 {
             let _delivery = p.send(ProducerRecord::new(Arc::clone(&topic), "v")).await.unwrap();
-            let (batches, next) = collect(&p.inner);
+            let Pass { batches, next, .. } = collect(&p.inner);
             assert_eq!(batches.len(), 1, "the batch must go now, not at the next timer tick ({next:?})");
             release_partition(&p.inner, &batches[0].0);
         }
@@ -918,7 +1003,7 @@ mod tests {
         let p = offline(ProducerConfig { linger, ..ProducerConfig::default() }, &topic, 1);
         let before = Instant::now();
         let _delivery = p.send(ProducerRecord::new(Arc::clone(&topic), "v")).await.unwrap();
-        let (batches, next) = collect(&p.inner);
+        let Pass { batches, next, .. } = collect(&p.inner);
         assert!(batches.is_empty());
         let next = next.expect("a time to look again");
         assert!(next >= before + linger && next <= Instant::now() + linger, "look again when the linger ends");
