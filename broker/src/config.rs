@@ -189,6 +189,14 @@ mod tests {
     }
 
     #[test]
+    fn a_zero_offsets_retention_is_refused_at_start() {
+        let mut c = BrokerConfig::default();
+        c.groups.offsets_retention_ms = 0;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("offsets_retention_ms"), "{err}");
+    }
+
+    #[test]
     fn printed_config_parses_back() {
         let c = BrokerConfig::default();
         let back: BrokerConfig = toml::from_str(&c.to_toml()).unwrap();

@@ -86,6 +86,8 @@ pub async fn run(config: BrokerConfig, shutdown: CancellationToken) -> anyhow::R
 
 async fn group_ticker(broker: Arc<Broker>) {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let retention_check = Duration::from_millis(broker.config.groups.offsets_retention_check_interval_ms);
+    let mut next_retention_check = tokio::time::Instant::now() + retention_check;
     loop {
         tokio::select! {
             _ = broker.shutdown.cancelled() => return,
@@ -93,5 +95,9 @@ async fn group_ticker(broker: Arc<Broker>) {
         }
         let counts = handlers::groups::partition_counts(&broker);
         broker.groups.tick(&counts);
+        if tokio::time::Instant::now() >= next_retention_check {
+            broker.groups.expire_offsets(system_clock()());
+            next_retention_check = tokio::time::Instant::now() + retention_check;
+        }
     }
 }

@@ -117,6 +117,11 @@ impl Group {
 struct Inner {
     groups: HashMap<String, Group>,
     committed: BTreeMap<OffsetKey, Committed>,
+    /// When each group that had members since the broker started lost its last one (wall
+    /// clock, ms): committed offsets expire counting from there or from their last commit.
+    emptied_ms: HashMap<String, i64>,
+    /// When the broker started (wall clock, ms): the emptied time of groups not seen since.
+    started_ms: i64,
 }
 
 /// The consumer group coordinator of this broker.
@@ -192,7 +197,12 @@ impl Coordinator {
         }
         Ok(Coordinator {
             config,
-            inner: Mutex::new(Inner { groups: HashMap::new(), committed }),
+            inner: Mutex::new(Inner {
+                groups: HashMap::new(),
+                committed,
+                emptied_ms: HashMap::new(),
+                started_ms: crate::storage::system_clock()(),
+            }),
             offsets_log,
             commit_lock: Mutex::new(()),
             next_member: AtomicU64::new(1),
@@ -421,6 +431,7 @@ impl Coordinator {
     /// Called periodically by the broker.
     pub fn tick(&self, partitions: &HashMap<String, u32>) {
         let now = Instant::now();
+        let now_ms = crate::storage::system_clock()();
         let max = Duration::from_millis(u64::from(self.config.rebalance_timeout_ms_max));
         let mut inner = self.inner.lock().expect("groups lock");
         for (name, group) in inner.groups.iter_mut() {
@@ -442,8 +453,15 @@ impl Coordinator {
             }
             Self::maybe_complete(group, partitions, now);
         }
-        // Forget membership state of groups nobody belongs to (their commits stay).
-        inner.groups.retain(|_, g| !g.members.is_empty());
+        // Forget membership state of groups nobody belongs to (their commits stay, until they
+        // expire: see `expire_offsets`).
+        let Inner { groups, emptied_ms, .. } = &mut *inner;
+        groups.retain(|name, g| {
+            if g.members.is_empty() {
+                emptied_ms.insert(name.clone(), now_ms);
+            }
+            !g.members.is_empty()
+        });
     }
 
     /// Heartbeat: keeps the member alive and tells it whether to rejoin.
@@ -613,6 +631,62 @@ impl Coordinator {
                 group.start_rebalance(now, max);
             }
         }
+    }
+
+    /// Drops the committed offsets of groups without members whose last commit and last member
+    /// are both older than `offsets_retention_ms` (memory and log). Returns how many went.
+    ///
+    /// Decided and removed under both locks: a commit cannot slip in between, and a join that
+    /// comes after sees the group without offsets (its members start at `auto_offset_reset`).
+    /// The removals are appended to the offsets log but not synced: if a crash loses them, the
+    /// offsets come back and expire again.
+    pub fn expire_offsets(&self, now_ms: i64) -> usize {
+        let retention = i64::try_from(self.config.offsets_retention_ms).unwrap_or(i64::MAX);
+        let _serial = self.commit_lock.lock().expect("commit lock");
+        let doomed: Vec<(OffsetKey, Option<Committed>)> = {
+            let mut guard = self.inner.lock().expect("groups lock");
+            let Inner { groups, committed, emptied_ms, started_ms } = &mut *guard;
+            // Each group's last commit.
+            let mut last: BTreeMap<&str, i64> = BTreeMap::new();
+            for ((group, _, _), c) in committed.iter() {
+                let at = last.entry(group.as_str()).or_insert(i64::MIN);
+                *at = (*at).max(c.commit_timestamp_ms);
+            }
+            // Emptied times matter only while a group has offsets.
+            emptied_ms.retain(|group, _| last.contains_key(group.as_str()));
+            let expired: BTreeSet<String> = last
+                .into_iter()
+                .filter(|(group, at)| {
+                    let live = groups.get(*group).is_some_and(|g| !g.members.is_empty());
+                    let emptied = emptied_ms.get(*group).copied().unwrap_or(*started_ms);
+                    !live && now_ms.saturating_sub((*at).max(emptied)) >= retention
+                })
+                .map(|(group, _)| group.to_owned())
+                .collect();
+            let doomed: Vec<_> =
+                committed.keys().filter(|(g, _, _)| expired.contains(g)).map(|k| (k.clone(), None)).collect();
+            for (key, _) in &doomed {
+                committed.remove(key);
+            }
+            for group in &expired {
+                emptied_ms.remove(group);
+                tracing::info!(group = %group, retention_ms = retention,
+                    "committed offsets expired: no members and no commits within the retention");
+            }
+            doomed
+        };
+        if doomed.is_empty() {
+            return 0;
+        }
+        metrics::counter!("cairn_committed_offsets_expired_total").increment(doomed.len() as u64);
+        for batch in offsets_store::encode_batches(&doomed, now_ms) {
+            if let Err(e) = self.offsets_log.append(&batch) {
+                tracing::error!(error = %e,
+                    "could not record expired committed offsets; they return after a restart and expire again");
+                break;
+            }
+        }
+        doomed.len()
     }
 
     /// Drops committed offsets of a deleted topic (memory and log).
@@ -836,11 +910,85 @@ mod tests {
     use super::*;
     use crate::storage::{system_clock, StorageConfig};
 
+    /// A join of a new member of `group`, subscribing to `topics`.
+    fn new_member(group: &str, topics: Vec<&str>) -> JoinGroupRequest {
+        JoinGroupRequest {
+            group_id: group.into(),
+            member_id: String::new(),
+            group_instance_id: None,
+            session_timeout_ms: 10_000,
+            rebalance_timeout_ms: 10_000,
+            topics: topics.into_iter().map(str::to_owned).collect(),
+        }
+    }
+
     fn commit_outside_membership(c: &Coordinator, store: &LogStore, group: &str, n: u32, metadata: usize) {
         let entries = (0..n).map(|p| ("t".to_string(), p, 1, Some("m".repeat(metadata)))).collect();
         let (codes, pending) = c.commit(store, group, "", -1, entries, 1).unwrap();
         assert!(codes.iter().all(|c| c.is_ok()), "{codes:?}");
         pending.unwrap().log.sync().unwrap();
+    }
+
+    #[tokio::test]
+    async fn offsets_of_groups_without_members_expire_after_the_retention_and_stay_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = LogStore::open(dir.path(), StorageConfig::default(), system_clock()).unwrap();
+        store.create_topic("t", 2, StorageConfig::default().topic_defaults()).unwrap();
+        let config = GroupConfig { offsets_retention_ms: 1_000, ..GroupConfig::default() };
+        let c = Coordinator::open(&store, config.clone()).unwrap();
+        let started = c.inner.lock().unwrap().started_ms;
+        let commit = |group: &str, at: i64| {
+            let entries = vec![("t".to_string(), 0, 5, None), ("t".to_string(), 1, 7, None)];
+            let (codes, _) = c.commit(&store, group, "", -1, entries, at).unwrap();
+            assert!(codes.iter().all(|c| c.is_ok()), "{codes:?}");
+        };
+        // Committed long ago, but the broker only just started: the clock runs from the start.
+        commit("idle", 1);
+        commit("recent", started + 900);
+        commit("live", 1);
+        let join = new_member("live", vec!["t"]);
+        let partitions = HashMap::from([("t".to_string(), 2)]);
+        assert_eq!(c.join(join, "c".into(), partitions).await.error, ErrorCode::None);
+        assert_eq!(c.expire_offsets(started + 999), 0, "within the retention of the start");
+        assert_eq!(c.expire_offsets(started + 1_000), 2, "the idle group's two offsets");
+        assert!(c.committed("idle", None).is_empty());
+        assert_eq!(c.committed("recent", None).len(), 2, "its last commit is within the retention");
+        assert_eq!(c.expire_offsets(started + 1_899), 0);
+        assert_eq!(c.expire_offsets(started + 1_900), 2, "the recent group's, a retention after its commit");
+        assert_eq!(c.expire_offsets(started + 100_000), 0, "a group with a member keeps its offsets");
+        assert_eq!(c.committed("live", None).len(), 2);
+        // The removals are in the log: a restart does not bring the offsets back.
+        c.offsets_log.sync().unwrap();
+        drop(c);
+        let c = Coordinator::open(&store, config).unwrap();
+        assert!(c.committed("idle", None).is_empty());
+        assert!(c.committed("recent", None).is_empty());
+        assert_eq!(c.committed("live", None).len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_group_whose_last_member_left_keeps_its_offsets_for_a_retention_from_then() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = LogStore::open(dir.path(), StorageConfig::default(), system_clock()).unwrap();
+        store.create_topic("t", 1, StorageConfig::default().topic_defaults()).unwrap();
+        let c =
+            Coordinator::open(&store, GroupConfig { offsets_retention_ms: 1_000, ..GroupConfig::default() }).unwrap();
+        let (codes, _) = c.commit(&store, "g", "", -1, vec![("t".to_string(), 0, 5, None)], 1).unwrap();
+        assert!(codes[0].is_ok());
+        // Time enough since the start that, counted from the start, the offsets would expire.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let join = new_member("g", vec!["t"]);
+        let partitions = HashMap::from([("t".to_string(), 1)]);
+        let joined = c.join(join, "c".into(), partitions.clone()).await;
+        assert_eq!(joined.error, ErrorCode::None);
+        let far = system_clock()() + 3_600_000;
+        assert_eq!(c.expire_offsets(far), 0, "a group with a member keeps its offsets");
+        let before = system_clock()();
+        assert_eq!(c.leave("g", &joined.member_id), ErrorCode::None);
+        c.tick(&partitions);
+        let after = system_clock()();
+        assert_eq!(c.expire_offsets(before + 999), 0, "within the retention of the leave");
+        assert_eq!(c.expire_offsets(after + 1_000), 1);
     }
 
     #[test]
@@ -933,14 +1081,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (store, _) = LogStore::open(dir.path(), StorageConfig::default(), system_clock()).unwrap();
         let c = Coordinator::open(&store, GroupConfig { member_topics_max: 3, ..GroupConfig::default() }).unwrap();
-        let join = |topics: Vec<&str>| JoinGroupRequest {
-            group_id: "g".into(),
-            member_id: String::new(),
-            group_instance_id: None,
-            session_timeout_ms: 10_000,
-            rebalance_timeout_ms: 10_000,
-            topics: topics.into_iter().map(str::to_owned).collect(),
-        };
+        let join = |topics| new_member("g", topics);
         let r = c.join(join(vec!["a", "b", "c", "d"]), "c".into(), HashMap::new()).await;
         assert_eq!(r.error, ErrorCode::ResourceLimit);
         let r = c.join(join(vec!["a", ""]), "c".into(), HashMap::new()).await;

@@ -34,6 +34,12 @@ pub struct GroupConfig {
     /// How long an OffsetCommit waits for its fsync, counted from its arrival, before it
     /// answers `REQUEST_TIMED_OUT` (Kafka's `offsets.commit.timeout.ms`). Default 30,000 ms.
     pub offsets_commit_timeout_ms: u64,
+    /// A group without members loses its committed offsets once this long has passed since its
+    /// last commit and since its last member left (Kafka's `offsets.retention.minutes`), so that
+    /// groups nobody uses any more do not pile up. Default 604,800,000 ms (7 days).
+    pub offsets_retention_ms: u64,
+    /// How often expired offsets are looked for. Default 600,000 ms (10 min).
+    pub offsets_retention_check_interval_ms: u64,
 }
 
 impl Default for GroupConfig {
@@ -48,6 +54,8 @@ impl Default for GroupConfig {
             member_topics_max: 10_000,
             offsets_snapshot_bytes: 64 * 1024 * 1024,
             offsets_commit_timeout_ms: 30_000,
+            offsets_retention_ms: 7 * 24 * 3_600_000,
+            offsets_retention_check_interval_ms: 600_000,
         }
     }
 }
@@ -66,6 +74,11 @@ impl GroupConfig {
         }
         if self.offsets_commit_timeout_ms == 0 {
             return Err("groups.offsets_commit_timeout_ms must be positive".into());
+        }
+        if self.offsets_retention_ms == 0 || self.offsets_retention_check_interval_ms == 0 {
+            return Err(
+                "groups.offsets_retention_ms and groups.offsets_retention_check_interval_ms must be positive".into()
+            );
         }
         if self.groups_max == 0 || self.members_per_group_max == 0 || self.member_topics_max == 0 {
             return Err(
