@@ -93,8 +93,7 @@ async fn group_ticker(broker: Arc<Broker>) {
             _ = broker.shutdown.cancelled() => return,
             _ = tick.tick() => {}
         }
-        let counts = handlers::groups::partition_counts(&broker);
-        broker.groups.tick(&counts);
+        broker.groups.tick(&broker.store);
         if tokio::time::Instant::now() >= next_retention_check {
             broker.groups.expire_offsets(system_clock()());
             next_retention_check = tokio::time::Instant::now() + retention_check;

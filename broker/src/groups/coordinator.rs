@@ -219,12 +219,7 @@ impl Coordinator {
     }
 
     /// Handles a join: registers the member and waits for the rebalance it takes part in.
-    pub async fn join(
-        &self,
-        mut req: JoinGroupRequest,
-        client_id: String,
-        partitions: HashMap<String, u32>,
-    ) -> JoinGroupResponse {
+    pub async fn join(&self, mut req: JoinGroupRequest, client_id: String, store: &LogStore) -> JoinGroupResponse {
         let fail = |error, member_id: String| JoinGroupResponse {
             error,
             generation_id: -1,
@@ -344,7 +339,7 @@ impl Coordinator {
                 }
             }
             tracing::info!(group = %req.group_id, member = %member_id, generation = group.generation, "member joined; rebalancing");
-            Self::maybe_complete(group, &partitions, now);
+            Self::maybe_complete(group, store, now);
         }
         // Wait for the rebalance to complete (bounded by its deadline, enforced by the reaper).
         loop {
@@ -364,7 +359,7 @@ impl Coordinator {
                     m.joined = true;
                     m.last_seen = Instant::now();
                 }
-                Self::maybe_complete(group, &partitions, Instant::now());
+                Self::maybe_complete(group, store, Instant::now());
                 if group.state == State::Stable {
                     return self.joined_response(group, &member_id, ErrorCode::None);
                 }
@@ -395,8 +390,10 @@ impl Coordinator {
         }
     }
 
-    /// Completes the rebalance if every member has rejoined or the deadline passed.
-    fn maybe_complete(group: &mut Group, partitions: &HashMap<String, u32>, now: Instant) {
+    /// Completes the rebalance if every member has rejoined or the deadline passed. The
+    /// subscribed topics' partition counts are read from `store` now, not when a join arrived:
+    /// a topic created during the rebalance (whose `topic_changed` found it running) is in it.
+    fn maybe_complete(group: &mut Group, store: &LogStore, now: Instant) {
         if group.state != State::Rebalancing {
             return;
         }
@@ -415,7 +412,12 @@ impl Coordinator {
         }
         let subscriptions: BTreeMap<String, Vec<String>> =
             group.members.iter().map(|(id, m)| (id.clone(), m.topics.clone())).collect();
-        group.assignment = assign(&subscriptions, partitions, &group.assignment);
+        let partitions: HashMap<String, u32> = subscriptions
+            .values()
+            .flatten()
+            .filter_map(|t| store.topic(t).map(|topic| (t.clone(), topic.partitions.len() as u32)))
+            .collect();
+        group.assignment = assign(&subscriptions, &partitions, &group.assignment);
         group.generation += 1;
         group.state = if group.members.is_empty() { State::Empty } else { State::Stable };
         group.rebalance_deadline = None;
@@ -429,7 +431,7 @@ impl Coordinator {
 
     /// Expires members whose session lapsed and completes rebalances past their deadline.
     /// Called periodically by the broker.
-    pub fn tick(&self, partitions: &HashMap<String, u32>) {
+    pub fn tick(&self, store: &LogStore) {
         let now = Instant::now();
         let now_ms = crate::storage::system_clock()();
         let max = Duration::from_millis(u64::from(self.config.rebalance_timeout_ms_max));
@@ -451,7 +453,7 @@ impl Coordinator {
             if !expired.is_empty() {
                 group.members_changed(now, max);
             }
-            Self::maybe_complete(group, partitions, now);
+            Self::maybe_complete(group, store, now);
         }
         // Forget membership state of groups nobody belongs to (their commits stay, until they
         // expire: see `expire_offsets`).
@@ -947,8 +949,7 @@ mod tests {
         commit("recent", started + 900);
         commit("live", 1);
         let join = new_member("live", vec!["t"]);
-        let partitions = HashMap::from([("t".to_string(), 2)]);
-        assert_eq!(c.join(join, "c".into(), partitions).await.error, ErrorCode::None);
+        assert_eq!(c.join(join, "c".into(), &store).await.error, ErrorCode::None);
         assert_eq!(c.expire_offsets(started + 999), 0, "within the retention of the start");
         assert_eq!(c.expire_offsets(started + 1_000), 2, "the idle group's two offsets");
         assert!(c.committed("idle", None).is_empty());
@@ -967,6 +968,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_topic_created_while_a_rebalance_runs_is_in_its_assignment() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = LogStore::open(dir.path(), StorageConfig::default(), system_clock()).unwrap();
+        store.create_topic("a", 2, StorageConfig::default().topic_defaults()).unwrap();
+        let c = Coordinator::open(&store, GroupConfig::default()).unwrap();
+        let first = c.join(new_member("g", vec!["a", "n"]), "c".into(), &store).await;
+        assert_eq!(first.error, ErrorCode::None);
+        // A second member starts a rebalance; while it runs, "n" is created (its topic_changed
+        // finds the group rebalancing already), and the first member's rejoin completes it.
+        let (second, rejoined) = tokio::join!(c.join(new_member("g", vec!["a", "n"]), "c".into(), &store), async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            store.create_topic("n", 4, StorageConfig::default().topic_defaults()).unwrap();
+            c.topic_changed("n");
+            let mut rejoin = new_member("g", vec!["a", "n"]);
+            rejoin.member_id = first.member_id.clone();
+            c.join(rejoin, "c".into(), &store).await
+        });
+        assert_eq!(second.error, ErrorCode::None);
+        assert_eq!(rejoined.error, ErrorCode::None);
+        let assigned: usize = [&second, &rejoined]
+            .iter()
+            .flat_map(|r| &r.assignment)
+            .filter(|t| t.topic == "n")
+            .map(|t| t.partitions.len())
+            .sum();
+        assert_eq!(assigned, 4, "every partition of the new topic is assigned");
+    }
+
+    #[tokio::test]
     async fn a_group_whose_last_member_left_keeps_its_offsets_for_a_retention_from_then() {
         let dir = tempfile::tempdir().unwrap();
         let (store, _) = LogStore::open(dir.path(), StorageConfig::default(), system_clock()).unwrap();
@@ -978,14 +1008,13 @@ mod tests {
         // Time enough since the start that, counted from the start, the offsets would expire.
         tokio::time::sleep(Duration::from_millis(50)).await;
         let join = new_member("g", vec!["t"]);
-        let partitions = HashMap::from([("t".to_string(), 1)]);
-        let joined = c.join(join, "c".into(), partitions.clone()).await;
+        let joined = c.join(join, "c".into(), &store).await;
         assert_eq!(joined.error, ErrorCode::None);
         let far = system_clock()() + 3_600_000;
         assert_eq!(c.expire_offsets(far), 0, "a group with a member keeps its offsets");
         let before = system_clock()();
         assert_eq!(c.leave("g", &joined.member_id), ErrorCode::None);
-        c.tick(&partitions);
+        c.tick(&store);
         let after = system_clock()();
         assert_eq!(c.expire_offsets(before + 999), 0, "within the retention of the leave");
         assert_eq!(c.expire_offsets(after + 1_000), 1);
@@ -1082,9 +1111,9 @@ mod tests {
         let (store, _) = LogStore::open(dir.path(), StorageConfig::default(), system_clock()).unwrap();
         let c = Coordinator::open(&store, GroupConfig { member_topics_max: 3, ..GroupConfig::default() }).unwrap();
         let join = |topics| new_member("g", topics);
-        let r = c.join(join(vec!["a", "b", "c", "d"]), "c".into(), HashMap::new()).await;
+        let r = c.join(join(vec!["a", "b", "c", "d"]), "c".into(), &store).await;
         assert_eq!(r.error, ErrorCode::ResourceLimit);
-        let r = c.join(join(vec!["a", ""]), "c".into(), HashMap::new()).await;
+        let r = c.join(join(vec!["a", ""]), "c".into(), &store).await;
         assert_eq!(r.error, ErrorCode::InvalidTopicName);
         assert!(c.list().is_empty(), "no group was created for a refused join");
     }

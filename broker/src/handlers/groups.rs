@@ -1,7 +1,6 @@
 //! Group APIs: JoinGroup, Heartbeat, LeaveGroup, ListGroups, DescribeGroups, OffsetCommit,
 //! OffsetFetch.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,22 +17,15 @@ use cairn_protocol::messages::offsets::{
 use cairn_protocol::ErrorCode;
 
 use super::{first_error, storage_error_code, Ctx, Reply};
-use crate::server::Broker;
-
-/// Partition counts of every topic, for assignment.
-pub(crate) fn partition_counts(broker: &Broker) -> HashMap<String, u32> {
-    broker.store.topics().iter().map(|t| (t.name.clone(), t.partitions.len() as u32)).collect()
-}
 
 pub(crate) fn join_group(ctx: Ctx, req: JoinGroupRequest) -> Reply {
     let broker = Arc::clone(&ctx.broker);
     let client_id = ctx.client_id.clone();
     ctx.reply_later(async move {
-        let counts = partition_counts(&broker);
         let member_id = req.member_id.clone();
         // A join may wait for a rebalance for up to rebalance_timeout_ms: not through shutdown.
         let response = tokio::select! {
-            r = broker.groups.join(req, client_id, counts) => r,
+            r = broker.groups.join(req, client_id, &broker.store) => r,
             _ = broker.shutdown.cancelled() => JoinGroupResponse {
                 error: ErrorCode::ShuttingDown,
                 generation_id: -1,
