@@ -16,7 +16,7 @@
 //! under a new member id, without a rebalance, and the old id is fenced.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -134,6 +134,9 @@ pub struct Coordinator {
     next_member: AtomicU64,
     /// Size of the offsets log right after the last compaction (0 before the first).
     snapshot_len: AtomicU64,
+    /// A compaction is running: until it has synced and deleted the old segments, the log is
+    /// still past the threshold, and every commit acknowledged meanwhile would start another.
+    compacting: AtomicBool,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -207,6 +210,7 @@ impl Coordinator {
             commit_lock: Mutex::new(()),
             next_member: AtomicU64::new(1),
             snapshot_len: AtomicU64::new(0),
+            compacting: AtomicBool::new(false),
         })
     }
 
@@ -834,11 +838,28 @@ impl Coordinator {
     /// at least twice as large as right after the last compaction, rewrites the current state
     /// into a fresh segment and deletes every earlier segment. The doubling keeps the rewrite's
     /// cost proportional to the commits since the last one, even when the live state alone is
-    /// larger than `snapshot_bytes`.
+    /// larger than `snapshot_bytes`. Returns whether it compacted; a call made while another
+    /// compaction runs returns `false` at once.
     ///
     /// # Errors
     /// Storage failures; the old segments are kept then.
     pub fn compact_offsets(&self, snapshot_bytes: u64) -> Result<bool, StorageError> {
+        let threshold = snapshot_bytes.max(self.snapshot_len.load(Ordering::Acquire).saturating_mul(2));
+        if self.offsets_log.size_bytes() < threshold {
+            return Ok(false);
+        }
+        if self.compacting.swap(true, Ordering::AcqRel) {
+            return Ok(false);
+        }
+        /// Clears `compacting` on every way out, errors included.
+        struct Running<'a>(&'a AtomicBool);
+        impl Drop for Running<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Release);
+            }
+        }
+        let _running = Running(&self.compacting);
+        // Again: a compaction that finished between the check above and the flag has moved it.
         let threshold = snapshot_bytes.max(self.snapshot_len.load(Ordering::Acquire).saturating_mul(2));
         if self.offsets_log.size_bytes() < threshold {
             return Ok(false);
@@ -1036,6 +1057,39 @@ mod tests {
         // Once the log has doubled since the snapshot, it is compacted again.
         commit_outside_membership(&c, &store, "g", 100, 4000);
         assert!(c.compact_offsets(snapshot_bytes).unwrap());
+    }
+
+    #[test]
+    fn a_compaction_asked_for_while_one_runs_is_skipped_not_run_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = LogStore::open(dir.path(), StorageConfig::default(), system_clock()).unwrap();
+        store.create_topic("t", 100, StorageConfig::default().topic_defaults()).unwrap();
+        let c = Arc::new(Coordinator::open(&store, GroupConfig::default()).unwrap());
+        commit_outside_membership(&c, &store, "g", 100, 4000);
+        let before = c.offsets_log.log_end_offset();
+        let slow_disk = c.offsets_log.hold_syncs();
+        let first = {
+            let c = Arc::clone(&c);
+            std::thread::spawn(move || c.compact_offsets(64 * 1024))
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while c.offsets_log.log_end_offset() < before + 100 {
+            assert!(Instant::now() < deadline, "compaction never appended its snapshot");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Every acknowledged commit asks for a compaction; the log is still past the threshold
+        // until the running one has synced and deleted the old segments.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let second = {
+            let c = Arc::clone(&c);
+            std::thread::spawn(move || tx.send(c.compact_offsets(64 * 1024).map_err(|e| e.to_string())).unwrap())
+        };
+        let outcome = rx.recv_timeout(Duration::from_secs(10));
+        drop(slow_disk);
+        second.join().unwrap();
+        assert_eq!(outcome.expect("the second compaction waited for the first"), Ok(false));
+        assert!(first.join().unwrap().unwrap(), "the first compacted");
+        assert_eq!(c.offsets_log.log_end_offset(), before + 100, "one snapshot, not two");
     }
 
     #[test]
