@@ -227,9 +227,8 @@ fn keyed_records_reach_the_partitions_of_a_topic_recreated_with_more() {
             for i in 0..64 {
                 let key = format!("key-{i}");
                 let sent = producer.send(ProducerRecord::new("grows", "after").key(key.clone())).await.unwrap();
-                if let Ok(meta) = sent.await {
-                    misplaced += usize::from(meta.partition != partition_for_key(key.as_bytes(), 8));
-                }
+                let meta = sent.await.unwrap();
+                misplaced += usize::from(meta.partition != partition_for_key(key.as_bytes(), 8));
             }
             if misplaced == 0 {
                 break;

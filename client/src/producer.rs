@@ -267,10 +267,18 @@ struct TopicQueues {
     sticky: u32,
     /// Indexed by partition.
     queues: Vec<PartitionQueue>,
-    /// When `partitions` is to be fetched again.
+    /// When `partitions` is to be fetched again, if records were sent to it since the last fetch
+    /// began (`sent`): a topic nobody sends to any more is not asked about (it may be deleted, and
+    /// with `auto_create_topics` each ask would create it again).
     refresh_at: Instant,
+    sent: bool,
     /// A fetch of it is under way.
     refreshing: bool,
+    /// The broker reported a partition of it missing while a fetch was under way: fetch again
+    /// once that one is done, as its answer may predate the change.
+    refresh_again: bool,
+    /// Fetches that failed in a row (they back off, doubling, up to `metadata_max_age`).
+    refresh_failures: u32,
 }
 
 impl TopicQueues {
@@ -281,7 +289,10 @@ impl TopicQueues {
             sticky: (now_ms() as u32) % partitions,
             queues: (0..partitions).map(|_| PartitionQueue::default()).collect(),
             refresh_at,
+            sent: false,
             refreshing: false,
+            refresh_again: false,
+            refresh_failures: 0,
         }
     }
 
@@ -479,7 +490,7 @@ impl Producer {
         let n = t.partitions.len() as u32;
         let mut state = self.inner.state.lock().expect("producer state");
         if state.topic_mut(topic).is_none() {
-            let refresh_at = Instant::now() + self.inner.config.metadata_max_age;
+            let refresh_at = after(Instant::now(), self.inner.config.metadata_max_age);
             state.topics.push(TopicQueues::new(Arc::clone(topic), n, refresh_at));
         }
         Ok(n)
@@ -531,6 +542,7 @@ impl Producer {
             return Err(Error::Closed);
         }
         let topic = &mut state.topics[index];
+        topic.sent = true;
         let count = topic.partitions;
         if let Some(p) = record.partition {
             if p >= count {
@@ -720,8 +732,9 @@ fn collect_locked(inner: &Inner, expired: &mut Vec<SealedBatch>) -> Pass {
     let mut refresh = Vec::new();
     let mut budget = inner.config.request_bytes_max;
     for topic in state.topics.iter_mut() {
-        if topic.refresh_at <= now && !topic.refreshing {
+        if topic.refresh_at <= now && topic.sent && !topic.refreshing {
             topic.refreshing = true;
+            topic.sent = false;
             refresh.push(Arc::clone(&topic.name));
         }
         for (partition, q) in topic.queues.iter_mut().enumerate() {
@@ -730,7 +743,7 @@ fn collect_locked(inner: &Inner, expired: &mut Vec<SealedBatch>) -> Pass {
             }
             if q.ready.is_empty() {
                 if let Some(open) = &q.open {
-                    let due = open.created + inner.config.linger;
+                    let due = after(open.created, inner.config.linger);
                     if flushing || due <= now {
                         seal(q, now);
                     } else {
@@ -738,7 +751,7 @@ fn collect_locked(inner: &Inner, expired: &mut Vec<SealedBatch>) -> Pass {
                     }
                 }
             }
-            while q.ready.front().is_some_and(|b| now >= b.created + inner.config.delivery_timeout) {
+            while q.ready.front().is_some_and(|b| now >= after(b.created, inner.config.delivery_timeout)) {
                 expired.extend(q.ready.pop_front());
             }
             let Some(front) = q.ready.front() else { continue };
@@ -811,6 +824,7 @@ async fn refresh_metadata(inner: Arc<Inner>, topics: Vec<Arc<str>>) {
     for name in &topics {
         let Some(topic) = state.topic_mut(name) else { continue };
         topic.refreshing = false;
+        let again = std::mem::take(&mut topic.refresh_again);
         let found = fetched.as_ref().ok().and_then(|resp| {
             resp.topics.iter().find(|t| *t.name == **name && t.error.is_ok() && !t.partitions.is_empty())
         });
@@ -821,9 +835,19 @@ async fn refresh_metadata(inner: Arc<Inner>, topics: Vec<Arc<str>>) {
                     tracing::info!(topic = %name, from = topic.partitions, to = partitions, "partition count changed");
                 }
                 topic.resize(partitions);
-                topic.refresh_at = now + inner.config.metadata_max_age;
+                topic.refresh_failures = 0;
+                topic.refresh_at = after(now, inner.config.metadata_max_age);
             }
-            None => topic.refresh_at = now + inner.config.retry_backoff,
+            None => {
+                // Tried again only while records are still sent to it, backing off.
+                let backoff = inner.config.retry_backoff.saturating_mul(1 << topic.refresh_failures.min(16));
+                topic.refresh_failures += 1;
+                topic.refresh_at = after(now, backoff.min(inner.config.metadata_max_age));
+            }
+        }
+        if again {
+            topic.refresh_at = now;
+            topic.sent = true;
         }
     }
 }
@@ -907,7 +931,15 @@ async fn send_request(inner: &Arc<Inner>, mut batches: Vec<Sendable>) {
 fn refresh_soon(inner: &Inner, topic: &Arc<str>) {
     if let Some(t) = inner.state.lock().expect("producer state").topic_mut(topic) {
         t.refresh_at = t.refresh_at.min(Instant::now());
+        t.sent = true;
+        t.refresh_again = t.refreshing;
     }
+}
+
+/// `at + d`, or a century later where that does not fit (a timeout of `Duration::MAX` means
+/// never; adding it as such would panic, under the state lock).
+fn after(at: Instant, d: Duration) -> Instant {
+    at.checked_add(d).unwrap_or_else(|| at + Duration::from_secs(100 * 365 * 86_400))
 }
 
 /// A broker's error for one partition, with the code's own text when the broker sent none.
@@ -919,7 +951,7 @@ fn retry(inner: &Arc<Inner>, tp: TopicPartition, mut b: SealedBatch, why: Error)
     let backoff =
         inner.config.retry_backoff.saturating_mul(1 << b.attempts.saturating_sub(1).min(4)).min(Duration::from_secs(1));
     let retry_at = Instant::now() + backoff;
-    if retry_at >= b.created + inner.config.delivery_timeout {
+    if retry_at >= after(b.created, inner.config.delivery_timeout) {
         // No attempt left before the deadline: fail now, with this attempt's error.
         release_partition(inner, &tp);
         finish(inner, b, Err(why));
@@ -982,6 +1014,60 @@ mod tests {
             closed: AtomicBool::new(false),
         });
         Producer::from_inner(inner)
+    }
+
+    /// Makes `topic`'s partition count due for a fetch.
+    fn refresh_due(p: &Producer, topic: &Arc<str>) {
+        p.inner.state.lock().unwrap().topic_mut(topic).unwrap().refresh_at = Instant::now();
+    }
+
+    #[tokio::test]
+    async fn only_topics_still_sent_to_have_their_partition_count_fetched_again() {
+        let topic: Arc<str> = Arc::from("t");
+        let p = offline(ProducerConfig::default(), &topic, 1);
+        refresh_due(&p, &topic);
+        // A topic nobody sends to (deleted, maybe): no metadata request for it, ever.
+        assert!(collect(&p.inner).refresh.is_empty());
+        let _delivery = p.send(ProducerRecord::new(Arc::clone(&topic), "v")).await.unwrap();
+        assert_eq!(collect(&p.inner).refresh, vec![Arc::clone(&topic)]);
+        assert!(collect(&p.inner).refresh.is_empty(), "one fetch at a time");
+    }
+
+    #[tokio::test]
+    async fn a_missing_partition_reported_during_a_fetch_is_fetched_again_after_it() {
+        // A broker address nothing listens on: the fetch fails at once.
+        let unused = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = unused.local_addr().unwrap().to_string();
+        drop(unused);
+        let config = ProducerConfig {
+            connection: ConnectionConfig { broker: addr, ..ConnectionConfig::default() },
+            ..ProducerConfig::default()
+        };
+        let topic: Arc<str> = Arc::from("t");
+        let p = offline(config, &topic, 1);
+        let _delivery = p.send(ProducerRecord::new(Arc::clone(&topic), "v")).await.unwrap();
+        refresh_due(&p, &topic);
+        assert_eq!(collect(&p.inner).refresh.len(), 1, "a fetch starts");
+        // The broker answers UNKNOWN_TOPIC_OR_PARTITION while that fetch is under way.
+        refresh_soon(&p.inner, &topic);
+        refresh_metadata(Arc::clone(&p.inner), vec![Arc::clone(&topic)]).await;
+        assert_eq!(collect(&p.inner).refresh.len(), 1, "fetched again at once, not after a backoff");
+    }
+
+    #[tokio::test]
+    async fn timeouts_of_duration_max_mean_never_and_do_not_panic() {
+        let topic: Arc<str> = Arc::from("t");
+        let config = ProducerConfig {
+            delivery_timeout: Duration::MAX,
+            metadata_max_age: Duration::MAX,
+            linger: Duration::MAX,
+            ..ProducerConfig::default()
+        };
+        let p = offline(config, &topic, 1);
+        let _delivery = p.send(ProducerRecord::new(Arc::clone(&topic), "v")).await.unwrap();
+        let Pass { batches, next, .. } = collect(&p.inner);
+        assert!(batches.is_empty(), "lingering");
+        assert!(next.is_some());
     }
 
     #[tokio::test]
