@@ -95,7 +95,9 @@ async fn group_ticker(broker: Arc<Broker>) {
         }
         broker.groups.tick(&broker.store);
         if tokio::time::Instant::now() >= next_retention_check {
-            broker.groups.expire_offsets(system_clock()());
+            // It syncs what it removes: off the runtime's threads, and one at a time.
+            let expirer = Arc::clone(&broker);
+            let _ = tokio::task::spawn_blocking(move || expirer.groups.expire_offsets(system_clock()())).await;
             next_retention_check = tokio::time::Instant::now() + retention_check;
         }
     }

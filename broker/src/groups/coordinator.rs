@@ -644,11 +644,12 @@ impl Coordinator {
     ///
     /// Decided and removed under both locks: a commit cannot slip in between, and a join that
     /// comes after sees the group without offsets (its members start at `auto_offset_reset`).
-    /// The removals are appended to the offsets log but not synced: if a crash loses them, the
-    /// offsets come back and expire again.
+    /// The removals are appended to the offsets log and synced (blocking: call it off the
+    /// runtime's threads), so that a crash cannot bring back offsets a consumer has already
+    /// been told are gone.
     pub fn expire_offsets(&self, now_ms: i64) -> usize {
         let retention = i64::try_from(self.config.offsets_retention_ms).unwrap_or(i64::MAX);
-        let _serial = self.commit_lock.lock().expect("commit lock");
+        let serial = self.commit_lock.lock().expect("commit lock");
         let doomed: Vec<(OffsetKey, Option<Committed>)> = {
             let mut guard = self.inner.lock().expect("groups lock");
             let Inner { groups, committed, emptied_ms, started_ms } = &mut *guard;
@@ -663,7 +664,9 @@ impl Coordinator {
             let expired: BTreeSet<String> = last
                 .into_iter()
                 .filter(|(group, at)| {
-                    let live = groups.get(*group).is_some_and(|g| !g.members.is_empty());
+                    // A group is forgotten (and its emptied time taken) by the ticker; until
+                    // then, even without members, it counts as live.
+                    let live = groups.contains_key(*group);
                     let emptied = emptied_ms.get(*group).copied().unwrap_or(*started_ms);
                     !live && now_ms.saturating_sub((*at).max(emptied)) >= retention
                 })
@@ -689,8 +692,12 @@ impl Coordinator {
             if let Err(e) = self.offsets_log.append(&batch) {
                 tracing::error!(error = %e,
                     "could not record expired committed offsets; they return after a restart and expire again");
-                break;
+                return doomed.len();
             }
+        }
+        drop(serial);
+        if let Err(e) = self.offsets_log.sync() {
+            tracing::error!(error = %e, "could not sync expired committed offsets");
         }
         doomed.len()
     }
@@ -979,8 +986,8 @@ mod tests {
         assert_eq!(c.expire_offsets(started + 1_900), 2, "the recent group's, a retention after its commit");
         assert_eq!(c.expire_offsets(started + 100_000), 0, "a group with a member keeps its offsets");
         assert_eq!(c.committed("live", None).len(), 2);
-        // The removals are in the log: a restart does not bring the offsets back.
-        c.offsets_log.sync().unwrap();
+        // The removals are in the log, synced: a restart does not bring the offsets back.
+        assert_eq!(c.offsets_log.durable_offset(), c.offsets_log.log_end_offset());
         drop(c);
         let c = Coordinator::open(&store, config).unwrap();
         assert!(c.committed("idle", None).is_empty());
@@ -994,27 +1001,20 @@ mod tests {
         let (store, _) = LogStore::open(dir.path(), StorageConfig::default(), system_clock()).unwrap();
         store.create_topic("a", 2, StorageConfig::default().topic_defaults()).unwrap();
         let c = Coordinator::open(&store, GroupConfig::default()).unwrap();
-        let first = c.join(new_member("g", vec!["a", "n"]), "c".into(), &store).await;
-        assert_eq!(first.error, ErrorCode::None);
-        // A second member starts a rebalance; while it runs, "n" is created (its topic_changed
-        // finds the group rebalancing already), and the first member's rejoin completes it.
-        let (second, rejoined) = tokio::join!(c.join(new_member("g", vec!["a", "n"]), "c".into(), &store), async {
+        let member = || JoinGroupRequest { rebalance_timeout_ms: 200, ..new_member("g", vec!["a", "n"]) };
+        assert_eq!(c.join(member(), "c".into(), &store).await.error, ErrorCode::None);
+        // A second member starts a rebalance that the first never rejoins, so the second's own
+        // wait completes it at the deadline. Meanwhile "n" is created; its topic_changed finds
+        // the group rebalancing already. The second member's join arrived before "n" existed.
+        let (second, ()) = tokio::join!(c.join(member(), "c".into(), &store), async {
             tokio::time::sleep(Duration::from_millis(50)).await;
             store.create_topic("n", 4, StorageConfig::default().topic_defaults()).unwrap();
             c.topic_changed("n");
-            let mut rejoin = new_member("g", vec!["a", "n"]);
-            rejoin.member_id = first.member_id.clone();
-            c.join(rejoin, "c".into(), &store).await
         });
         assert_eq!(second.error, ErrorCode::None);
-        assert_eq!(rejoined.error, ErrorCode::None);
-        let assigned: usize = [&second, &rejoined]
-            .iter()
-            .flat_map(|r| &r.assignment)
-            .filter(|t| t.topic == "n")
-            .map(|t| t.partitions.len())
-            .sum();
-        assert_eq!(assigned, 4, "every partition of the new topic is assigned");
+        let assigned: Vec<u32> =
+            second.assignment.iter().filter(|t| t.topic == "n").flat_map(|t| t.partitions.clone()).collect();
+        assert_eq!(assigned, vec![0, 1, 2, 3], "every partition of the new topic is assigned");
     }
 
     #[tokio::test]
@@ -1035,6 +1035,7 @@ mod tests {
         assert_eq!(c.expire_offsets(far), 0, "a group with a member keeps its offsets");
         let before = system_clock()();
         assert_eq!(c.leave("g", &joined.member_id), ErrorCode::None);
+        assert_eq!(c.expire_offsets(far), 0, "the last member left, but the ticker has not seen it yet");
         c.tick(&store);
         let after = system_clock()();
         assert_eq!(c.expire_offsets(before + 999), 0, "within the retention of the leave");
