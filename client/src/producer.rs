@@ -862,7 +862,12 @@ async fn send_request(inner: &Arc<Inner>, mut batches: Vec<Sendable>) {
             None => by_topic.push(ProduceTopic { name: topic.to_string(), partitions: vec![part] }),
         }
     }
-    let timeout_ms = inner.config.connection.request_timeout.as_millis().min(u128::from(u32::MAX)) as u32;
+    // The broker's timer starts when the request arrives, after this side's: asked for the
+    // whole request timeout, its REQUEST_TIMED_OUT would come just after this side had given up
+    // and closed the connection (failing every request in flight on it). Nine tenths of it
+    // leave the answer time to arrive.
+    let request_timeout = inner.config.connection.request_timeout;
+    let timeout_ms = (request_timeout - request_timeout / 10).as_millis().min(u128::from(u32::MAX)) as u32;
     let req = ProduceRequest { acks: inner.config.acks, timeout_ms, topics: by_topic };
     if inner.config.acks == Acks::None {
         let result = inner.conn.send_only(&req).await;
@@ -1014,6 +1019,72 @@ mod tests {
             closed: AtomicBool::new(false),
         });
         Producer::from_inner(inner)
+    }
+
+    #[tokio::test]
+    async fn a_broker_that_answers_at_its_produce_timeout_is_heard_before_the_request_times_out() {
+        use cairn_protocol::io::write_all_vectored;
+        use cairn_protocol::messages::produce::{ProducePartitionResponse, ProduceResponse, ProduceTopicResponse};
+        use cairn_protocol::{decode_request, encode_response, AnyRequest, FrameCodec};
+        use futures::StreamExt;
+        // A broker whose syncs stall: it answers REQUEST_TIMED_OUT once the request's own
+        // timeout has passed, a few milliseconds late, as a broker does.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = Arc::clone(&accepted);
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let (rd, wr) = socket.into_split();
+                    let wr = Arc::new(tokio::sync::Mutex::new(wr));
+                    let mut frames = tokio_util::codec::FramedRead::new(rd, FrameCodec::new(1 << 20));
+                    while let Some(Ok(frame)) = frames.next().await {
+                        let Ok((header, AnyRequest::Produce(req))) = decode_request(frame) else { continue };
+                        let wr = Arc::clone(&wr);
+                        tokio::spawn(async move {
+                            tokio::time::sleep(Duration::from_millis(u64::from(req.timeout_ms) + 5)).await;
+                            let partition = |p: &ProducePartition| ProducePartitionResponse {
+                                partition: p.partition,
+                                error: ErrorCode::RequestTimedOut,
+                                message: None,
+                                base_offset: -1,
+                                log_append_time_ms: -1,
+                                log_start_offset: 0,
+                            };
+                            let topics = req
+                                .topics
+                                .iter()
+                                .map(|t| ProduceTopicResponse {
+                                    name: t.name.clone(),
+                                    partitions: t.partitions.iter().map(partition).collect(),
+                                })
+                                .collect();
+                            let mut out = encode_response(header.correlation_id, &ProduceResponse { topics });
+                            let _ = write_all_vectored(&mut *wr.lock().await, &mut out).await;
+                        });
+                    }
+                });
+            }
+        });
+        let config = ProducerConfig {
+            connection: ConnectionConfig {
+                broker: addr,
+                request_timeout: Duration::from_millis(300),
+                ..ConnectionConfig::default()
+            },
+            acks: Acks::All,
+            // One attempt: the retry's backoff would end past the deadline.
+            delivery_timeout: Duration::from_millis(350),
+            ..ProducerConfig::default()
+        };
+        let topic: Arc<str> = Arc::from("t");
+        let p = offline(config, &topic, 1);
+        tokio::spawn(sender(Arc::clone(&p.inner)));
+        let err = p.send(ProducerRecord::new(Arc::clone(&topic), "v")).await.unwrap().await.unwrap_err();
+        assert!(matches!(err, Error::Broker { code: ErrorCode::RequestTimedOut, .. }), "{err:?}");
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "the connection was kept");
     }
 
     /// Makes `topic`'s partition count due for a fetch.
