@@ -259,7 +259,7 @@ EXPECTED = {
         "members_per_group_max": 1000,
         "member_topics_max": 10000,
         "offsets_snapshot_bytes": 67108864,
-        "offsets_commit_timeout_ms": 30000,
+        "offsets_commit_timeout_ms": 5000,
         "offsets_retention_ms": 604800000,
         "offsets_retention_check_interval_ms": 600000,
     },

@@ -181,6 +181,15 @@ mod tests {
     }
 
     #[test]
+    fn a_stalled_commit_is_answered_before_a_client_with_default_settings_gives_up() {
+        // A client that times out first closes its connection (failing everything in flight on
+        // it) instead of hearing REQUEST_TIMED_OUT and retrying the commit.
+        let broker = std::time::Duration::from_millis(GroupConfig::default().offsets_commit_timeout_ms);
+        let client = cairn_client::ConnectionConfig::default().request_timeout;
+        assert!(broker * 2 <= client, "broker {broker:?}, client {client:?}");
+    }
+
+    #[test]
     fn a_zero_offsets_commit_timeout_is_refused_at_start() {
         let mut c = BrokerConfig::default();
         c.groups.offsets_commit_timeout_ms = 0;
