@@ -20,6 +20,16 @@ async fn produce(broker: &TestBroker, topic: &str, partitions: u32, n: u32) {
     producer.close().await.unwrap();
 }
 
+/// Polls until `n` records have arrived (within 30 s).
+async fn read_records(c: &mut Consumer, n: usize) {
+    let mut seen = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seen < n {
+        assert!(Instant::now() < deadline, "read {seen} of {n} records");
+        seen += c.poll(Duration::from_millis(200)).await.unwrap().len();
+    }
+}
+
 fn member_config(broker: &TestBroker, group: &str) -> ConsumerConfig {
     ConsumerConfig {
         group: Some(group.into()),
@@ -599,12 +609,7 @@ fn deleting_a_subscribed_topic_rebalances_its_groups_and_the_other_topic_keeps_f
         produce(&broker, "gone", 1, 5).await;
         let mut c = Consumer::connect(member_config(&broker, "two-topics")).await.unwrap();
         c.subscribe(&["keep", "gone"]).await.unwrap();
-        let mut seen = 0;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while seen < 10 {
-            assert!(Instant::now() < deadline, "read {seen} of 10 records before the deletion");
-            seen += c.poll(Duration::from_millis(200)).await.unwrap().len();
-        }
+        read_records(&mut c, 10).await;
         admin.delete_topic("gone").await.unwrap();
         produce(&broker, "keep", 1, 5).await;
         let mut after = 0;
@@ -622,6 +627,36 @@ fn deleting_a_subscribed_topic_rebalances_its_groups_and_the_other_topic_keeps_f
         }
         assert_eq!(c.assignment(), vec![("keep".to_string(), 0)], "the deleted topic's partition is gone");
         assert_eq!(errors, 0, "a member rejoins instead of failing its polls");
+    });
+}
+
+#[test]
+fn a_topic_deleted_and_recreated_under_a_member_is_read_from_its_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "");
+    run(Duration::from_secs(120), async {
+        let admin = broker.admin().await;
+        admin.create_topic(NewTopic::new("reborn", 1)).await.unwrap();
+        produce(&broker, "reborn", 1, 100).await;
+        let mut c = Consumer::connect(member_config(&broker, "rebirth")).await.unwrap();
+        c.subscribe(&["reborn"]).await.unwrap();
+        read_records(&mut c, 100).await;
+        // While the member is not polling, the topic goes and comes back with more records than
+        // the member had read of the old one. Its next poll commits its position in the old
+        // topic before it rejoins: that must not become its position in the new one.
+        admin.delete_topic("reborn").await.unwrap();
+        admin.create_topic(NewTopic::new("reborn", 1)).await.unwrap();
+        produce(&broker, "reborn", 1, 200).await;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let first = loop {
+            assert!(Instant::now() < deadline, "nothing read from the recreated topic");
+            if let Ok(records) = c.poll(Duration::from_millis(200)).await {
+                if let Some(r) = records.first() {
+                    break r.offset;
+                }
+            }
+        };
+        assert_eq!(first, 0, "the recreated topic is read from its start, not from the old position");
     });
 }
 

@@ -702,11 +702,21 @@ impl Coordinator {
         doomed.len()
     }
 
-    /// Drops committed offsets of a deleted topic (memory and log).
+    /// Drops committed offsets of a deleted topic (memory and log), and its partitions from every
+    /// group's current assignment: a member still holds its position in the deleted topic and
+    /// commits it before it rejoins (with the generation that is ending). Accepted, that position
+    /// would become the group's start in a topic recreated under the same name, skipping its
+    /// first records; refused (`NOT_ASSIGNED`), the recreated topic is read from
+    /// `auto_offset_reset`.
     pub fn forget_topic(&self, topic: &str) {
         let _serial = self.commit_lock.lock().expect("commit lock");
         let doomed: Vec<(OffsetKey, Option<Committed>)> = {
-            let inner = self.inner.lock().expect("groups lock");
+            let mut inner = self.inner.lock().expect("groups lock");
+            for group in inner.groups.values_mut() {
+                for owned in group.assignment.values_mut() {
+                    owned.retain(|(t, _)| t != topic);
+                }
+            }
             inner.committed.keys().filter(|(_, t, _)| t == topic).map(|k| (k.clone(), None)).collect()
         };
         if doomed.is_empty() {
