@@ -578,3 +578,56 @@ fn poll_reports_a_broker_that_stays_unreachable_instead_of_returning_nothing_for
         assert!(err.is_retriable());
     });
 }
+
+#[test]
+fn a_partition_that_fails_its_fetches_does_not_starve_the_others() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "");
+    run(Duration::from_secs(90), async {
+        // Deleted before the first poll, its start offset cannot be looked up; deleted after,
+        // its fetches fail.
+        for (round, polled_before) in [false, true].into_iter().enumerate() {
+            let (failing, flowing) = (format!("a-fails-{round}"), format!("b-flows-{round}"));
+            let admin = broker.admin().await;
+            admin.create_topic(NewTopic::new(failing.as_str(), 1)).await.unwrap();
+            admin.create_topic(NewTopic::new(flowing.as_str(), 1)).await.unwrap();
+            let mut consumer = Consumer::connect(broker.consumer_config()).await.unwrap();
+            // The failing topic's partition comes first in every request.
+            consumer.assign(&failing, None).await.unwrap();
+            consumer.assign(&flowing, None).await.unwrap();
+            consumer.seek_all(Offset::Earliest);
+            if polled_before {
+                assert!(consumer.poll(Duration::from_millis(100)).await.unwrap().is_empty());
+            }
+            admin.delete_topic(&failing).await.unwrap();
+            let producer = Producer::connect(broker.producer_config()).await.unwrap();
+            for i in 0..50 {
+                producer.send(ProducerRecord::new(flowing.as_str(), i.to_string())).await.unwrap();
+            }
+            producer.flush().await.unwrap();
+            let (mut read, mut errors) = (0, 0);
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while read < 50 {
+                assert!(Instant::now() < deadline, "round {round}: read {read} of 50 records ({errors} poll errors)");
+                match consumer.poll(Duration::from_millis(100)).await {
+                    Ok(records) => read += records.len(),
+                    Err(e) if is_unknown_topic(&e) => errors += 1,
+                    Err(e) => panic!("unexpected error {e:?}"),
+                }
+            }
+            // The failing partition is still reported, after the others' records.
+            for _ in 0..5 {
+                match consumer.poll(Duration::from_millis(100)).await {
+                    Ok(records) => assert!(records.is_empty(), "{} records more than were sent", records.len()),
+                    Err(e) if is_unknown_topic(&e) => errors += 1,
+                    Err(e) => panic!("unexpected error {e:?}"),
+                }
+            }
+            assert!(errors > 0, "round {round}: the deleted topic's partition was never reported");
+        }
+    });
+}
+
+fn is_unknown_topic(e: &Error) -> bool {
+    matches!(e, Error::UnknownTopic(_) | Error::Broker { code: cairn_client::ErrorCode::UnknownTopicOrPartition, .. })
+}

@@ -414,7 +414,10 @@ impl Consumer {
             .collect())
     }
 
-    async fn resolve_positions(&mut self) -> Result<()> {
+    /// Looks up the positions still to resolve. A partition the broker refuses keeps its
+    /// `Resolve` and the others are resolved all the same; the first refusal is returned in
+    /// `Ok(Some(_))`, to be reported after the others' records. Connection failures are `Err`.
+    async fn resolve_positions(&mut self) -> Result<Option<Error>> {
         let pending: Vec<(TopicPartition, Offset)> = self
             .positions
             .iter()
@@ -423,6 +426,7 @@ impl Consumer {
                 Position::At(_) => None,
             })
             .collect();
+        let mut refused = None;
         for ((topic, partition), offset) in pending {
             let at = match offset {
                 Offset::At(o) => o,
@@ -443,14 +447,20 @@ impl Consumer {
                     let p = resp.topics.into_iter().flat_map(|t| t.partitions).next();
                     match p {
                         Some(p) if p.error.is_ok() => p.offset,
-                        Some(p) => return Err(Error::broker(p.error, Some(format!("{topic}-{partition}")))),
-                        None => return Err(Error::UnknownTopic(topic)),
+                        Some(p) => {
+                            refused.get_or_insert(Error::broker(p.error, Some(format!("{topic}-{partition}"))));
+                            continue;
+                        }
+                        None => {
+                            refused.get_or_insert(Error::UnknownTopic(topic));
+                            continue;
+                        }
                     }
                 }
             };
             self.positions.insert((topic, partition), Position::At(at));
         }
-        Ok(())
+        Ok(refused)
     }
 
     fn start_fetch(&mut self) {
@@ -533,8 +543,12 @@ impl Consumer {
             if let Some(e) = self.deferred.take() {
                 return Err(e);
             }
-            self.resolve_positions().await?;
+            let refused = self.resolve_positions().await?;
             self.start_fetch();
+            if let Some(e) = refused {
+                // After the records of the partitions that could be resolved, if any.
+                self.deferred.get_or_insert(e);
+            }
             let Some((handle, _)) = self.in_flight.as_mut() else {
                 // Nothing assigned: wait out the timeout (a group may assign later).
                 let left = deadline.saturating_duration_since(Instant::now());
@@ -612,7 +626,14 @@ impl Consumer {
                         }
                         continue;
                     }
-                    code => return Err(Error::broker(code, Some(format!("fetch {}-{}", t.name, p.partition)))),
+                    // Reported once this response's other partitions are taken in: returned
+                    // at once, it threw their records away, and a partition that fails every
+                    // fetch (a deleted topic under `assign`, a corrupt batch) starved every
+                    // partition after it for good. Its position stays, so it is tried again.
+                    code => {
+                        broken.get_or_insert(Error::broker(code, Some(format!("fetch {}-{}", t.name, p.partition))));
+                        continue;
+                    }
                 }
                 let mut batches = VecDeque::new();
                 let mut next = pos;
