@@ -277,7 +277,8 @@ pub fn set_base_offset(batch: &mut [u8], base_offset: i64) {
     batch[BASE_OFFSET_AT..BASE_OFFSET_AT + 8].copy_from_slice(&base_offset.to_be_bytes());
 }
 
-/// Checks one whole batch (exactly `buf`): header, length, magic, attributes and CRC32C.
+/// Checks one whole batch (exactly `buf`): header, length, magic, attributes, CRC32C, and that
+/// its offsets fit in an `i64`.
 ///
 /// This is the check recovery and readers use; it does not walk the records.
 ///
@@ -301,6 +302,10 @@ pub fn check_batch(buf: &[u8]) -> Result<BatchHeader, BatchError> {
     }
     if header.compression() != 0 {
         return Err(BatchError::UnsupportedCompression(header.compression()));
+    }
+    // Not covered by the CRC: a damaged base offset must not overflow `next_offset`.
+    if header.base_offset.checked_add(i64::from(header.last_offset_delta)).and_then(|l| l.checked_add(1)).is_none() {
+        return Err(BatchError::OffsetOverflow { base_offset: header.base_offset, delta: header.last_offset_delta });
     }
     Ok(header)
 }
@@ -851,6 +856,17 @@ mod tests {
         let h = check_batch(&bytes).unwrap();
         assert_eq!(h.base_offset, 42);
         assert_eq!(h.next_offset(), 45);
+    }
+
+    #[test]
+    fn a_base_offset_whose_records_pass_the_largest_offset_is_refused() {
+        // The CRC does not cover the base offset: a damaged one must not make `next_offset`
+        // overflow (a panic in a reader, or a position moved to a bogus offset).
+        let mut bytes = BytesMut::from(&sample()[..]);
+        set_base_offset(&mut bytes, i64::MAX - 1);
+        assert!(matches!(check_batch(&bytes), Err(BatchError::OffsetOverflow { .. })), "{:?}", check_batch(&bytes));
+        set_base_offset(&mut bytes, i64::MAX - 3);
+        assert_eq!(check_batch(&bytes).unwrap().next_offset(), i64::MAX, "the last offset that fits");
     }
 
     #[test]
