@@ -628,6 +628,31 @@ fn a_partition_that_fails_its_fetches_does_not_starve_the_others() {
     });
 }
 
+#[test]
+fn a_consumer_whose_fetches_cannot_park_waits_instead_of_asking_again_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    // Every fetch that would wait for data is answered at once, empty.
+    let broker = TestBroker::start(dir.path(), "parked_fetches_max = 0");
+    run(Duration::from_secs(60), async {
+        broker.admin().await.create_topic(NewTopic::new("quiet", 1)).await.unwrap();
+        let config = ConsumerConfig { fetch_max_wait: Duration::from_millis(200), ..broker.consumer_config() };
+        let mut consumer = Consumer::connect(config).await.unwrap();
+        consumer.assign("quiet", None).await.unwrap();
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(1) {
+            assert!(consumer.poll(Duration::from_millis(250)).await.unwrap().is_empty());
+        }
+        let (_, body) = broker.http_get("/metrics");
+        let refused: f64 = body
+            .lines()
+            .find_map(|l| l.strip_prefix("cairn_parked_fetches_refused_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("cairn_parked_fetches_refused_total is exported");
+        // About one a fetch_max_wait, as if each had been parked; not a busy loop.
+        assert!(refused <= 20.0, "{refused} fetches in about a second");
+    });
+}
+
 fn is_unknown_topic(e: &Error) -> bool {
     matches!(e, Error::UnknownTopic(_) | Error::Broker { code: cairn_client::ErrorCode::UnknownTopicOrPartition, .. })
 }

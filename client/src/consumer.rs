@@ -176,6 +176,12 @@ pub struct Consumer {
     /// An error found while decoding, reported once the records before it are handed out.
     deferred: Option<Error>,
     in_flight: Option<InFlightFetch>,
+    /// When the last fetch went out.
+    fetch_sent: Instant,
+    /// How long the next fetch waits before it goes out: set after an empty answer that came
+    /// long before `fetch_max_wait` (the broker could not park the fetch: `parked_fetches_max`),
+    /// so that an idle consumer asks about as often as a parked fetch would have answered.
+    fetch_delay: Option<Duration>,
     membership: Option<Membership>,
     last_commit: Instant,
     /// What the last [`Consumer::commit`] stored: an auto-commit with nothing new is skipped.
@@ -197,6 +203,8 @@ impl Consumer {
             pending: VecDeque::new(),
             deferred: None,
             in_flight: None,
+            fetch_sent: Instant::now(),
+            fetch_delay: None,
             membership: None,
             last_commit: Instant::now(),
             committed: BTreeMap::new(),
@@ -496,7 +504,15 @@ impl Consumer {
         };
         let conn = self.conn.clone();
         let extra = self.config.fetch_max_wait;
-        self.in_flight = Some((tokio::spawn(async move { conn.request_with(&req, extra).await }), offsets));
+        let delay = self.fetch_delay.take().unwrap_or_default();
+        self.fetch_sent = Instant::now() + delay;
+        let fetch = async move {
+            if !delay.is_zero() {
+                tokio::time::sleep(delay).await;
+            }
+            conn.request_with(&req, extra).await
+        };
+        self.in_flight = Some((tokio::spawn(fetch), offsets));
     }
 
     /// Returns the records available now, or waits up to `timeout` for some. The next fetch is
@@ -595,16 +611,23 @@ impl Consumer {
     /// it while this side decodes. Records are decoded as `poll` hands them out.
     fn absorb(&mut self, response: FetchResponse, offsets: &BTreeMap<TopicPartition, i64>) -> Result<()> {
         let mut broken: Option<Error> = None;
+        let pending_before = self.pending.len();
+        // Whether any partition's answer was an error or no longer wanted (a seek): the delay
+        // below is only for a fetch that was plainly answered early with nothing.
+        let mut unusual = false;
         for t in response.topics {
             let topic: Arc<str> = Arc::from(t.name.as_str());
             for p in t.partitions {
                 let key = (t.name.clone(), p.partition);
                 let Some(Position::At(pos)) = self.positions.get(&key).copied() else {
+                    unusual = true;
                     continue;
                 };
                 if offsets.get(&key) != Some(&pos) {
+                    unusual = true;
                     continue; // a seek happened while this fetch was in flight
                 }
+                unusual |= !p.error.is_ok();
                 match p.error {
                     ErrorCode::None => {}
                     ErrorCode::OffsetOutOfRange => {
@@ -662,6 +685,11 @@ impl Consumer {
                     });
                 }
             }
+        }
+        let waited = self.fetch_sent.elapsed();
+        let wait = self.config.fetch_max_wait;
+        if self.pending.len() == pending_before && !unusual && broken.is_none() && waited < wait / 2 {
+            self.fetch_delay = Some(wait - waited);
         }
         match broken {
             None => self.start_fetch(),
