@@ -656,3 +656,37 @@ fn a_consumer_whose_fetches_cannot_park_waits_instead_of_asking_again_at_once() 
 fn is_unknown_topic(e: &Error) -> bool {
     matches!(e, Error::UnknownTopic(_) | Error::Broker { code: cairn_client::ErrorCode::UnknownTopicOrPartition, .. })
 }
+
+#[test]
+fn with_a_small_fetch_budget_every_partition_gets_its_turn() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "");
+    run(Duration::from_secs(60), async {
+        broker.admin().await.create_topic(NewTopic::new("wide", 8)).await.unwrap();
+        // A backlog of one-record batches on every partition.
+        let producer = Producer::connect(broker.producer_config()).await.unwrap();
+        for _ in 0..40 {
+            for p in 0..8 {
+                let record = ProducerRecord::new("wide", vec![b'x'; 1000]).partition(p);
+                producer.send(record).await.unwrap().await.unwrap();
+            }
+        }
+        // A fetch carries about four records: the first partition in a request uses it all.
+        let config =
+            ConsumerConfig { fetch_max_bytes: 4096, partition_fetch_max_bytes: 4096, ..broker.consumer_config() };
+        let mut consumer = Consumer::connect(config).await.unwrap();
+        consumer.assign("wide", None).await.unwrap();
+        let mut seen = std::collections::BTreeSet::new();
+        let mut polls = 0;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while polls < 8 {
+            assert!(Instant::now() < deadline, "{polls} polls with records");
+            let records = consumer.poll(Duration::from_millis(200)).await.unwrap();
+            if !records.is_empty() {
+                polls += 1;
+                seen.extend(records.iter().map(|r| r.partition));
+            }
+        }
+        assert!(seen.len() >= 4, "eight fetches read from partitions {seen:?} only");
+    });
+}

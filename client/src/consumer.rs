@@ -178,6 +178,8 @@ pub struct Consumer {
     in_flight: Option<InFlightFetch>,
     /// When the last fetch went out.
     fetch_sent: Instant,
+    /// Fetches sent: each starts at a different topic and partition (see `start_fetch`).
+    fetches: usize,
     /// How long the next fetch waits before it goes out: set after an empty answer that came
     /// long before `fetch_max_wait` (the broker could not park the fetch: `parked_fetches_max`),
     /// so that an idle consumer asks about as often as a parked fetch would have answered.
@@ -204,6 +206,7 @@ impl Consumer {
             deferred: None,
             in_flight: None,
             fetch_sent: Instant::now(),
+            fetches: 0,
             fetch_delay: None,
             membership: None,
             last_commit: Instant::now(),
@@ -489,6 +492,19 @@ impl Consumer {
                 Some(x) => x.partitions.push(fp),
                 None => topics.push(FetchTopic { name: t.clone(), partitions: vec![fp] }),
             }
+        }
+        // The broker fills a response in request order until `fetch_max_bytes` is spent: asked
+        // in the same order every time, partitions late in it would wait until those before
+        // them had caught up. Each fetch starts one further along instead.
+        let turn = self.fetches;
+        self.fetches = self.fetches.wrapping_add(1);
+        if !topics.is_empty() {
+            let n = topics.len();
+            topics.rotate_left(turn % n);
+        }
+        for t in &mut topics {
+            let n = t.partitions.len();
+            t.partitions.rotate_left(turn % n);
         }
         let group = self.membership.as_ref().map(|m| FetchGroup {
             group_id: m.group.clone(),
