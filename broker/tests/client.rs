@@ -690,3 +690,24 @@ fn with_a_small_fetch_budget_every_partition_gets_its_turn() {
         assert!(seen.len() >= 4, "eight fetches read from partitions {seen:?} only");
     });
 }
+
+#[test]
+fn a_commit_does_not_wait_behind_a_parked_fetch() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "");
+    run(Duration::from_secs(60), async {
+        broker.admin().await.create_topic(NewTopic::new("idle", 1)).await.unwrap();
+        let config = ConsumerConfig {
+            group: Some("idle-readers".into()),
+            fetch_max_wait: Duration::from_secs(10),
+            ..broker.consumer_config()
+        };
+        let mut consumer = Consumer::connect(config).await.unwrap();
+        consumer.assign("idle", None).await.unwrap();
+        // Leaves a fetch parked at the broker for up to ten seconds.
+        assert!(consumer.poll(Duration::from_millis(100)).await.unwrap().is_empty());
+        let offsets = std::collections::BTreeMap::from([(("idle".to_string(), 0), 0)]);
+        let committed = tokio::time::timeout(Duration::from_secs(5), consumer.commit_offsets(&offsets)).await;
+        assert!(committed.expect("the commit waited for the parked fetch").is_ok());
+    });
+}

@@ -168,6 +168,9 @@ struct Membership {
 pub struct Consumer {
     config: ConsumerConfig,
     conn: Connection,
+    /// Fetches only: the broker answers a connection's requests in order, so a commit, join or
+    /// offset lookup sent behind a parked fetch would wait up to `fetch_max_wait` for it.
+    fetch_conn: Connection,
     positions: BTreeMap<TopicPartition, Position>,
     /// Next offset after the last record handed out, per partition: what a commit stores.
     returned: BTreeMap<TopicPartition, i64>,
@@ -197,8 +200,10 @@ impl Consumer {
     /// An unreachable broker.
     pub async fn connect(config: ConsumerConfig) -> Result<Consumer> {
         let conn = Connection::connect(config.connection.clone()).await?;
+        let fetch_conn = Connection::new(config.connection.clone());
         Ok(Consumer {
             config,
+            fetch_conn,
             conn,
             positions: BTreeMap::new(),
             returned: BTreeMap::new(),
@@ -518,7 +523,7 @@ impl Consumer {
             group,
             topics,
         };
-        let conn = self.conn.clone();
+        let conn = self.fetch_conn.clone();
         let extra = self.config.fetch_max_wait;
         let delay = self.fetch_delay.take().unwrap_or_default();
         self.fetch_sent = Instant::now() + delay;
