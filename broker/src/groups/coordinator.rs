@@ -1070,17 +1070,26 @@ mod tests {
         assert!(c.compact_offsets(snapshot_bytes).unwrap());
     }
 
-    #[test]
-    fn a_compaction_asked_for_while_one_runs_is_skipped_not_run_again() {
+    /// A coordinator with 100 partitions committed (about 400 KiB, past a 64 KiB snapshot
+    /// threshold), and the offsets log's end offset after them.
+    fn hundred_committed_partitions() -> (tempfile::TempDir, LogStore, Arc<Coordinator>, u64) {
         let dir = tempfile::tempdir().unwrap();
         let (store, _) = LogStore::open(dir.path(), StorageConfig::default(), system_clock()).unwrap();
         store.create_topic("t", 100, StorageConfig::default().topic_defaults()).unwrap();
         let c = Arc::new(Coordinator::open(&store, GroupConfig::default()).unwrap());
         commit_outside_membership(&c, &store, "g", 100, 4000);
         let before = c.offsets_log.log_end_offset();
-        let slow_disk = c.offsets_log.hold_syncs();
-        let first = {
-            let c = Arc::clone(&c);
+        (dir, store, c, before)
+    }
+
+    /// Starts a compaction on its own thread and returns once it has appended its snapshot (one
+    /// record per committed partition after `before`); with syncs held, it then waits there.
+    fn compaction_up_to_its_sync(
+        c: &Arc<Coordinator>,
+        before: u64,
+    ) -> std::thread::JoinHandle<Result<bool, StorageError>> {
+        let compactor = {
+            let c = Arc::clone(c);
             std::thread::spawn(move || c.compact_offsets(64 * 1024))
         };
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -1088,6 +1097,14 @@ mod tests {
             assert!(Instant::now() < deadline, "compaction never appended its snapshot");
             std::thread::sleep(Duration::from_millis(5));
         }
+        compactor
+    }
+
+    #[test]
+    fn a_compaction_asked_for_while_one_runs_is_skipped_not_run_again() {
+        let (_dir, _store, c, before) = hundred_committed_partitions();
+        let slow_disk = c.offsets_log.hold_syncs();
+        let first = compaction_up_to_its_sync(&c, before);
         // Every acknowledged commit asks for a compaction; the log is still past the threshold
         // until the running one has synced and deleted the old segments.
         let (tx, rx) = std::sync::mpsc::channel();
@@ -1105,24 +1122,10 @@ mod tests {
 
     #[test]
     fn commits_go_on_while_compaction_waits_for_its_sync() {
-        let dir = tempfile::tempdir().unwrap();
-        let (store, _) = LogStore::open(dir.path(), StorageConfig::default(), system_clock()).unwrap();
-        store.create_topic("t", 100, StorageConfig::default().topic_defaults()).unwrap();
-        let c = Arc::new(Coordinator::open(&store, GroupConfig::default()).unwrap());
-        commit_outside_membership(&c, &store, "g", 100, 4000);
-        let before = c.offsets_log.log_end_offset();
+        let (dir, store, c, before) = hundred_committed_partitions();
         // A disk that takes its time: the compaction's sync waits until `slow_disk` is dropped.
         let slow_disk = c.offsets_log.hold_syncs();
-        let compactor = {
-            let c = Arc::clone(&c);
-            std::thread::spawn(move || c.compact_offsets(64 * 1024))
-        };
-        // The snapshot (one record per committed partition) is appended before the sync.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while c.offsets_log.log_end_offset() < before + 100 {
-            assert!(Instant::now() < deadline, "compaction never appended its snapshot");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        let compactor = compaction_up_to_its_sync(&c, before);
         let codes = std::thread::scope(|scope| {
             let (tx, rx) = std::sync::mpsc::channel();
             let (c, store) = (&c, &store);
