@@ -193,9 +193,7 @@ impl Coordinator {
         if !moved.is_empty() {
             // Stored, so that a later restart (when new records have filled the offsets again)
             // does not bring the old position back.
-            for batch in offsets_store::encode_batches(&moved, crate::storage::system_clock()()) {
-                offsets_log.append(&batch)?;
-            }
+            offsets_store::append(&offsets_log, &moved, crate::storage::system_clock()())?;
             offsets_log.sync()?;
         }
         Ok(Coordinator {
@@ -461,9 +459,12 @@ impl Coordinator {
         }
         // Forget membership state of groups nobody belongs to (their commits stay, until they
         // expire: see `expire_offsets`).
-        let Inner { groups, emptied_ms, .. } = &mut *inner;
+        let Inner { groups, emptied_ms, committed, .. } = &mut *inner;
         groups.retain(|name, g| {
-            if g.members.is_empty() {
+            // Only a group with offsets needs its emptied time (bounded by the offsets, then).
+            let has_offsets =
+                || committed.range((name.clone(), String::new(), 0)..).next().is_some_and(|((g, _, _), _)| g == name);
+            if g.members.is_empty() && has_offsets() {
                 emptied_ms.insert(name.clone(), now_ms);
             }
             !g.members.is_empty()
@@ -585,10 +586,7 @@ impl Coordinator {
         if accepted.is_empty() {
             return Ok((codes, None));
         }
-        let mut next_offset = 0;
-        for batch in offsets_store::encode_batches(&accepted, now_ms) {
-            next_offset = self.offsets_log.append(&batch)?.next_offset;
-        }
+        let next_offset = offsets_store::append(&self.offsets_log, &accepted, now_ms)?;
         let mut inner = self.inner.lock().expect("groups lock");
         for (key, value) in accepted {
             if let Some(v) = value {
@@ -688,12 +686,10 @@ impl Coordinator {
             return 0;
         }
         metrics::counter!("cairn_committed_offsets_expired_total").increment(doomed.len() as u64);
-        for batch in offsets_store::encode_batches(&doomed, now_ms) {
-            if let Err(e) = self.offsets_log.append(&batch) {
-                tracing::error!(error = %e,
-                    "could not record expired committed offsets; they return after a restart and expire again");
-                return doomed.len();
-            }
+        if let Err(e) = offsets_store::append(&self.offsets_log, &doomed, now_ms) {
+            tracing::error!(error = %e,
+                "could not record expired committed offsets; they return after a restart and expire again");
+            return doomed.len();
         }
         drop(serial);
         if let Err(e) = self.offsets_log.sync() {
@@ -723,11 +719,9 @@ impl Coordinator {
             return;
         }
         let now = crate::storage::system_clock()();
-        for batch in offsets_store::encode_batches(&doomed, now) {
-            if let Err(e) = self.offsets_log.append(&batch) {
-                tracing::error!(topic, error = %e, "could not record removal of a deleted topic's offsets");
-                return;
-            }
+        if let Err(e) = offsets_store::append(&self.offsets_log, &doomed, now) {
+            tracing::error!(topic, error = %e, "could not record removal of a deleted topic's offsets");
+            return;
         }
         let mut inner = self.inner.lock().expect("groups lock");
         for (k, _) in doomed {
@@ -861,11 +855,11 @@ impl Coordinator {
     /// # Errors
     /// Storage failures; the old segments are kept then.
     pub fn compact_offsets(&self, snapshot_bytes: u64) -> Result<bool, StorageError> {
-        let threshold = snapshot_bytes.max(self.snapshot_len.load(Ordering::Acquire).saturating_mul(2));
-        if self.offsets_log.size_bytes() < threshold {
-            return Ok(false);
-        }
-        if self.compacting.swap(true, Ordering::AcqRel) {
+        let due = || {
+            let threshold = snapshot_bytes.max(self.snapshot_len.load(Ordering::Acquire).saturating_mul(2));
+            self.offsets_log.size_bytes() >= threshold
+        };
+        if !due() || self.compacting.swap(true, Ordering::AcqRel) {
             return Ok(false);
         }
         /// Clears `compacting` on every way out, errors included.
@@ -877,8 +871,7 @@ impl Coordinator {
         }
         let _running = Running(&self.compacting);
         // Again: a compaction that finished between the check above and the flag has moved it.
-        let threshold = snapshot_bytes.max(self.snapshot_len.load(Ordering::Acquire).saturating_mul(2));
-        if self.offsets_log.size_bytes() < threshold {
+        if !due() {
             return Ok(false);
         }
         let (state, start) = {
@@ -890,9 +883,7 @@ impl Coordinator {
                 inner.committed.iter().map(|(k, v)| (k.clone(), Some(v.clone()))).collect()
             };
             let start = self.offsets_log.roll_now()?;
-            for batch in offsets_store::encode_batches(&state, crate::storage::system_clock()()) {
-                self.offsets_log.append(&batch)?;
-            }
+            offsets_store::append(&self.offsets_log, &state, crate::storage::system_clock()())?;
             (state, start)
         };
         self.offsets_log.sync()?;

@@ -87,7 +87,7 @@ const OFFSETS_BATCH_BYTES: usize = 256 * 1024;
 
 /// Encodes commits (a `None` value deletes) as record batches of at most about
 /// [`OFFSETS_BATCH_BYTES`] each, so a large commit or snapshot never exceeds the batch limit.
-pub(crate) fn encode_batches(entries: &[(OffsetKey, Option<Committed>)], now_ms: i64) -> Vec<Bytes> {
+fn encode_batches(entries: &[(OffsetKey, Option<Committed>)], now_ms: i64) -> Vec<Bytes> {
     let mut out = Vec::new();
     let mut b = RecordBatchBuilder::with_capacity(4096);
     for (key, value) in entries {
@@ -102,6 +102,23 @@ pub(crate) fn encode_batches(entries: &[(OffsetKey, Option<Committed>)], now_ms:
         out.push(b.build());
     }
     out
+}
+
+/// Appends `entries` (a `None` value deletes) to the offsets log, in batches under the limit.
+/// Returns the offset after the last one; not synced.
+///
+/// # Errors
+/// The append's storage error; batches before it stay appended.
+pub(crate) fn append(
+    log: &PartitionLog,
+    entries: &[(OffsetKey, Option<Committed>)],
+    now_ms: i64,
+) -> Result<u64, StorageError> {
+    let mut next = log.log_end_offset();
+    for batch in encode_batches(entries, now_ms) {
+        next = log.append(&batch)?.next_offset;
+    }
+    Ok(next)
 }
 
 fn encode_key((group, topic, partition): &OffsetKey) -> Bytes {
