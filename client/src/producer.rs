@@ -840,9 +840,10 @@ async fn refresh_metadata(inner: Arc<Inner>, topics: Vec<Arc<str>>) {
             }
             None => {
                 // Tried again only while records are still sent to it, backing off.
-                let backoff = inner.config.retry_backoff.saturating_mul(1 << topic.refresh_failures.min(16));
+                let backoff =
+                    doubled(inner.config.retry_backoff, topic.refresh_failures, inner.config.metadata_max_age);
                 topic.refresh_failures += 1;
-                topic.refresh_at = after(now, backoff.min(inner.config.metadata_max_age));
+                topic.refresh_at = after(now, backoff);
             }
         }
         if again {
@@ -941,6 +942,11 @@ fn refresh_soon(inner: &Inner, topic: &Arc<str>) {
     }
 }
 
+/// `base` doubled `times` times, at most `cap`: the backoff of retries and of metadata fetches.
+fn doubled(base: Duration, times: u32, cap: Duration) -> Duration {
+    base.saturating_mul(1 << times.min(16)).min(cap)
+}
+
 /// `at + d`, or a century later where that does not fit (a timeout of `Duration::MAX` means
 /// never; adding it as such would panic, under the state lock).
 fn after(at: Instant, d: Duration) -> Instant {
@@ -953,8 +959,7 @@ fn broker_error(code: ErrorCode, message: Option<String>) -> Error {
 }
 
 fn retry(inner: &Arc<Inner>, tp: TopicPartition, mut b: SealedBatch, why: Error) {
-    let backoff =
-        inner.config.retry_backoff.saturating_mul(1 << b.attempts.saturating_sub(1).min(4)).min(Duration::from_secs(1));
+    let backoff = doubled(inner.config.retry_backoff, b.attempts.saturating_sub(1), Duration::from_secs(1));
     let retry_at = Instant::now() + backoff;
     if retry_at >= after(b.created, inner.config.delivery_timeout) {
         // No attempt left before the deadline: fail now, with this attempt's error.
@@ -1085,6 +1090,15 @@ mod tests {
         let err = p.send(ProducerRecord::new(Arc::clone(&topic), "v")).await.unwrap().await.unwrap_err();
         assert!(matches!(err, Error::Broker { code: ErrorCode::RequestTimedOut, .. }), "{err:?}");
         assert_eq!(accepted.load(Ordering::SeqCst), 1, "the connection was kept");
+    }
+
+    #[test]
+    fn retries_back_off_as_the_readme_says_doubling_up_to_the_cap() {
+        let ms = Duration::from_millis;
+        // The n-th retry waits retry_backoff * 2^(n-1), capped at 1 s.
+        let waits: Vec<Duration> = (0..8).map(|n| doubled(ms(10), n, Duration::from_secs(1))).collect();
+        assert_eq!(waits, vec![ms(10), ms(20), ms(40), ms(80), ms(160), ms(320), ms(640), ms(1000)]);
+        assert_eq!(doubled(ms(100), u32::MAX, Duration::MAX), ms(100) * 65_536, "no overflow");
     }
 
     /// Makes `topic`'s partition count due for a fetch.
