@@ -405,7 +405,6 @@ struct Inner {
     outstanding: AtomicUsize,
     /// Records whose delivery failed for good.
     failed: AtomicU64,
-    idle: Notify,
     closed: AtomicBool,
 }
 
@@ -471,7 +470,6 @@ impl Producer {
             wake: Notify::new(),
             outstanding: AtomicUsize::new(0),
             failed: AtomicU64::new(0),
-            idle: Notify::new(),
             closed: AtomicBool::new(false),
         });
         tokio::spawn(sender(Arc::clone(&inner)));
@@ -993,11 +991,11 @@ fn finish(inner: &Inner, b: SealedBatch, outcome: Outcome) {
     if outcome.is_err() {
         inner.failed.fetch_add(b.records as u64, Ordering::Relaxed);
     }
-    b.result.complete(outcome);
+    // Counted out before the result wakes anyone (a flush, a `Delivery`), which may run on
+    // another thread and read `outstanding` at once.
     inner.memory.release(b.reserved);
-    if inner.outstanding.fetch_sub(b.records, Ordering::AcqRel) == b.records {
-        inner.idle.notify_waiters();
-    }
+    inner.outstanding.fetch_sub(b.records, Ordering::AcqRel);
+    b.result.complete(outcome);
 }
 
 #[cfg(test)]
@@ -1020,7 +1018,6 @@ mod tests {
             wake: Notify::new(),
             outstanding: AtomicUsize::new(0),
             failed: AtomicU64::new(0),
-            idle: Notify::new(),
             closed: AtomicBool::new(false),
         });
         Producer::from_inner(inner)
@@ -1090,6 +1087,37 @@ mod tests {
         let err = p.send(ProducerRecord::new(Arc::clone(&topic), "v")).await.unwrap().await.unwrap_err();
         assert!(matches!(err, Error::Broker { code: ErrorCode::RequestTimedOut, .. }), "{err:?}");
         assert_eq!(accepted.load(Ordering::SeqCst), 1, "the connection was kept");
+    }
+
+    #[test]
+    fn a_finished_delivery_is_no_longer_counted_as_outstanding() {
+        // Whoever a completed batch wakes (a flush, a `Delivery`) must find its records counted
+        // out already: the flusher runs on another thread from the one finishing the batch.
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let topic: Arc<str> = Arc::from("t");
+        let p = offline(ProducerConfig { linger: Duration::ZERO, ..ProducerConfig::default() }, &topic, 1);
+        let inner = Arc::clone(&p.inner);
+        let seen = runtime.block_on(async {
+            let mut counted_after_finish = 0;
+            for _ in 0..20_000 {
+                let delivery = p.send(ProducerRecord::new(Arc::clone(&topic), "v")).await.unwrap();
+                let Pass { mut batches, .. } = collect(&inner);
+                let (tp, batch) = batches.pop().expect("one batch");
+                let waiter = {
+                    let p = p.clone();
+                    tokio::spawn(async move {
+                        delivery.await.unwrap();
+                        p.outstanding()
+                    })
+                };
+                tokio::task::yield_now().await;
+                release_partition(&inner, &tp);
+                finish(&inner, batch, Ok(0));
+                counted_after_finish += waiter.await.unwrap();
+            }
+            counted_after_finish
+        });
+        assert_eq!(seen, 0, "records still counted as outstanding after their delivery completed");
     }
 
     #[test]
