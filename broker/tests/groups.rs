@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use cairn_client::{Connection, Consumer, ConsumerConfig, ErrorCode, NewTopic, Offset, Producer, ProducerRecord};
 use cairn_protocol::messages::groups::{HeartbeatRequest, JoinGroupRequest};
 use cairn_protocol::messages::offsets::{OffsetCommitPartition, OffsetCommitRequest, OffsetCommitTopic};
-use common::{run, sibling_bin, TestBroker};
+use common::{run, sibling_bin, signal, TestBroker};
 
 async fn produce(broker: &TestBroker, topic: &str, partitions: u32, n: u32) {
     let producer = Producer::connect(broker.producer_config()).await.unwrap();
@@ -289,7 +289,47 @@ fn auto_commit_covers_only_records_returned_by_earlier_polls() {
         produce(&broker, "ac", 1, 5).await;
         let _ = c.poll(Duration::from_secs(2)).await.unwrap();
         let last = first.last().unwrap().offset;
-        assert_eq!(committed().await, Some(last + 1), "the next poll committed what the first returned");
+        // The next poll sent the commit; it lands without waiting for another.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while committed().await != Some(last + 1) {
+            assert!(Instant::now() < deadline, "the next poll committed what the first returned");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        c.close().await.unwrap();
+    });
+}
+
+/// A poll must return by its timeout even when the broker does not answer its auto-commit:
+/// the commit goes out in the background and lands once the broker answers.
+#[test]
+fn an_auto_commit_the_broker_does_not_answer_does_not_hold_poll_past_its_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "");
+    run(Duration::from_secs(90), async {
+        broker.admin().await.create_topic(NewTopic::new("stalled", 1)).await.unwrap();
+        produce(&broker, "stalled", 1, 10).await;
+        let mut config =
+            ConsumerConfig { auto_commit_interval: Duration::ZERO, ..member_config(&broker, "stalled-group") };
+        config.connection.request_timeout = Duration::from_secs(30);
+        let mut c = Consumer::connect(config).await.unwrap();
+        c.assign("stalled", None).await.unwrap();
+        read_records(&mut c, 10).await;
+        signal(&broker, "STOP");
+        let started = Instant::now();
+        let polled = tokio::time::timeout(Duration::from_secs(10), c.poll(Duration::from_millis(300))).await;
+        let waited = started.elapsed();
+        signal(&broker, "CONT");
+        assert!(polled.is_ok(), "poll(300 ms) still waited for its auto-commit after {waited:?}");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let group = broker.admin().await.describe_group("stalled-group").await.unwrap();
+            let committed = group.partitions.first().and_then(|p| p.committed);
+            if committed == Some(10) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the auto-commit never landed: {committed:?}");
+            let _ = c.poll(Duration::from_millis(100)).await;
+        }
         c.close().await.unwrap();
     });
 }

@@ -119,6 +119,9 @@ pub struct ConsumerRecord {
 
 type TopicPartition = (String, u32);
 
+/// Next offsets to consume, per partition: what a commit stores.
+type Offsets = BTreeMap<TopicPartition, i64>;
+
 /// Batches fetched for one partition and not yet handed out by `poll`.
 #[derive(Debug)]
 struct Fetched {
@@ -191,6 +194,11 @@ pub struct Consumer {
     last_commit: Instant,
     /// What the last [`Consumer::commit`] stored: an auto-commit with nothing new is skipped.
     committed: BTreeMap<TopicPartition, i64>,
+    /// The auto-commit under way, with the offsets it carries: `poll` does not wait for it (a
+    /// commit the broker is slow to answer would hold `poll` past its timeout), and one goes out
+    /// at a time. A commit the caller makes waits for it first, so that it cannot land after
+    /// (and overwrite) a later one.
+    auto_committing: Option<(JoinHandle<Result<()>>, Offsets)>,
 }
 
 impl Consumer {
@@ -216,6 +224,7 @@ impl Consumer {
             membership: None,
             last_commit: Instant::now(),
             committed: BTreeMap::new(),
+            auto_committing: None,
         })
     }
 
@@ -546,7 +555,7 @@ impl Consumer {
         if !self.membership.as_ref().is_some_and(|m| m.rejoin.load(Ordering::Acquire)) {
             // Calling poll means the records returned before were processed, also when there
             // is nothing new to hand out.
-            self.maybe_auto_commit().await;
+            self.maybe_auto_commit();
         }
         loop {
             if self.membership.as_ref().is_some_and(|m| m.rejoin.load(Ordering::Acquire)) {
@@ -570,7 +579,7 @@ impl Consumer {
             if !self.pending.is_empty() {
                 // Calling poll again means the records returned before were processed: commit
                 // those (at-least-once), never the ones about to be handed out.
-                self.maybe_auto_commit().await;
+                self.maybe_auto_commit();
                 let out = self.take_records()?;
                 if out.is_empty() {
                     continue;
@@ -794,15 +803,49 @@ impl Consumer {
         self.deferred = None;
     }
 
-    async fn maybe_auto_commit(&mut self) {
-        if self.config.auto_commit
-            && self.config.group.is_some()
-            && self.last_commit.elapsed() >= self.config.auto_commit_interval
-            && self.returned != self.committed
-        {
-            if let Err(e) = self.commit().await {
-                tracing::warn!(error = %e, "auto-commit failed");
+    /// Starts an auto-commit when one is due, without waiting for it (see `auto_committing`).
+    fn maybe_auto_commit(&mut self) {
+        if !self.config.auto_commit || self.config.group.is_none() {
+            return;
+        }
+        if self.auto_committing.as_ref().is_some_and(|(h, _)| !h.is_finished()) {
+            return;
+        }
+        if let Some((h, offsets)) = self.auto_committing.take() {
+            // Finished: taking its result does not wait.
+            let result = futures::FutureExt::now_or_never(h).unwrap_or(Ok(Err(Error::Closed)));
+            self.note_auto_commit(result, offsets);
+        }
+        if self.last_commit.elapsed() < self.config.auto_commit_interval || self.returned == self.committed {
+            return;
+        }
+        let offsets = self.returned.clone();
+        self.last_commit = Instant::now();
+        match self.commit_request(&offsets) {
+            Ok(Some(request)) => {
+                let conn = self.conn.clone();
+                let sent = tokio::spawn(async move { send_commit(&conn, request).await });
+                self.auto_committing = Some((sent, offsets));
             }
+            Ok(None) => self.committed = offsets,
+            Err(e) => tracing::warn!(error = %e, "auto-commit failed"),
+        }
+    }
+
+    /// Takes the outcome of an auto-commit.
+    fn note_auto_commit(&mut self, result: std::result::Result<Result<()>, tokio::task::JoinError>, offsets: Offsets) {
+        match result {
+            Ok(Ok(())) => self.committed = offsets,
+            Ok(Err(e)) => tracing::warn!(error = %e, "auto-commit failed"),
+            Err(e) => tracing::warn!(error = %e, "auto-commit task failed"),
+        }
+    }
+
+    /// Waits for the auto-commit under way, if any (bounded by the request timeout).
+    async fn finish_auto_commit(&mut self) {
+        if let Some((h, offsets)) = self.auto_committing.take() {
+            let result = h.await;
+            self.note_auto_commit(result, offsets);
         }
     }
 
@@ -823,10 +866,21 @@ impl Consumer {
     /// # Errors
     /// As [`Consumer::commit`].
     pub async fn commit_offsets(&mut self, offsets: &BTreeMap<(String, u32), i64>) -> Result<()> {
-        let group = self.config.group.clone().ok_or_else(|| Error::InvalidArgument("commit needs a group".into()))?;
+        self.finish_auto_commit().await;
+        let request = self.commit_request(offsets)?;
         self.last_commit = Instant::now();
+        match request {
+            Some(request) => send_commit(&self.conn, request).await,
+            None => Ok(()),
+        }
+    }
+
+    /// The request that commits `offsets` for the configured group as its current member
+    /// (`None` for no offsets).
+    fn commit_request(&self, offsets: &BTreeMap<(String, u32), i64>) -> Result<Option<OffsetCommitRequest>> {
+        let group = self.config.group.clone().ok_or_else(|| Error::InvalidArgument("commit needs a group".into()))?;
         if offsets.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let mut topics: Vec<OffsetCommitTopic> = Vec::new();
         for ((t, p), o) in offsets {
@@ -840,16 +894,7 @@ impl Consumer {
             Some(m) => (m.member_id.clone(), m.generation),
             None => (String::new(), -1),
         };
-        let resp =
-            self.conn.request(&OffsetCommitRequest { group_id: group, member_id, generation_id, topics }).await?;
-        for t in resp.topics {
-            for (p, code) in t.partitions {
-                if !code.is_ok() {
-                    return Err(Error::broker(code, Some(format!("commit {}-{p}", t.name))));
-                }
-            }
-        }
-        Ok(())
+        Ok(Some(OffsetCommitRequest { group_id: group, member_id, generation_id, topics }))
     }
 
     /// Commits (with auto-commit), leaves the group so its partitions move at once, and stops.
@@ -887,9 +932,24 @@ impl Consumer {
     }
 }
 
+/// Sends a commit and checks every partition's answer.
+async fn send_commit(conn: &Connection, request: OffsetCommitRequest) -> Result<()> {
+    let resp = conn.request(&request).await?;
+    for t in resp.topics {
+        for (p, code) in t.partitions {
+            if !code.is_ok() {
+                return Err(Error::broker(code, Some(format!("commit {}-{p}", t.name))));
+            }
+        }
+    }
+    Ok(())
+}
+
 impl Drop for Consumer {
     fn drop(&mut self) {
         self.cancel_fetch();
+        // An auto-commit under way is left to finish (bounded by the request timeout): what it
+        // commits was handed out and processed.
         if let Some(m) = &mut self.membership {
             if let Some(h) = m.heartbeat.take() {
                 h.abort();
