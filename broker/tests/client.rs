@@ -653,6 +653,34 @@ fn a_consumer_whose_fetches_cannot_park_waits_instead_of_asking_again_at_once() 
     });
 }
 
+/// A consumer starting on many partitions looks their offsets up in one request, not in one
+/// round trip each.
+#[test]
+fn a_consumer_looks_up_the_start_of_all_its_partitions_in_one_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "");
+    run(Duration::from_secs(60), async {
+        broker.admin().await.create_topic(NewTopic::new("wide", 50)).await.unwrap();
+        broker.admin().await.create_topic(NewTopic::new("narrow", 2)).await.unwrap();
+        let mut consumer = Consumer::connect(broker.consumer_config()).await.unwrap();
+        consumer.assign("wide", None).await.unwrap();
+        consumer.assign("narrow", None).await.unwrap();
+        consumer.seek_all(Offset::Latest);
+        consumer.seek("narrow", 1, Offset::At(0));
+        assert!(consumer.poll(Duration::from_millis(300)).await.unwrap().is_empty());
+        let positions = consumer.positions();
+        assert_eq!(positions.len(), 52);
+        assert!(positions.values().all(|p| *p == Some(0)), "{positions:?}");
+        let (_, body) = broker.http_get("/metrics");
+        let lookups: f64 = body
+            .lines()
+            .find_map(|l| l.strip_prefix(r#"cairn_requests_total{api="list_offsets",result="ok"} "#))
+            .and_then(|v| v.trim().parse().ok())
+            .expect("list_offsets requests are counted");
+        assert_eq!(lookups, 1.0, "one lookup for 51 partitions");
+    });
+}
+
 fn is_unknown_topic(e: &Error) -> bool {
     matches!(e, Error::UnknownTopic(_) | Error::Broker { code: cairn_client::ErrorCode::UnknownTopicOrPartition, .. })
 }

@@ -443,47 +443,55 @@ impl Consumer {
     /// `Resolve` and the others are resolved all the same; the first refusal is returned in
     /// `Ok(Some(_))`, to be reported after the others' records. Connection failures are `Err`.
     async fn resolve_positions(&mut self) -> Result<Option<Error>> {
-        let pending: Vec<(TopicPartition, Offset)> = self
-            .positions
-            .iter()
-            .filter_map(|(k, p)| match p {
-                Position::Resolve(o) => Some((k.clone(), *o)),
-                Position::At(_) => None,
-            })
-            .collect();
         let mut refused = None;
-        for ((topic, partition), offset) in pending {
-            let at = match offset {
-                Offset::At(o) => o,
-                Offset::Earliest | Offset::Latest | Offset::Timestamp(_) => {
-                    let timestamp = match offset {
-                        Offset::Earliest => EARLIEST_TIMESTAMP,
-                        Offset::Latest => LATEST_TIMESTAMP,
-                        Offset::Timestamp(t) => t,
-                        Offset::At(_) => unreachable!("handled above"),
-                    };
-                    let req = ListOffsetsRequest {
-                        topics: vec![ListOffsetsTopic {
-                            name: topic.clone(),
-                            partitions: vec![ListOffsetsPartition { partition, timestamp }],
-                        }],
-                    };
-                    let resp = self.conn.request(&req).await?;
-                    let p = resp.topics.into_iter().flat_map(|t| t.partitions).next();
-                    match p {
-                        Some(p) if p.error.is_ok() => p.offset,
-                        Some(p) => {
-                            refused.get_or_insert(Error::broker(p.error, Some(format!("{topic}-{partition}"))));
-                            continue;
-                        }
-                        None => {
-                            refused.get_or_insert(Error::UnknownTopic(topic));
-                            continue;
-                        }
-                    }
+        // Every partition that needs a lookup goes in one request: one round trip, not one a
+        // partition (a consumer of 1,000 partitions would otherwise wait for 1,000 in turn).
+        let mut topics: Vec<ListOffsetsTopic> = Vec::new();
+        let mut exact = Vec::new();
+        for ((topic, partition), p) in &self.positions {
+            let timestamp = match p {
+                Position::At(_) => continue,
+                Position::Resolve(Offset::At(o)) => {
+                    exact.push(((topic.clone(), *partition), *o));
+                    continue;
                 }
+                Position::Resolve(Offset::Earliest) => EARLIEST_TIMESTAMP,
+                Position::Resolve(Offset::Latest) => LATEST_TIMESTAMP,
+                Position::Resolve(Offset::Timestamp(t)) => *t,
             };
-            self.positions.insert((topic, partition), Position::At(at));
+            let part = ListOffsetsPartition { partition: *partition, timestamp };
+            match topics.last_mut().filter(|t| t.name == *topic) {
+                Some(t) => t.partitions.push(part),
+                None => topics.push(ListOffsetsTopic { name: topic.clone(), partitions: vec![part] }),
+            }
+        }
+        for (tp, at) in exact {
+            self.positions.insert(tp, Position::At(at));
+        }
+        if topics.is_empty() {
+            return Ok(None);
+        }
+        let asked: Vec<TopicPartition> =
+            topics.iter().flat_map(|t| t.partitions.iter().map(|p| (t.name.clone(), p.partition))).collect();
+        let resp = self.conn.request(&ListOffsetsRequest { topics }).await?;
+        let mut answered = BTreeMap::new();
+        for t in resp.topics {
+            for p in t.partitions {
+                answered.insert((t.name.clone(), p.partition), p);
+            }
+        }
+        for (topic, partition) in asked {
+            match answered.remove(&(topic.clone(), partition)) {
+                Some(p) if p.error.is_ok() => {
+                    self.positions.insert((topic, partition), Position::At(p.offset));
+                }
+                Some(p) => {
+                    refused.get_or_insert(Error::broker(p.error, Some(format!("{topic}-{partition}"))));
+                }
+                None => {
+                    refused.get_or_insert(Error::UnknownTopic(topic));
+                }
+            }
         }
         Ok(refused)
     }
