@@ -681,6 +681,39 @@ fn a_consumer_looks_up_the_start_of_all_its_partitions_in_one_request() {
     });
 }
 
+/// A poll returns by its timeout while the broker does not answer the lookup of a seek's
+/// offset; a later poll takes the answer up.
+#[test]
+fn a_seek_the_broker_does_not_answer_does_not_hold_poll_past_its_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "");
+    run(Duration::from_secs(90), async {
+        broker.admin().await.create_topic(NewTopic::new("sought", 1)).await.unwrap();
+        let producer = Producer::connect(broker.producer_config()).await.unwrap();
+        for i in 0..5 {
+            producer.send(ProducerRecord::new("sought", format!("{i}"))).await.unwrap();
+        }
+        producer.close().await.unwrap();
+        let mut config = broker.consumer_config();
+        config.connection.request_timeout = Duration::from_secs(30);
+        let mut consumer = Consumer::connect(config).await.unwrap();
+        consumer.assign("sought", None).await.unwrap();
+        consumer.seek_all(Offset::Earliest);
+        signal(&broker, "STOP");
+        let started = Instant::now();
+        let polled = tokio::time::timeout(Duration::from_secs(10), consumer.poll(Duration::from_millis(300))).await;
+        let waited = started.elapsed();
+        signal(&broker, "CONT");
+        assert!(polled.is_ok(), "poll(300 ms) still waited for the offset lookup after {waited:?}");
+        let mut seen = 0;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while seen < 5 {
+            assert!(Instant::now() < deadline, "read {seen} of 5 records");
+            seen += consumer.poll(Duration::from_millis(200)).await.unwrap().len();
+        }
+    });
+}
+
 fn is_unknown_topic(e: &Error) -> bool {
     matches!(e, Error::UnknownTopic(_) | Error::Broker { code: cairn_client::ErrorCode::UnknownTopicOrPartition, .. })
 }

@@ -13,7 +13,8 @@ use tokio::task::JoinHandle;
 use cairn_protocol::messages::fetch::{FetchGroup, FetchPartition, FetchRequest, FetchResponse, FetchTopic};
 use cairn_protocol::messages::groups::{HeartbeatRequest, JoinGroupRequest, LeaveGroupRequest};
 use cairn_protocol::messages::list_offsets::{
-    ListOffsetsPartition, ListOffsetsRequest, ListOffsetsTopic, EARLIEST_TIMESTAMP, LATEST_TIMESTAMP,
+    ListOffsetsPartition, ListOffsetsRequest, ListOffsetsResponse, ListOffsetsTopic, EARLIEST_TIMESTAMP,
+    LATEST_TIMESTAMP,
 };
 use cairn_protocol::messages::metadata::MetadataRequest;
 use cairn_protocol::messages::offsets::{
@@ -137,7 +138,10 @@ struct Fetched {
 /// A fetch in flight and the offsets it asked for.
 type InFlightFetch = (JoinHandle<Result<FetchResponse>>, BTreeMap<TopicPartition, i64>);
 
-#[derive(Debug, Clone, Copy)]
+/// A ListOffsets lookup under way, with the partitions it asks about and the seek each was for.
+type Lookup = (JoinHandle<Result<ListOffsetsResponse>>, Vec<(TopicPartition, Offset)>);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Position {
     Resolve(Offset),
     At(i64),
@@ -182,6 +186,9 @@ pub struct Consumer {
     /// An error found while decoding, reported once the records before it are handed out.
     deferred: Option<Error>,
     in_flight: Option<InFlightFetch>,
+    /// Positions being looked up: `poll` waits for the answer only until its own timeout, and a
+    /// later `poll` takes it up.
+    lookup: Option<Lookup>,
     /// When the last fetch went out.
     fetch_sent: Instant,
     /// Fetches sent: each starts at a different topic and partition (see `start_fetch`).
@@ -218,6 +225,7 @@ impl Consumer {
             pending: VecDeque::new(),
             deferred: None,
             in_flight: None,
+            lookup: None,
             fetch_sent: Instant::now(),
             fetches: 0,
             fetch_delay: None,
@@ -331,8 +339,13 @@ impl Consumer {
             .collect()
     }
 
+    /// Drops the fetch and the position lookup under way: what they bring may no longer fit
+    /// the positions (a seek, a new assignment).
     fn cancel_fetch(&mut self) {
         if let Some((h, _)) = self.in_flight.take() {
+            h.abort();
+        }
+        if let Some((h, _)) = self.lookup.take() {
             h.abort();
         }
     }
@@ -442,54 +455,77 @@ impl Consumer {
     /// Looks up the positions still to resolve. A partition the broker refuses keeps its
     /// `Resolve` and the others are resolved all the same; the first refusal is returned in
     /// `Ok(Some(_))`, to be reported after the others' records. Connection failures are `Err`.
-    async fn resolve_positions(&mut self) -> Result<Option<Error>> {
-        let mut refused = None;
-        // Every partition that needs a lookup goes in one request: one round trip, not one a
-        // partition (a consumer of 1,000 partitions would otherwise wait for 1,000 in turn).
-        let mut topics: Vec<ListOffsetsTopic> = Vec::new();
-        let mut exact = Vec::new();
-        for ((topic, partition), p) in &self.positions {
-            let timestamp = match p {
-                Position::At(_) => continue,
-                Position::Resolve(Offset::At(o)) => {
-                    exact.push(((topic.clone(), *partition), *o));
-                    continue;
+    /// Places partitions whose position is a seek: exact offsets at once, the others with one
+    /// ListOffsets request for all of them (one round trip, not one a partition). Waits for the
+    /// answer until `deadline`; if it has not come by then, a later call takes it up. Returns
+    /// the first partition the broker refused, if any (the others are placed).
+    async fn resolve_positions(&mut self, deadline: Instant) -> Result<Option<Error>> {
+        if self.lookup.is_none() {
+            let mut topics: Vec<ListOffsetsTopic> = Vec::new();
+            let mut asked = Vec::new();
+            let mut exact = Vec::new();
+            for ((topic, partition), p) in &self.positions {
+                let (timestamp, wanted) = match *p {
+                    Position::At(_) => continue,
+                    Position::Resolve(Offset::At(o)) => {
+                        exact.push(((topic.clone(), *partition), o));
+                        continue;
+                    }
+                    Position::Resolve(o @ Offset::Earliest) => (EARLIEST_TIMESTAMP, o),
+                    Position::Resolve(o @ Offset::Latest) => (LATEST_TIMESTAMP, o),
+                    Position::Resolve(o @ Offset::Timestamp(t)) => (t, o),
+                };
+                asked.push(((topic.clone(), *partition), wanted));
+                let part = ListOffsetsPartition { partition: *partition, timestamp };
+                match topics.last_mut().filter(|t| t.name == *topic) {
+                    Some(t) => t.partitions.push(part),
+                    None => topics.push(ListOffsetsTopic { name: topic.clone(), partitions: vec![part] }),
                 }
-                Position::Resolve(Offset::Earliest) => EARLIEST_TIMESTAMP,
-                Position::Resolve(Offset::Latest) => LATEST_TIMESTAMP,
-                Position::Resolve(Offset::Timestamp(t)) => *t,
-            };
-            let part = ListOffsetsPartition { partition: *partition, timestamp };
-            match topics.last_mut().filter(|t| t.name == *topic) {
-                Some(t) => t.partitions.push(part),
-                None => topics.push(ListOffsetsTopic { name: topic.clone(), partitions: vec![part] }),
             }
+            for (tp, at) in exact {
+                self.positions.insert(tp, Position::At(at));
+            }
+            if asked.is_empty() {
+                return Ok(None);
+            }
+            let conn = self.conn.clone();
+            let sent = tokio::spawn(async move { conn.request(&ListOffsetsRequest { topics }).await });
+            self.lookup = Some((sent, asked));
         }
-        for (tp, at) in exact {
-            self.positions.insert(tp, Position::At(at));
-        }
-        if topics.is_empty() {
+        let Some((handle, _)) = self.lookup.as_mut() else {
             return Ok(None);
-        }
-        let asked: Vec<TopicPartition> =
-            topics.iter().flat_map(|t| t.partitions.iter().map(|p| (t.name.clone(), p.partition))).collect();
-        let resp = self.conn.request(&ListOffsetsRequest { topics }).await?;
+        };
+        // Waited for even when other partitions could be fetched meanwhile: the next fetch then
+        // covers every partition (a fetch that parked without them would hold them back).
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(joined) = tokio::time::timeout(left, handle).await else {
+            return Ok(None); // still under way
+        };
+        let (_, asked) = self.lookup.take().expect("a lookup");
+        let Ok(answer) = joined else {
+            return Ok(None); // the task failed: asked again next time
+        };
         let mut answered = BTreeMap::new();
-        for t in resp.topics {
+        for t in answer?.topics {
             for p in t.partitions {
                 answered.insert((t.name.clone(), p.partition), p);
             }
         }
-        for (topic, partition) in asked {
-            match answered.remove(&(topic.clone(), partition)) {
+        let mut refused = None;
+        for ((topic, partition), wanted) in asked {
+            let key = (topic, partition);
+            if self.positions.get(&key) != Some(&Position::Resolve(wanted)) {
+                continue; // sought elsewhere, or unassigned, since the lookup went out
+            }
+            match answered.remove(&key) {
                 Some(p) if p.error.is_ok() => {
-                    self.positions.insert((topic, partition), Position::At(p.offset));
+                    self.positions.insert(key, Position::At(p.offset));
                 }
                 Some(p) => {
-                    refused.get_or_insert(Error::broker(p.error, Some(format!("{topic}-{partition}"))));
+                    refused.get_or_insert(Error::broker(p.error, Some(format!("{}-{}", key.0, key.1))));
                 }
                 None => {
-                    refused.get_or_insert(Error::UnknownTopic(topic));
+                    refused.get_or_insert(Error::UnknownTopic(key.0));
                 }
             }
         }
@@ -515,15 +551,16 @@ impl Consumer {
                 None => topics.push(FetchTopic { name: t.clone(), partitions: vec![fp] }),
             }
         }
+        if topics.is_empty() {
+            return; // every partition is still to be placed: nothing to fetch
+        }
         // The broker fills a response in request order until `fetch_max_bytes` is spent: asked
         // in the same order every time, partitions late in it would wait until those before
         // them had caught up. Each fetch starts one further along instead.
         let turn = self.fetches;
         self.fetches = self.fetches.wrapping_add(1);
-        if !topics.is_empty() {
-            let n = topics.len();
-            topics.rotate_left(turn % n);
-        }
+        let n = topics.len();
+        topics.rotate_left(turn % n);
         for t in &mut topics {
             let n = t.partitions.len();
             t.partitions.rotate_left(turn % n);
@@ -597,13 +634,16 @@ impl Consumer {
             if let Some(e) = self.deferred.take() {
                 return Err(e);
             }
-            let refused = self.resolve_positions().await?;
+            let refused = self.resolve_positions(deadline).await?;
             self.start_fetch();
             if let Some(e) = refused {
                 // After the records of the partitions that could be resolved, if any.
                 self.deferred.get_or_insert(e);
             }
             let Some((handle, _)) = self.in_flight.as_mut() else {
+                if self.lookup.is_some() && Instant::now() < deadline {
+                    continue; // every position is being looked up: wait for that
+                }
                 // Nothing assigned: wait out the timeout (a group may assign later).
                 let left = deadline.saturating_duration_since(Instant::now());
                 tokio::time::sleep(left.min(Duration::from_millis(100))).await;
