@@ -148,6 +148,40 @@ fn responses_ready_before_a_parked_fetch_are_not_held_back_by_it() {
     }
 }
 
+/// A fetch that names no partition has nothing to wait for: it is answered, empty, and the
+/// connection goes on (it used to panic the connection's task while parking on no partition).
+#[test]
+fn a_fetch_naming_no_partition_is_answered_and_the_connection_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "");
+    let empty = FetchRequest { max_wait_ms: 500, min_bytes: 1, max_bytes: 1 << 20, group: None, topics: vec![] };
+    let no_partitions =
+        FetchRequest { topics: vec![FetchTopic { name: "none".into(), partitions: vec![] }], ..empty.clone() };
+    let mut buf = Vec::new();
+    for (id, req) in [(1u32, &empty), (2, &no_partitions)] {
+        for chunk in encode_request(id, "empty", req) {
+            buf.extend_from_slice(&chunk);
+        }
+    }
+    for chunk in encode_request(3, "empty", &ApiVersionsRequest) {
+        buf.extend_from_slice(&chunk);
+    }
+    let mut s = TcpStream::connect(broker.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(&buf).unwrap();
+    for id in 1..=2u32 {
+        let frame = read_frame(&mut s).expect("the empty fetch is answered");
+        let (corr, body) = decode_response::<FetchResponse>(frame).unwrap();
+        assert_eq!(corr, id);
+        assert!(body.unwrap().topics.iter().all(|t| t.partitions.is_empty()));
+    }
+    let frame = read_frame(&mut s).expect("the connection goes on");
+    let (corr, body) = decode_response::<ApiVersionsResponse>(frame).unwrap();
+    assert_eq!(corr, 3);
+    body.unwrap();
+    assert!(!broker.log_text().contains("panicked"), "{}", broker.log_text());
+}
+
 #[test]
 fn past_parked_fetches_max_a_fetch_answers_at_once_and_a_finished_park_frees_its_slot() {
     let dir = tempfile::tempdir().unwrap();

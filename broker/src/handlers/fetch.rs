@@ -16,7 +16,9 @@ pub(crate) fn fetch(ctx: Ctx, req: FetchRequest) -> Reply {
     let (response, bytes) = read_once(&ctx.broker, &req);
     let error = first_error(response.topics.iter().flat_map(|t| t.partitions.iter().map(|p| p.error)));
     let broker = &ctx.broker;
-    let satisfied = bytes >= req.min_bytes as usize || req.max_wait_ms == 0 || error.is_some();
+    // A fetch naming no partition has nothing to wait for (and nothing to wake it).
+    let nothing_named = req.topics.iter().all(|t| t.partitions.is_empty());
+    let satisfied = bytes >= req.min_bytes as usize || req.max_wait_ms == 0 || error.is_some() || nothing_named;
     if satisfied {
         record(broker, &response);
         return ctx.reply(&response, error);
