@@ -101,6 +101,11 @@ pub(crate) struct Shared {
     /// Test hook: make the next data sync fail as an fsync error would.
     #[cfg(test)]
     pub(crate) fail_next_sync: AtomicBool,
+    /// Test hook: runs once in a sync, between its check of the log end and its marking the
+    /// partition clean.
+    #[cfg(test)]
+    #[allow(clippy::type_complexity)]
+    pub(crate) before_marking_clean: std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -207,6 +212,8 @@ impl LogStore {
             tick: AtomicU64::new(1),
             #[cfg(test)]
             fail_next_sync: AtomicBool::new(false),
+            #[cfg(test)]
+            before_marking_clean: std::sync::Mutex::new(None),
         });
         let clean = checkpoint::was_clean(dir);
         let points = checkpoint::read(dir);

@@ -530,9 +530,18 @@ impl PartitionLog {
         }
         self.durable_offset.fetch_max(target, Ordering::AcqRel);
         let now = self.shared.now_ms().max(1);
-        // Unfinished seals keep the partition dirty, so that the flusher retries them.
-        let still_dirty = self.log_end_offset() > target || seals_left;
+        // Decided under the append lock, which appends and rolls hold while they mark the
+        // partition dirty: one landing between this check and the mark would otherwise be
+        // undone, and the flusher would not look at the partition again until the next append.
+        // Unfinished seals (and a roll since `pending` was taken) keep it dirty too.
+        let ap = self.appender.lock().expect("append lock");
+        let still_dirty = self.log_end_offset() > target || !ap.pending_seal.is_empty() || ap.dir_dirty;
+        #[cfg(test)]
+        if let Some(hook) = self.shared.before_marking_clean.lock().expect("hook").take() {
+            hook();
+        }
         self.dirty_since_ms.store(if still_dirty { now } else { 0 }, Ordering::Release);
+        drop(ap);
         Ok(target)
     }
 
@@ -678,6 +687,10 @@ impl PartitionLog {
 
     /// Unmaps every segment and deletes the partition's directory (topic deletion).
     pub(crate) fn destroy(&self) -> Result<()> {
+        // A sync under way works on files by path once it has let appends go on: it must finish
+        // first, or it could cut or index the files of a topic created again at the same paths.
+        // Same order as `sync` (sync lock, then append lock).
+        let _serial = self.sync_lock.lock().expect("sync lock");
         let _ap = self.appender.lock().expect("append lock");
         self.deleted.store(true, Ordering::Release);
         self.poisoned.store(true, Ordering::Release);

@@ -463,6 +463,61 @@ fn a_partition_used_after_its_topic_was_deleted_reports_an_unknown_topic() {
     assert!(!dir.path().join("gone-0").exists(), "nothing written back after the delete");
 }
 
+/// A sync under way works on the partition's files by path after it lets appends go on, so a
+/// deletion must wait for it: otherwise a topic deleted and created again under it could have its
+/// new segment cut to the old one's length (durably) and stale index files written beside it.
+#[test]
+fn deleting_a_topic_waits_for_a_sync_under_way_on_its_partitions() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path(), small_config());
+    store.create_topic("t", 1, store.config().topic_defaults()).unwrap();
+    let p = store.partition("t", 0).unwrap();
+    p.append(&batch(0, 3, 10, 1)).unwrap();
+    let deleted = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let syncing = p.hold_syncs(); // a sync in the middle of its file work
+        let deleter = s.spawn(|| {
+            store.delete_topic("t").unwrap();
+            deleted.store(true, Ordering::Release);
+        });
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let early = deleted.load(Ordering::Acquire);
+        drop(syncing);
+        deleter.join().unwrap();
+        assert!(!early, "the topic was deleted while a sync of it was under way");
+    });
+    assert!(!dir.path().join("t-0").exists());
+}
+
+/// An append that lands while a sync decides the partition is clean must leave it marked
+/// dirty: otherwise the flusher, which looks only at dirty partitions, never syncs that append
+/// on an idle partition, and `flush_interval_ms` no longer bounds how long it stays unsynced.
+#[test]
+fn an_append_racing_a_sync_that_finds_nothing_left_keeps_the_partition_due_for_a_flush() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path(), small_config());
+    store.create_topic("t", 1, store.config().topic_defaults()).unwrap();
+    let p = store.partition("t", 0).unwrap();
+    p.append(&batch(0, 3, 10, 1)).unwrap();
+    let racer = Arc::clone(&p);
+    *store.inner.shared.before_marking_clean.lock().unwrap() = Some(Box::new(move || {
+        // The append runs on its own thread (it may have to wait for this sync), and gets a
+        // moment to land before the sync goes on.
+        let appended = std::thread::spawn(move || racer.append(&batch(3, 1, 10, 1)).unwrap());
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        drop(appended);
+    }));
+    p.sync().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while p.log_end_offset() < 4 {
+        assert!(std::time::Instant::now() < deadline, "the racing append never landed");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert!(p.durable_offset() < p.log_end_offset());
+    let later = store.inner.shared.now_ms() + store.config().flush_interval_ms as i64 + 1;
+    assert!(p.flush_due(later), "an unsynced append is not due for a flush");
+}
+
 /// Retention that reaches a partition after its topic was deleted and created again (it took
 /// its list of partitions before) must not touch the new topic's files, which live at the same
 /// paths.
