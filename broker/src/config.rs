@@ -132,6 +132,9 @@ impl BrokerConfig {
         if self.connections_max == 0 || self.connection_in_flight_max == 0 {
             return bad("connections_max and connection_in_flight_max must be positive");
         }
+        if self.idle_timeout_ms == 0 || self.frame_timeout_ms == 0 {
+            return bad("idle_timeout_ms and frame_timeout_ms must be positive");
+        }
         if self.metrics_connections_max == 0 || self.metrics_timeout_ms == 0 {
             return bad("metrics_connections_max and metrics_timeout_ms must be positive");
         }
@@ -154,6 +157,19 @@ impl BrokerConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A zero frame timeout cut off any client whose socket was momentarily full; a zero idle
+    /// timeout closed every connection at the first tick.
+    #[test]
+    fn zero_connection_timeouts_are_refused() {
+        for c in [
+            BrokerConfig { idle_timeout_ms: 0, ..BrokerConfig::default() },
+            BrokerConfig { frame_timeout_ms: 0, ..BrokerConfig::default() },
+        ] {
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains("idle_timeout_ms and frame_timeout_ms"), "{err}");
+        }
+    }
 
     #[test]
     fn unknown_keys_are_rejected_with_their_name() {
