@@ -11,6 +11,8 @@ use cairn_client::{Connection, Consumer, NewTopic, Offset, Producer, ProducerRec
 use cairn_protocol::api::{decode_response, encode_request};
 use cairn_protocol::messages::api_versions::{ApiVersionsRequest, ApiVersionsResponse};
 use cairn_protocol::messages::fetch::{FetchPartition, FetchRequest, FetchResponse, FetchTopic};
+use cairn_protocol::messages::groups::DescribeGroupsRequest;
+use cairn_protocol::messages::metadata::MetadataRequest;
 use cairn_protocol::messages::produce::{ProducePartition, ProduceRequest, ProduceResponse, ProduceTopic};
 use cairn_protocol::record_batch::BatchSplitter;
 use cairn_protocol::{Acks, ErrorCode, RecordBatchBuilder, WireWriter};
@@ -146,6 +148,29 @@ fn responses_ready_before_a_parked_fetch_are_not_held_back_by_it() {
         assert_eq!(corr, id);
         body.unwrap();
     }
+}
+
+/// A name repeated in one request is answered once: a Metadata request of a few kilobytes
+/// naming a 1,000-partition topic 5,000 times made the broker build 5,000 descriptions (about
+/// 110 MB), and DescribeGroups likewise.
+#[test]
+fn names_repeated_in_a_metadata_or_describe_groups_request_are_answered_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "");
+    run(Duration::from_secs(60), async {
+        broker.admin().await.create_topic(NewTopic::new("wide", 1000)).await.unwrap();
+        let conn = Connection::connect(broker.connection()).await.unwrap();
+        let mut names = vec!["wide".to_string(); 5000];
+        names.push("other".into());
+        names.push("wide".into());
+        let resp = conn.request(&MetadataRequest { topics: Some(names) }).await.unwrap();
+        let answered: Vec<&str> = resp.topics.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(answered, ["wide", "other"]);
+        assert_eq!(resp.topics[0].partitions.len(), 1000);
+        let groups = vec!["g".to_string(); 5000];
+        let resp = conn.request(&DescribeGroupsRequest { groups }).await.unwrap();
+        assert_eq!(resp.groups.len(), 1);
+    });
 }
 
 /// A fetch that names no partition has nothing to wait for: it is answered, empty, and the

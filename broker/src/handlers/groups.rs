@@ -16,7 +16,7 @@ use cairn_protocol::messages::offsets::{
 };
 use cairn_protocol::ErrorCode;
 
-use super::{first_error, storage_error_code, Ctx, Reply};
+use super::{distinct, first_error, storage_error_code, Ctx, Reply};
 
 pub(crate) fn join_group(ctx: Ctx, req: JoinGroupRequest) -> Reply {
     let broker = Arc::clone(&ctx.broker);
@@ -55,7 +55,7 @@ pub(crate) fn list_groups(ctx: Ctx) -> Reply {
 }
 
 pub(crate) fn describe_groups(ctx: Ctx, req: DescribeGroupsRequest) -> Reply {
-    let groups = req.groups.iter().map(|g| ctx.broker.groups.describe(g, &ctx.broker.store)).collect();
+    let groups = distinct(&req.groups).map(|g| ctx.broker.groups.describe(g, &ctx.broker.store)).collect();
     let response = DescribeGroupsResponse { groups };
     ctx.reply(&response, None)
 }

@@ -7,7 +7,7 @@ use cairn_protocol::messages::ConfigEntry;
 use cairn_protocol::ErrorCode;
 
 use super::produce::lookup_topic;
-use super::{first_error, storage_error_code, Ctx, Reply};
+use super::{distinct, first_error, storage_error_code, Ctx, Reply};
 use crate::storage::Topic;
 
 fn describe(t: &Topic) -> TopicMetadata {
@@ -32,8 +32,7 @@ fn describe(t: &Topic) -> TopicMetadata {
 pub(crate) fn metadata(ctx: Ctx, req: MetadataRequest) -> Reply {
     let topics = match &req.topics {
         None => ctx.broker.store.topics().iter().map(|t| describe(t)).collect(),
-        Some(names) => names
-            .iter()
+        Some(names) => distinct(names)
             .map(|name| match lookup_topic(&ctx, name) {
                 Some(t) => describe(&t),
                 None => TopicMetadata {
