@@ -341,6 +341,8 @@ impl PartitionLog {
         let mut next = Vec::clone(&segments);
         if let Some(old) = next.last() {
             old.seal();
+            // Its producer states let a restart start from here instead of scanning the log.
+            old.set_producers_at_end(encode_producers(&ap.producers));
             ap.pending_seal.push(Arc::clone(old));
         }
         next.push(Arc::clone(&seg));
@@ -715,11 +717,70 @@ fn remember_producer(map: &mut HashMap<i64, ProducerState>, id: i64, state: Prod
     }
 }
 
-/// Rebuilds idempotent producers' last batches from the last two segments (a retry can only
-/// repeat a producer's most recent batch, which is near the end of the log).
+/// Magic of a `.producers` file: idempotent producers' last batches as of a segment's end.
+const PRODUCERS_MAGIC: &[u8; 4] = b"CPS1";
+/// Bytes of one entry: producer id, epoch, base sequence, record count, base offset.
+const PRODUCER_ENTRY_LEN: usize = 8 + 2 + 4 + 4 + 8;
+
+/// Encodes producer states: magic, count, entries, CRC32C of everything before it.
+fn encode_producers(map: &HashMap<i64, ProducerState>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(8 + map.len() * PRODUCER_ENTRY_LEN + 4);
+    out.extend_from_slice(PRODUCERS_MAGIC);
+    out.extend_from_slice(&(map.len() as u32).to_be_bytes());
+    for (id, s) in map {
+        out.extend_from_slice(&id.to_be_bytes());
+        out.extend_from_slice(&s.epoch.to_be_bytes());
+        out.extend_from_slice(&s.base_sequence.to_be_bytes());
+        out.extend_from_slice(&s.record_count.to_be_bytes());
+        out.extend_from_slice(&s.base_offset.to_be_bytes());
+    }
+    let crc = crc32c::crc32c(&out);
+    out.extend_from_slice(&crc.to_be_bytes());
+    out
+}
+
+/// Decodes what [`encode_producers`] wrote; `None` for anything damaged.
+fn decode_producers(data: &[u8]) -> Option<HashMap<i64, ProducerState>> {
+    let (body, crc) = data.split_at_checked(data.len().checked_sub(4)?)?;
+    if crc32c::crc32c(body).to_be_bytes() != crc || body.get(..4)? != PRODUCERS_MAGIC {
+        return None;
+    }
+    let count = u32::from_be_bytes(body.get(4..8)?.try_into().ok()?) as usize;
+    let entries = &body[8..];
+    if entries.len() != count.checked_mul(PRODUCER_ENTRY_LEN)? {
+        return None;
+    }
+    let mut map = HashMap::with_capacity(count);
+    for e in entries.chunks_exact(PRODUCER_ENTRY_LEN) {
+        let id = i64::from_be_bytes(e[0..8].try_into().ok()?);
+        let state = ProducerState {
+            epoch: i16::from_be_bytes(e[8..10].try_into().ok()?),
+            base_sequence: i32::from_be_bytes(e[10..14].try_into().ok()?),
+            record_count: i32::from_be_bytes(e[14..18].try_into().ok()?),
+            base_offset: u64::from_be_bytes(e[18..26].try_into().ok()?),
+        };
+        remember_producer(&mut map, id, state);
+    }
+    Some(map)
+}
+
+/// Rebuilds idempotent producers' last batches at open. A producer's last batch may lie any
+/// number of segments back (others kept appending while its acknowledgement was delayed), so
+/// this starts from the producer states the newest finished seal wrote, as of its segment's
+/// end, and scans the segments after it. Without any (a log whose seals never finished), it
+/// scans the last two segments.
 fn producer_states(segments: &[Arc<Segment>]) -> HashMap<i64, ProducerState> {
-    let mut map = HashMap::new();
-    for seg in segments.iter().rev().take(2).rev() {
+    let sealed = segments.len().saturating_sub(1);
+    let snapshot = segments[..sealed]
+        .iter()
+        .enumerate()
+        .rev()
+        .find_map(|(i, seg)| seg.read_producers_at_end().and_then(|d| decode_producers(&d)).map(|m| (i, m)));
+    let (mut map, from) = match snapshot {
+        Some((i, map)) => (map, i + 1),
+        None => (HashMap::new(), segments.len().saturating_sub(2)),
+    };
+    for seg in &segments[from..] {
         let Ok(map_bytes) = seg.mapping() else { continue };
         let len = seg.len() as usize;
         let data = map_bytes.slice(0, len);
@@ -740,4 +801,30 @@ fn producer_states(segments: &[Arc<Segment>]) -> HashMap<i64, ProducerState> {
         }
     }
     map
+}
+
+#[cfg(test)]
+mod producer_file_tests {
+    use super::*;
+
+    #[test]
+    fn producer_states_round_trip_and_any_damage_is_refused() {
+        let mut map = HashMap::new();
+        for id in 0..50i64 {
+            let state =
+                ProducerState { epoch: id as i16, base_sequence: id as i32 * 3, record_count: 7, base_offset: 1 << 40 };
+            map.insert(id, state);
+        }
+        let encoded = encode_producers(&map);
+        assert_eq!(decode_producers(&encoded), Some(map.clone()));
+        assert_eq!(decode_producers(&encode_producers(&HashMap::new())), Some(HashMap::new()));
+        for at in [0, 5, 20, encoded.len() - 1] {
+            let mut bad = encoded.clone();
+            bad[at] ^= 1;
+            assert_eq!(decode_producers(&bad), None, "a flipped bit at {at}");
+        }
+        for len in [0, 3, 8, encoded.len() - 1] {
+            assert_eq!(decode_producers(&encoded[..len]), None, "cut to {len} bytes");
+        }
+    }
 }

@@ -182,6 +182,12 @@ pub(crate) struct Segment {
     log_path: PathBuf,
     index_path: PathBuf,
     time_path: PathBuf,
+    /// Idempotent producers' last batches as of the segment's end, written when its seal is
+    /// finished (see `producers_at_end`).
+    producers_path: PathBuf,
+    /// The encoded producer states taken when the segment was sealed by a roll, until they are
+    /// written to `producers_path`.
+    producers_at_end: std::sync::Mutex<Option<Vec<u8>>>,
     /// Bytes of complete batches, header included (published with release ordering).
     len: AtomicU64,
     /// Offset after the last complete batch.
@@ -208,18 +214,25 @@ pub(crate) struct Segment {
 }
 
 impl Segment {
-    fn paths(dir: &Path, base_offset: u64) -> (PathBuf, PathBuf, PathBuf) {
+    fn paths(dir: &Path, base_offset: u64) -> (PathBuf, PathBuf, PathBuf, PathBuf) {
         let stem = segment_stem(base_offset);
-        (dir.join(format!("{stem}.log")), dir.join(format!("{stem}.index")), dir.join(format!("{stem}.timeindex")))
+        (
+            dir.join(format!("{stem}.log")),
+            dir.join(format!("{stem}.index")),
+            dir.join(format!("{stem}.timeindex")),
+            dir.join(format!("{stem}.producers")),
+        )
     }
 
     fn new(dir: &Path, base_offset: u64, capacity: u64, created_ms: i64) -> Segment {
-        let (log_path, index_path, time_path) = Self::paths(dir, base_offset);
+        let (log_path, index_path, time_path, producers_path) = Self::paths(dir, base_offset);
         Segment {
             base_offset,
             log_path,
             index_path,
             time_path,
+            producers_path,
+            producers_at_end: std::sync::Mutex::new(None),
             len: AtomicU64::new(LOG_HEADER_LEN),
             next_offset: AtomicU64::new(base_offset),
             max_timestamp: AtomicI64::new(i64::MIN),
@@ -265,6 +278,7 @@ impl Segment {
         // Remove index files left by an earlier incarnation of this base offset.
         let _ = std::fs::remove_file(&seg.index_path);
         let _ = std::fs::remove_file(&seg.time_path);
+        let _ = std::fs::remove_file(&seg.producers_path);
         Ok((seg, allocated))
     }
 
@@ -336,7 +350,8 @@ impl Segment {
     }
 
     fn remove_index_files(&self) -> Result<()> {
-        for path in [&self.index_path, &self.time_path] {
+        // The producer states describe the segment's old end, which appends will move.
+        for path in [&self.index_path, &self.time_path, &self.producers_path] {
             match std::fs::remove_file(path) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -587,14 +602,37 @@ impl Segment {
         file.set_len(self.len()).map_err(|e| StorageError::io("trim", &self.log_path, e))?;
         sync_log_file(&file, &self.log_path, true)?;
         self.with_index(interval, entries_max, |idx| self.write_index_files(idx))??;
+        let producers = self.producers_at_end.lock().expect("producer states").clone();
+        if let Some(producers) = producers {
+            write_atomic(&self.producers_path, &producers)?;
+            self.producers_at_end.lock().expect("producer states").take();
+        }
         self.seal_finished.store(true, Ordering::Release);
         Ok(())
+    }
+
+    /// Keeps the encoded producer states as of this segment's end (taken by the roll that seals
+    /// it), to be written with its index files when the seal is finished.
+    pub(crate) fn set_producers_at_end(&self, encoded: Vec<u8>) {
+        *self.producers_at_end.lock().expect("producer states") = Some(encoded);
+    }
+
+    /// The producer states as of this segment's end, if its seal wrote them.
+    pub(crate) fn read_producers_at_end(&self) -> Option<Vec<u8>> {
+        std::fs::read(&self.producers_path).ok()
     }
 
     /// Cuts the log file to `len` bytes (recovery, before any reader exists): drops a torn or
     /// corrupt tail together with whatever stale bytes followed it.
     pub(crate) fn truncate_file(&self, len: u64) -> Result<()> {
         self.map.write().expect("segment map lock").take();
+        // Producer states written for the old end may name batches the cut removes: a restart
+        // then starts from an earlier segment's and scans this one.
+        match std::fs::remove_file(&self.producers_path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(StorageError::io("remove", &self.producers_path, e)),
+        }
         let file = OpenOptions::new()
             .write(true)
             .open(&self.log_path)
@@ -698,7 +736,7 @@ impl Segment {
     pub(crate) fn delete_files(&self) -> Result<()> {
         #[cfg(test)]
         disk_model::forget(&self.log_path);
-        for p in [&self.log_path, &self.index_path, &self.time_path] {
+        for p in [&self.log_path, &self.index_path, &self.time_path, &self.producers_path] {
             match std::fs::remove_file(p) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

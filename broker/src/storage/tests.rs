@@ -1082,6 +1082,40 @@ fn a_retried_idempotent_batch_is_not_stored_twice_even_across_an_unclean_restart
     assert!(!p.append(&b.build()).unwrap().duplicate);
 }
 
+/// An idempotent producer's last batch may lie any number of segments back (other producers
+/// kept appending while its acknowledgement was delayed); a restart must still recognise its
+/// retry. Producer states were rebuilt from the last two segments only.
+#[test]
+fn a_producer_whose_last_batch_is_segments_back_is_still_deduplicated_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut b = RecordBatchBuilder::new().producer(77, 0, 0);
+    b.push(1, None, Some(b"first"), &[]);
+    let first = b.build();
+    for clean in [false, true] {
+        let topic = if clean { "clean" } else { "crash" };
+        let (store, _) = open(dir.path(), small_config());
+        let p = store.create_topic(topic, 1, store.config().topic_defaults()).unwrap().partitions[0].clone();
+        let a = p.append(&first).unwrap();
+        let segments = p.segment_count();
+        let mut n = 0;
+        while p.segment_count() < segments + 4 {
+            p.append(&batch(n, 10, 100, 1)).unwrap(); // other, non-idempotent producers
+            n += 10;
+        }
+        p.sync().unwrap(); // the flusher finishes the seals
+        let end = p.log_end_offset();
+        if clean {
+            store.close().unwrap();
+        }
+        drop((store, p));
+        let (store, _) = open(dir.path(), small_config());
+        let p = store.partition(topic, 0).unwrap();
+        let again = p.append(&first).unwrap();
+        assert!(again.duplicate && again.base_offset == a.base_offset, "{topic}: {again:?}");
+        assert_eq!(p.log_end_offset(), end, "{topic}: the retry was stored again");
+    }
+}
+
 #[test]
 fn a_failed_sync_fails_every_waiting_append_and_leaves_the_partition_read_only() {
     let dir = tempfile::tempdir().unwrap();
