@@ -229,6 +229,7 @@ EXPECTED = {
     "partitions_max": 10000,
     "shutdown_timeout_ms": 10000,
     "parked_fetches_max": 10000,
+    "fetch_wait_max_ms": 60000,
     "fetch_bytes_max": 52428800,
     "metrics_partition_series_max": 10000,
     "metrics_connections_max": 64,

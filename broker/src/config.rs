@@ -49,6 +49,9 @@ pub struct BrokerConfig {
     pub shutdown_timeout_ms: u64,
     /// Most fetches parked waiting for data at once; past it, fetches answer immediately. Default 10,000.
     pub parked_fetches_max: usize,
+    /// Longest a fetch may park, whatever `max_wait_ms` it asks for: it is answered (possibly
+    /// empty) by then. Default 60,000 ms.
+    pub fetch_wait_max_ms: u32,
     /// Upper bound on the record bytes of one fetch response. Default 50 MiB.
     pub fetch_bytes_max: u32,
     /// Per-partition metric series beyond this many aggregate per topic. Default 10,000.
@@ -77,6 +80,7 @@ impl Default for BrokerConfig {
             partitions_max: 10_000,
             shutdown_timeout_ms: 10_000,
             parked_fetches_max: 10_000,
+            fetch_wait_max_ms: 60_000,
             fetch_bytes_max: 50 * 1024 * 1024,
             metrics_partition_series_max: 10_000,
             storage: StorageConfig::default(),
@@ -131,6 +135,9 @@ impl BrokerConfig {
         }
         if self.connections_max == 0 || self.connection_in_flight_max == 0 {
             return bad("connections_max and connection_in_flight_max must be positive");
+        }
+        if self.fetch_wait_max_ms == 0 {
+            return bad("fetch_wait_max_ms must be positive");
         }
         if self.idle_timeout_ms == 0 || self.frame_timeout_ms == 0 {
             return bad("idle_timeout_ms and frame_timeout_ms must be positive");

@@ -173,6 +173,50 @@ fn names_repeated_in_a_metadata_or_describe_groups_request_are_answered_once() {
     });
 }
 
+/// The idle timeout holds also while the connection's reader waits for room in a full
+/// in-flight queue: fetches that park for long (and cannot be satisfied) filled it, the reader
+/// stopped checking, and the connection kept its parked-fetch slots as long as they asked.
+#[test]
+fn a_connection_whose_in_flight_queue_is_full_still_closes_when_idle() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker =
+        TestBroker::start(dir.path(), "idle_timeout_ms = 1000\nframe_timeout_ms = 1000\nconnection_in_flight_max = 1");
+    run(Duration::from_secs(60), async {
+        broker.admin().await.create_topic(NewTopic::new("quiet", 1)).await.unwrap();
+    });
+    let mut buf = Vec::new();
+    for id in 1..=4u32 {
+        let req = FetchRequest { min_bytes: u32::MAX, ..fetch_req("quiet", 0, 60_000) };
+        for chunk in encode_request(id, "parked", &req) {
+            buf.extend_from_slice(&chunk);
+        }
+    }
+    let mut s = TcpStream::connect(broker.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    s.write_all(&buf).unwrap();
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    let _ = s.read_to_end(&mut rest); // returns at EOF, or errors at the read timeout
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_secs(15), "the idle connection stayed open {waited:?}");
+}
+
+/// `fetch_wait_max_ms` bounds how long any fetch parks, whatever it asks for.
+#[test]
+fn a_fetch_parks_no_longer_than_fetch_wait_max_ms() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "fetch_wait_max_ms = 300");
+    run(Duration::from_secs(60), async {
+        broker.admin().await.create_topic(NewTopic::new("idle", 1)).await.unwrap();
+        let conn = Connection::connect(broker.connection()).await.unwrap();
+        let started = Instant::now();
+        let resp = conn.request(&fetch_req("idle", 0, 30_000)).await.unwrap();
+        let waited = started.elapsed();
+        assert_eq!(resp.topics[0].partitions[0].error, ErrorCode::None);
+        assert!(waited < Duration::from_secs(10), "a 30 s fetch was held {waited:?}");
+    });
+}
+
 /// A fetch that names no partition has nothing to wait for: it is answered, empty, and the
 /// connection goes on (it used to panic the connection's task while parking on no partition).
 #[test]

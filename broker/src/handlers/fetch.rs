@@ -31,7 +31,8 @@ pub(crate) fn fetch(ctx: Ctx, req: FetchRequest) -> Reply {
     };
     // The wait counts from now, not from when the connection's writer first polls the reply
     // (which is after the responses ahead of it).
-    let deadline = tokio::time::Instant::now() + Duration::from_millis(u64::from(req.max_wait_ms));
+    let wait = req.max_wait_ms.min(ctx.broker.config.fetch_wait_max_ms);
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(u64::from(wait));
     ctx.reply_later(async move {
         let response = park(&slot.0, &req, deadline).await;
         record(&slot.0, &response);

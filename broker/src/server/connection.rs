@@ -92,19 +92,26 @@ pub(crate) async fn run(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr
             }
             Some(Ok(frame)) => frame,
         };
-        match dispatch(&broker, frame, peer) {
-            Reply::Now(chunks) => {
-                if tx.send(Pending::Ready(chunks)).await.is_err() {
-                    break;
-                }
-            }
-            Reply::Later(rx) => {
-                if tx.send(Pending::Later(rx)).await.is_err() {
-                    break;
-                }
-            }
-            Reply::Nothing => {}
+        let pending = match dispatch(&broker, frame, peer) {
+            Reply::Now(chunks) => Pending::Ready(chunks),
+            Reply::Later(rx) => Pending::Later(rx),
+            Reply::Nothing => continue,
             Reply::Close => break,
+        };
+        // A full queue (`connection_in_flight_max` responses owed) stops reading until one is
+        // written; the idle timeout still runs meanwhile, from the last request read, so that
+        // responses that may wait long (parked fetches) cannot hold the connection past it.
+        let queued = tokio::select! {
+            r = tx.send(pending) => r.is_ok(),
+            _ = broker.shutdown.cancelled() => false,
+            _ = tokio::time::sleep_until((last_frame + idle).into()) => {
+                tracing::info!(%peer, idle_ms = broker.config.idle_timeout_ms,
+                    "closing idle connection: no request read while its responses were owed");
+                false
+            }
+        };
+        if !queued {
+            break;
         }
     }
     drop(tx);
