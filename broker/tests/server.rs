@@ -12,7 +12,7 @@ use cairn_protocol::api::{decode_response, encode_request};
 use cairn_protocol::messages::api_versions::{ApiVersionsRequest, ApiVersionsResponse};
 use cairn_protocol::messages::fetch::{FetchPartition, FetchRequest, FetchResponse, FetchTopic};
 use cairn_protocol::messages::groups::DescribeGroupsRequest;
-use cairn_protocol::messages::metadata::MetadataRequest;
+use cairn_protocol::messages::metadata::{MetadataRequest, MetadataResponse};
 use cairn_protocol::messages::produce::{ProducePartition, ProduceRequest, ProduceResponse, ProduceTopic};
 use cairn_protocol::record_batch::BatchSplitter;
 use cairn_protocol::{Acks, ErrorCode, RecordBatchBuilder, WireWriter};
@@ -199,6 +199,41 @@ fn a_connection_whose_in_flight_queue_is_full_still_closes_when_idle() {
     let _ = s.read_to_end(&mut rest); // returns at EOF, or errors at the read timeout
     let waited = started.elapsed();
     assert!(waited < Duration::from_secs(15), "the idle connection stayed open {waited:?}");
+}
+
+/// With `auto_create_topics`, a produce or a Metadata request naming a new topic creates it
+/// (off the runtime, by its connection) and is then served; requests pipelined behind it keep
+/// their order.
+#[test]
+fn auto_created_topics_are_served_to_the_request_that_named_them_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "auto_create_topics = true\ndefault_partitions = 3");
+    let mut buf = Vec::new();
+    let requests = [
+        encode_request(1, "auto", &produce_req("fresh", Acks::Leader, batch(&["a"]))),
+        encode_request(2, "auto", &produce_req("fresh", Acks::Leader, batch(&["b", "c"]))),
+        encode_request(3, "auto", &MetadataRequest { topics: Some(vec!["other".into(), "fresh".into()]) }),
+    ];
+    for chunks in requests {
+        for chunk in chunks {
+            buf.extend_from_slice(&chunk);
+        }
+    }
+    let mut s = TcpStream::connect(broker.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(&buf).unwrap();
+    for (id, base) in [(1u32, 0i64), (2, 1)] {
+        let (corr, body) = decode_response::<ProduceResponse>(read_frame(&mut s).unwrap()).unwrap();
+        assert_eq!(corr, id);
+        let p = &body.unwrap().topics[0].partitions[0];
+        assert_eq!((p.error, p.base_offset), (ErrorCode::None, base), "request {id}");
+    }
+    let (corr, body) = decode_response::<MetadataResponse>(read_frame(&mut s).unwrap()).unwrap();
+    assert_eq!(corr, 3);
+    let topics = body.unwrap().topics;
+    let shape: Vec<(&str, ErrorCode, usize)> =
+        topics.iter().map(|t| (t.name.as_str(), t.error, t.partitions.len())).collect();
+    assert_eq!(shape, [("other", ErrorCode::None, 3), ("fresh", ErrorCode::None, 3)]);
 }
 
 /// `fetch_wait_max_ms` bounds how long any fetch parks, whatever it asks for.

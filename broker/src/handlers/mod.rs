@@ -26,6 +26,9 @@ pub(crate) struct Ctx {
     pub(crate) started: Instant,
     pub(crate) api: ApiKey,
     pub(crate) client_id: String,
+    /// Whether a missing topic may be auto-created ([`Reply::CreateTopics`]); off once the
+    /// connection has tried.
+    pub(crate) may_create: bool,
 }
 
 impl Ctx {

@@ -11,6 +11,7 @@ use cairn_protocol::messages::produce::{
 use cairn_protocol::{Acks, ErrorCode};
 
 use super::{first_error, storage_error_code, Ctx, Reply};
+use crate::server::Broker;
 use crate::storage::{PartitionLog, StorageError, Topic};
 
 struct Waiter {
@@ -20,6 +21,10 @@ struct Waiter {
 }
 
 pub(crate) fn produce(ctx: Ctx, req: ProduceRequest) -> Reply {
+    let missing = topics_to_create(&ctx, req.topics.iter().map(|t| t.name.as_str()));
+    if !missing.is_empty() {
+        return Reply::CreateTopics(missing);
+    }
     let broker = &ctx.broker;
     let mut response = ProduceResponse { topics: Vec::with_capacity(req.topics.len()) };
     let mut waiters = Vec::new();
@@ -122,26 +127,37 @@ fn wait_durable(ctx: &Ctx, log: &Arc<PartitionLog>, offset: u64, topic: usize, p
     Waiter { topic, partition, rx }
 }
 
-/// Finds a topic, creating it when `auto_create_topics` is on.
+/// Finds a topic (never creates one: see [`topics_to_create`]).
 pub(crate) fn lookup_topic(ctx: &Ctx, name: &str) -> Option<Arc<Topic>> {
+    ctx.broker.store.topic(name)
+}
+
+/// The topics among `names` that `auto_create_topics` would create for this request, each once;
+/// empty when there are none or the connection has already tried.
+pub(crate) fn topics_to_create<'a>(ctx: &Ctx, names: impl Iterator<Item = &'a str>) -> Vec<String> {
     let broker = &ctx.broker;
-    if let Some(t) = broker.store.topic(name) {
-        return Some(t);
+    if !ctx.may_create || !broker.config.auto_create_topics {
+        return Vec::new();
     }
-    if !broker.config.auto_create_topics || name.starts_with("__") {
-        return None;
-    }
+    let mut seen = std::collections::HashSet::new();
+    names
+        .filter(|name| !name.starts_with("__") && broker.store.topic(name).is_none() && seen.insert(*name))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Creates topics with the broker's defaults (`auto_create_topics`). Blocking: files are
+/// created and synced, and other topic administration may hold the store's lock.
+pub(crate) fn auto_create_topics(broker: &Broker, names: &[String]) {
     let config = broker.store.config().topic_defaults();
-    match broker.store.create_topic(name, broker.config.default_partitions, config) {
-        Ok(t) => {
-            tracing::info!(topic = name, partitions = broker.config.default_partitions, "auto-created topic");
-            broker.groups.topic_changed(name);
-            Some(t)
-        }
-        Err(StorageError::TopicExists(_)) => broker.store.topic(name),
-        Err(e) => {
-            tracing::warn!(topic = name, error = %e, "auto-creating topic failed");
-            None
+    for name in names {
+        match broker.store.create_topic(name, broker.config.default_partitions, config.clone()) {
+            Ok(_) => {
+                tracing::info!(topic = %name, partitions = broker.config.default_partitions, "auto-created topic");
+                broker.groups.topic_changed(name);
+            }
+            Err(StorageError::TopicExists(_)) => {}
+            Err(e) => tracing::warn!(topic = %name, error = %e, "auto-creating topic failed"),
         }
     }
 }

@@ -6,7 +6,7 @@ use cairn_protocol::messages::metadata::{MetadataRequest, MetadataResponse, Part
 use cairn_protocol::messages::ConfigEntry;
 use cairn_protocol::ErrorCode;
 
-use super::produce::lookup_topic;
+use super::produce::{lookup_topic, topics_to_create};
 use super::{distinct, first_error, storage_error_code, Ctx, Reply};
 use crate::storage::Topic;
 
@@ -30,6 +30,12 @@ fn describe(t: &Topic) -> TopicMetadata {
 }
 
 pub(crate) fn metadata(ctx: Ctx, req: MetadataRequest) -> Reply {
+    if let Some(names) = &req.topics {
+        let missing = topics_to_create(&ctx, names.iter().map(String::as_str));
+        if !missing.is_empty() {
+            return Reply::CreateTopics(missing);
+        }
+    }
     let topics = match &req.topics {
         None => ctx.broker.store.topics().iter().map(|t| describe(t)).collect(),
         Some(names) => distinct(names)

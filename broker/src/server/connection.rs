@@ -24,6 +24,7 @@ use cairn_protocol::{FrameCodec, FrameError};
 use super::dispatch::{dispatch, LaterReply, Reply};
 use super::stall::StallGuard;
 use super::Broker;
+use crate::handlers::produce::auto_create_topics;
 
 /// A response that is ready now or will be later.
 pub(crate) enum Pending {
@@ -92,11 +93,23 @@ pub(crate) async fn run(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr
             }
             Some(Ok(frame)) => frame,
         };
-        let pending = match dispatch(&broker, frame, peer) {
+        let mut reply = dispatch(&broker, frame.clone(), peer, true);
+        if let Reply::CreateTopics(names) = reply {
+            let creator = Arc::clone(&broker);
+            if let Err(e) = tokio::task::spawn_blocking(move || auto_create_topics(&creator, &names)).await {
+                tracing::error!(%peer, error = %e, "auto-creating topics panicked");
+            }
+            reply = dispatch(&broker, frame, peer, false);
+        }
+        let pending = match reply {
             Reply::Now(chunks) => Pending::Ready(chunks),
             Reply::Later(rx) => Pending::Later(rx),
             Reply::Nothing => continue,
             Reply::Close => break,
+            Reply::CreateTopics(_) => {
+                tracing::error!(%peer, "a request asked again to create topics; closing the connection");
+                break;
+            }
         };
         // A full queue (`connection_in_flight_max` responses owed) stops reading until one is
         // written; the idle timeout still runs meanwhile, from the last request read, so that

@@ -28,12 +28,17 @@ pub(crate) enum Reply {
     Nothing,
     /// Close the connection (the frame could not even be attributed).
     Close,
+    /// The request names topics that `auto_create_topics` creates. Creating one syncs files and
+    /// waits for other topic administration, so it must not run on a runtime worker: the
+    /// connection creates them on the blocking pool, reading nothing else meanwhile (requests
+    /// keep their order), then dispatches the request again with `may_create` off.
+    CreateTopics(Vec<String>),
 }
 
 /// A response that a handler delivers later.
 pub(crate) type LaterReply = Pin<Box<dyn Future<Output = Option<Vec<Bytes>>> + Send>>;
 
-pub(crate) fn dispatch(broker: &Arc<Broker>, frame: Bytes, peer: SocketAddr) -> Reply {
+pub(crate) fn dispatch(broker: &Arc<Broker>, frame: Bytes, peer: SocketAddr, may_create: bool) -> Reply {
     let started = Instant::now();
     let (header, request) = match decode_request(frame) {
         Ok(r) => r,
@@ -57,7 +62,7 @@ pub(crate) fn dispatch(broker: &Arc<Broker>, frame: Bytes, peer: SocketAddr) -> 
         broker.requests.record(api, Some(ErrorCode::ShuttingDown.name()), started.elapsed());
         return Reply::Now(encode_error_response(corr, ErrorCode::ShuttingDown, "the broker is shutting down"));
     }
-    let ctx = handlers::Ctx { broker: Arc::clone(broker), corr, started, api, client_id: header.client_id };
+    let ctx = handlers::Ctx { broker: Arc::clone(broker), corr, started, api, client_id: header.client_id, may_create };
     match request {
         AnyRequest::ApiVersions(_) => {
             ctx.done(None);
@@ -76,5 +81,48 @@ pub(crate) fn dispatch(broker: &Arc<Broker>, frame: Bytes, peer: SocketAddr) -> 
         AnyRequest::LeaveGroup(r) => handlers::groups::leave_group(ctx, r),
         AnyRequest::ListGroups(_) => handlers::groups::list_groups(ctx),
         AnyRequest::DescribeGroups(r) => handlers::groups::describe_groups(ctx, r),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use cairn_protocol::api::encode_request;
+    use cairn_protocol::messages::metadata::MetadataRequest;
+
+    use super::*;
+    use crate::config::BrokerConfig;
+    use crate::groups::Coordinator;
+    use crate::metrics::Health;
+    use crate::storage::{system_clock, LogStore};
+
+    /// Creating a topic syncs files and waits for other topic administration (a large topic
+    /// being created holds the lock for seconds): a request naming a topic to auto-create must
+    /// hand the creation to its connection, not do it on the runtime worker dispatching it.
+    #[test]
+    fn a_request_naming_a_topic_to_auto_create_does_not_create_it_on_the_dispatching_thread() {
+        let dir = tempfile::tempdir().unwrap();
+        let config =
+            BrokerConfig { data_dir: dir.path().to_owned(), auto_create_topics: true, ..BrokerConfig::default() };
+        let (store, _) = LogStore::open(dir.path(), config.storage.clone(), system_clock()).unwrap();
+        let groups = Coordinator::open(&store, config.groups.clone()).unwrap();
+        let health = Arc::new(Health { ready: true.into(), shutdown: Default::default() });
+        let broker = Arc::new(Broker::new(config, store, groups, health));
+        let chunks = encode_request(1, "test", &MetadataRequest { topics: Some(vec!["fresh".into()]) });
+        let frame = Bytes::from(chunks.concat()).slice(4..);
+        let admin = broker.store.hold_admin(); // another client's creation under way
+        let (tx, rx) = std::sync::mpsc::channel();
+        let dispatcher = Arc::clone(&broker);
+        let again = frame.clone();
+        std::thread::spawn(move || {
+            let reply = dispatch(&dispatcher, frame, "127.0.0.1:1".parse().unwrap(), true);
+            let _ = tx.send(matches!(reply, Reply::CreateTopics(ref names) if names == &["fresh".to_string()]));
+        });
+        let handed_over = rx.recv_timeout(std::time::Duration::from_secs(10));
+        drop(admin);
+        assert_eq!(handed_over, Ok(true), "dispatch waited for the admin lock or created the topic itself");
+        assert!(broker.store.topic("fresh").is_none());
+        // Once the connection has tried, the request is served as it stands.
+        let reply = dispatch(&broker, again, "127.0.0.1:1".parse().unwrap(), false);
+        assert!(matches!(reply, Reply::Now(_)));
     }
 }

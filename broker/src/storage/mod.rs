@@ -299,6 +299,13 @@ impl LogStore {
         self.topic(topic)?.partitions.get(partition as usize).cloned()
     }
 
+    /// Test hook: holds the lock topic administration takes (creation, deletion) while the
+    /// guard lives, as a long creation by another client would.
+    #[cfg(test)]
+    pub(crate) fn hold_admin(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.inner.admin.lock().expect("admin lock")
+    }
+
     /// Creates a topic with `partitions` partitions and `config`.
     ///
     /// # Errors
