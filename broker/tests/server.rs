@@ -236,6 +236,39 @@ fn auto_created_topics_are_served_to_the_request_that_named_them_in_order() {
     assert_eq!(shape, [("other", ErrorCode::None, 3), ("fresh", ErrorCode::None, 3)]);
 }
 
+/// A request read before the idle timeout closed its connection was carried out, so it is
+/// answered: the response waits for room in the full queue, then the connection closes.
+#[test]
+fn a_connection_closed_while_idle_still_answers_every_request_it_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "idle_timeout_ms = 300\nconnection_in_flight_max = 1");
+    run(Duration::from_secs(60), async {
+        broker.admin().await.create_topic(NewTopic::new("kept", 1)).await.unwrap();
+    });
+    let mut buf = Vec::new();
+    let parked = FetchRequest { min_bytes: u32::MAX, ..fetch_req("kept", 0, 2_000) };
+    for chunk in encode_request(1, "idle", &parked) {
+        buf.extend_from_slice(&chunk);
+    }
+    for (id, value) in [(2u32, "a"), (3, "x")] {
+        for chunk in encode_request(id, "idle", &produce_req("kept", Acks::Leader, batch(&[value]))) {
+            buf.extend_from_slice(&chunk);
+        }
+    }
+    let mut s = TcpStream::connect(broker.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    s.write_all(&buf).unwrap();
+    let (corr, _) = decode_response::<FetchResponse>(read_frame(&mut s).expect("the fetch is answered")).unwrap();
+    assert_eq!(corr, 1);
+    for (id, base) in [(2u32, 0i64), (3, 1)] {
+        let frame = read_frame(&mut s).unwrap_or_else(|| panic!("request {id}, stored, was not answered"));
+        let (corr, body) = decode_response::<ProduceResponse>(frame).unwrap();
+        assert_eq!(corr, id);
+        assert_eq!(body.unwrap().topics[0].partitions[0].base_offset, base);
+    }
+    assert!(closed_by_broker(&mut s));
+}
+
 /// `fetch_wait_max_ms` bounds how long any fetch parks, whatever it asks for.
 #[test]
 fn a_fetch_parks_no_longer_than_fetch_wait_max_ms() {

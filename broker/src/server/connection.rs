@@ -114,16 +114,29 @@ pub(crate) async fn run(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr
         // A full queue (`connection_in_flight_max` responses owed) stops reading until one is
         // written; the idle timeout still runs meanwhile, from the last request read, so that
         // responses that may wait long (parked fetches) cannot hold the connection past it.
-        let queued = tokio::select! {
-            r = tx.send(pending) => r.is_ok(),
-            _ = broker.shutdown.cancelled() => false,
+        // The request was carried out, so its response is never dropped: on idle or shutdown
+        // it still waits its turn (up to frame_timeout_ms), and then reading stops.
+        let (slot, go_on) = tokio::select! {
+            slot = tx.reserve() => (slot.ok(), true),
+            _ = broker.shutdown.cancelled() => (None, false),
             _ = tokio::time::sleep_until((last_frame + idle).into()) => {
                 tracing::info!(%peer, idle_ms = broker.config.idle_timeout_ms,
                     "closing idle connection: no request read while its responses were owed");
-                false
+                (None, false)
             }
         };
-        if !queued {
+        let slot = match slot {
+            Some(slot) => Some(slot),
+            None if !go_on => tokio::time::timeout(frame_timeout, tx.reserve()).await.ok().and_then(Result::ok),
+            None => break, // the writer is gone: the client stopped reading
+        };
+        let Some(slot) = slot else {
+            tracing::info!(%peer, frame_timeout_ms = broker.config.frame_timeout_ms,
+                "closing connection: a response could not be queued in time");
+            break;
+        };
+        slot.send(pending);
+        if !go_on {
             break;
         }
     }
