@@ -714,6 +714,34 @@ fn a_seek_the_broker_does_not_answer_does_not_hold_poll_past_its_timeout() {
     });
 }
 
+/// A fetch the broker parked until its `fetch_wait_max_ms` is answered empty long before the
+/// consumer's own `fetch_max_wait`; that is not a fetch the broker could not park, so the
+/// consumer asks again at once instead of leaving no fetch parked for the rest of its wait.
+#[test]
+fn a_fetch_cut_short_by_the_brokers_wait_cap_is_followed_by_a_parked_one_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "fetch_wait_max_ms = 200");
+    run(Duration::from_secs(60), async {
+        broker.admin().await.create_topic(NewTopic::new("capped", 1)).await.unwrap();
+        let config = ConsumerConfig { fetch_max_wait: Duration::from_secs(10), ..broker.consumer_config() };
+        let mut consumer = Consumer::connect(config).await.unwrap();
+        consumer.assign("capped", None).await.unwrap();
+        // A few capped answers come and go.
+        assert!(consumer.poll(Duration::from_millis(700)).await.unwrap().is_empty());
+        let producer = Producer::connect(broker.producer_config()).await.unwrap();
+        producer.send(ProducerRecord::new("capped", "late")).await.unwrap().await.unwrap();
+        let sent = Instant::now();
+        let mut got = Vec::new();
+        while got.is_empty() && sent.elapsed() < Duration::from_secs(20) {
+            got = consumer.poll(Duration::from_millis(100)).await.unwrap();
+        }
+        let waited = sent.elapsed();
+        assert_eq!(got.len(), 1);
+        assert!(waited < Duration::from_secs(5), "the record waited {waited:?} with no fetch parked");
+        producer.close().await.unwrap();
+    });
+}
+
 fn is_unknown_topic(e: &Error) -> bool {
     matches!(e, Error::UnknownTopic(_) | Error::Broker { code: cairn_client::ErrorCode::UnknownTopicOrPartition, .. })
 }

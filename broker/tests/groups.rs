@@ -299,6 +299,49 @@ fn auto_commit_covers_only_records_returned_by_earlier_polls() {
     });
 }
 
+/// A finished auto-commit is taken up by the next poll even when that poll starts with the
+/// task's scheduling budget spent (polling its handle would then say "not ready"): it must not
+/// be mistaken for a failure and sent again.
+#[test]
+fn a_finished_auto_commit_is_taken_up_whatever_the_task_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "");
+    run(Duration::from_secs(60), async {
+        broker.admin().await.create_topic(NewTopic::new("budget", 1)).await.unwrap();
+        produce(&broker, "budget", 1, 10).await;
+        let config = ConsumerConfig { auto_commit_interval: Duration::ZERO, ..member_config(&broker, "budget-group") };
+        let mut c = Consumer::connect(config).await.unwrap();
+        c.assign("budget", None).await.unwrap();
+        read_records(&mut c, 10).await;
+        let _ = c.poll(Duration::from_millis(50)).await.unwrap(); // sends the commit
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let group = broker.admin().await.describe_group("budget-group").await.unwrap();
+            if group.partitions.first().and_then(|p| p.committed) == Some(10) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "the auto-commit never landed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let commits = || {
+            let (_, body) = broker.http_get("/metrics");
+            body.lines()
+                .find_map(|l| l.strip_prefix(r#"cairn_requests_total{api="offset_commit",result="ok"} "#))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        let before = commits();
+        // Spend the budget of this task poll (it is renewed only when the task yields).
+        tokio::task::yield_now().await;
+        while tokio::task::coop::has_budget_remaining() {
+            tokio::task::consume_budget().await;
+        }
+        let _ = c.poll(Duration::from_millis(50)).await.unwrap();
+        let _ = c.poll(Duration::from_millis(50)).await.unwrap();
+        assert_eq!(commits(), before, "nothing new was returned, so nothing is committed again");
+    });
+}
+
 /// A poll must return by its timeout even when the broker does not answer its auto-commit:
 /// the commit goes out in the background and lands once the broker answers.
 #[test]

@@ -138,6 +138,10 @@ struct Fetched {
 /// A fetch in flight and the offsets it asked for.
 type InFlightFetch = (JoinHandle<Result<FetchResponse>>, BTreeMap<TopicPartition, i64>);
 
+/// An empty answer this quick was not parked by the broker (`parked_fetches_max`): the next
+/// fetch waits out the rest of `fetch_max_wait` instead of asking again at once.
+const UNPARKED_ANSWER_MAX: Duration = Duration::from_millis(100);
+
 /// A ListOffsets lookup under way, with the partitions it asks about and the seek each was for.
 type Lookup = (JoinHandle<Result<ListOffsetsResponse>>, Vec<(TopicPartition, Offset)>);
 
@@ -193,8 +197,8 @@ pub struct Consumer {
     fetch_sent: Instant,
     /// Fetches sent: each starts at a different topic and partition (see `start_fetch`).
     fetches: usize,
-    /// How long the next fetch waits before it goes out: set after an empty answer that came
-    /// long before `fetch_max_wait` (the broker could not park the fetch: `parked_fetches_max`),
+    /// How long the next fetch waits before it goes out: set after an empty answer that came at
+    /// once (the broker could not park the fetch: `parked_fetches_max`),
     /// so that an idle consumer asks about as often as a parked fetch would have answered.
     fetch_delay: Option<Duration>,
     membership: Option<Membership>,
@@ -766,7 +770,11 @@ impl Consumer {
         }
         let waited = self.fetch_sent.elapsed();
         let wait = self.config.fetch_max_wait;
-        if self.pending.len() == pending_before && !unusual && broken.is_none() && waited < wait / 2 {
+        // At once means within a round trip or so: an answer the broker parked until its own
+        // cap (`fetch_wait_max_ms`) also comes before `fetch_max_wait`, and waiting out the rest
+        // after it would leave no fetch parked, so new records would wait for the delay.
+        let at_once = waited < wait / 2 && waited < UNPARKED_ANSWER_MAX;
+        if self.pending.len() == pending_before && !unusual && broken.is_none() && at_once {
             self.fetch_delay = Some(wait - waited);
         }
         match broken {
@@ -860,9 +868,12 @@ impl Consumer {
             return;
         }
         if let Some((h, offsets)) = self.auto_committing.take() {
-            // Finished: taking its result does not wait.
-            let result = futures::FutureExt::now_or_never(h).unwrap_or(Ok(Err(Error::Closed)));
-            self.note_auto_commit(result, offsets);
+            // Finished, so this does not wait; unconstrained, because a task that has spent its
+            // scheduling budget would otherwise be told "not ready".
+            match futures::FutureExt::now_or_never(tokio::task::unconstrained(h)) {
+                Some(result) => self.note_auto_commit(result, offsets),
+                None => tracing::warn!("a finished auto-commit had no outcome; it is sent again"),
+            }
         }
         if self.last_commit.elapsed() < self.config.auto_commit_interval || self.returned == self.committed {
             return;
