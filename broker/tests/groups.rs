@@ -299,6 +299,57 @@ fn auto_commit_covers_only_records_returned_by_earlier_polls() {
     });
 }
 
+/// A rebalance waits for every member, up to the rebalance timeout, and a member's `poll`
+/// must still return by its own timeout meanwhile: the join goes on in the background and a
+/// later poll takes the new assignment up.
+#[test]
+fn a_rebalance_waiting_for_a_silent_member_does_not_hold_poll_past_its_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "");
+    run(Duration::from_secs(120), async {
+        broker.admin().await.create_topic(NewTopic::new("slowjoin", 3)).await.unwrap();
+        let mut a = Consumer::connect(member_config(&broker, "slowjoin-group")).await.unwrap();
+        a.subscribe(&["slowjoin"]).await.unwrap();
+        // B joins, then never polls again: the next rebalance waits for it until its
+        // rebalance timeout (15 s) has passed.
+        let silent = ConsumerConfig {
+            session_timeout: Duration::from_secs(15),
+            rebalance_timeout: Duration::from_secs(15),
+            ..member_config(&broker, "slowjoin-group")
+        };
+        let b_joined = tokio::spawn(async move {
+            let mut b = Consumer::connect(silent).await.unwrap();
+            b.subscribe(&["slowjoin"]).await.unwrap();
+            b
+        });
+        while !b_joined.is_finished() {
+            let _ = a.poll(Duration::from_millis(100)).await;
+        }
+        let b = b_joined.await.unwrap();
+        // C's join starts the rebalance that waits for B.
+        let c_config = member_config(&broker, "slowjoin-group");
+        let c_joined = tokio::spawn(async move {
+            let mut c = Consumer::connect(c_config).await.unwrap();
+            c.subscribe(&["slowjoin"]).await.unwrap();
+            c
+        });
+        tokio::time::sleep(Duration::from_millis(1500)).await; // A's heartbeat hears of it
+        for i in 0..6 {
+            let started = Instant::now();
+            let polled = tokio::time::timeout(Duration::from_secs(5), a.poll(Duration::from_millis(300))).await;
+            assert!(polled.is_ok(), "poll {i} (300 ms) still waited for the rebalance after {:?}", started.elapsed());
+        }
+        // Once B is dropped from the group, A and C share the partitions.
+        let c = c_joined.await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while a.assignment().is_empty() || a.assignment().len() + c.assignment().len() != 3 {
+            assert!(Instant::now() < deadline, "A never got its new assignment: {:?}", a.assignment());
+            let _ = a.poll(Duration::from_millis(100)).await;
+        }
+        drop(b);
+    });
+}
+
 /// A finished auto-commit is taken up by the next poll even when that poll starts with the
 /// task's scheduling budget spent (polling its handle would then say "not ready"): it must not
 /// be mistaken for a failure and sent again.

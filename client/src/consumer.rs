@@ -11,7 +11,7 @@ use futures::Stream;
 use tokio::task::JoinHandle;
 
 use cairn_protocol::messages::fetch::{FetchGroup, FetchPartition, FetchRequest, FetchResponse, FetchTopic};
-use cairn_protocol::messages::groups::{HeartbeatRequest, JoinGroupRequest, LeaveGroupRequest};
+use cairn_protocol::messages::groups::{HeartbeatRequest, JoinGroupRequest, JoinGroupResponse, LeaveGroupRequest};
 use cairn_protocol::messages::list_offsets::{
     ListOffsetsPartition, ListOffsetsRequest, ListOffsetsResponse, ListOffsetsTopic, EARLIEST_TIMESTAMP,
     LATEST_TIMESTAMP,
@@ -193,6 +193,9 @@ pub struct Consumer {
     /// Positions being looked up: `poll` waits for the answer only until its own timeout, and a
     /// later `poll` takes it up.
     lookup: Option<Lookup>,
+    /// A JoinGroup under way (a rebalance waits for every member): likewise waited for by `poll`
+    /// only until its timeout.
+    joining: Option<JoinHandle<Result<JoinGroupResponse>>>,
     /// When the last fetch went out.
     fetch_sent: Instant,
     /// Fetches sent: each starts at a different topic and partition (see `start_fetch`).
@@ -230,6 +233,7 @@ impl Consumer {
             deferred: None,
             in_flight: None,
             lookup: None,
+            joining: None,
             fetch_sent: Instant::now(),
             fetches: 0,
             fetch_delay: None,
@@ -282,6 +286,10 @@ impl Consumer {
             self.partitions_of(t).await?;
         }
         let topics: Vec<String> = topics.iter().map(|t| t.to_string()).collect();
+        if self.joining.is_some() {
+            // Finish the join under way first: the member id it brings is this member's.
+            let _ = self.rejoin(None).await;
+        }
         match self.membership.as_mut() {
             Some(m) => {
                 m.topics = topics;
@@ -299,7 +307,7 @@ impl Consumer {
                 })
             }
         }
-        self.rejoin().await
+        self.rejoin(None).await.map(|_| ())
     }
 
     /// The partitions currently assigned.
@@ -354,24 +362,50 @@ impl Consumer {
         }
     }
 
-    async fn rejoin(&mut self) -> Result<()> {
-        let Some(m) = self.membership.as_mut() else {
-            return Ok(());
-        };
-        if let Some(h) = m.heartbeat.take() {
-            h.abort();
+    /// Joins the group again (or for the first time) and takes the new assignment. The
+    /// JoinGroup runs as a task: with a `deadline`, this waits for it only until then and returns
+    /// `Ok(false)` if it is still under way (a later call takes it up); without one, until it ends.
+    async fn rejoin(&mut self, deadline: Option<Instant>) -> Result<bool> {
+        if self.joining.is_none() {
+            let Some(m) = self.membership.as_mut() else {
+                return Ok(true);
+            };
+            if let Some(h) = m.heartbeat.take() {
+                h.abort();
+            }
+            let req = JoinGroupRequest {
+                group_id: m.group.clone(),
+                member_id: m.member_id.clone(),
+                group_instance_id: self.config.group_instance_id.clone(),
+                session_timeout_ms: self.config.session_timeout.as_millis() as u32,
+                rebalance_timeout_ms: self.config.rebalance_timeout.as_millis() as u32,
+                topics: m.topics.clone(),
+            };
+            let conn = self.conn.clone();
+            let wait = self.config.rebalance_timeout;
+            self.joining = Some(tokio::spawn(async move { conn.request_with(&req, wait).await }));
         }
-        let group = m.group.clone();
-        let req = JoinGroupRequest {
-            group_id: group.clone(),
-            member_id: m.member_id.clone(),
-            group_instance_id: self.config.group_instance_id.clone(),
-            session_timeout_ms: self.config.session_timeout.as_millis() as u32,
-            rebalance_timeout_ms: self.config.rebalance_timeout.as_millis() as u32,
-            topics: m.topics.clone(),
+        let Some(handle) = self.joining.as_mut() else {
+            return Ok(true);
         };
-        let resp = self.conn.request_with(&req, self.config.rebalance_timeout).await?;
-        let m = self.membership.as_mut().expect("membership present");
+        let joined = match deadline {
+            Some(d) => match tokio::time::timeout(d.saturating_duration_since(Instant::now()), handle).await {
+                Ok(joined) => joined,
+                Err(_) => return Ok(false), // the rebalance goes on
+            },
+            None => handle.await,
+        };
+        self.joining = None;
+        let resp = match joined {
+            Ok(resp) => resp?,
+            Err(e) => {
+                return Err(Error::Disconnected { addr: self.config.connection.broker.clone(), detail: e.to_string() })
+            }
+        };
+        let Some(m) = self.membership.as_mut() else {
+            return Ok(true);
+        };
+        let group = m.group.clone();
         match resp.error {
             ErrorCode::None => {}
             ErrorCode::UnknownMemberId => {
@@ -413,7 +447,7 @@ impl Consumer {
         let assigned: Vec<(String, u32)> =
             resp.assignment.iter().flat_map(|tp| tp.partitions.iter().map(move |p| (tp.topic.clone(), *p))).collect();
         if assigned.is_empty() {
-            return Ok(());
+            return Ok(true);
         }
         let committed = match self.committed_offsets(&group, &assigned).await {
             Ok(c) => c,
@@ -437,7 +471,7 @@ impl Consumer {
             };
             self.positions.insert(tp, pos);
         }
-        Ok(())
+        Ok(true)
     }
 
     async fn committed_offsets(&self, group: &str, tps: &[(String, u32)]) -> Result<BTreeMap<TopicPartition, i64>> {
@@ -608,21 +642,28 @@ impl Consumer {
         }
         loop {
             if self.membership.as_ref().is_some_and(|m| m.rejoin.load(Ordering::Acquire)) {
-                self.before_rebalance().await;
-                if let Err(e) = self.rejoin().await {
-                    let churn = matches!(e.code(), Some(ErrorCode::UnknownMemberId | ErrorCode::RebalanceInProgress));
-                    if !e.is_retriable() && !churn {
-                        return Err(e);
+                if self.joining.is_none() {
+                    self.before_rebalance().await;
+                }
+                match self.rejoin(Some(deadline)).await {
+                    Ok(true) => {}
+                    Ok(false) => return Ok(Vec::new()), // the rebalance goes on; a later poll joins
+                    Err(e) => {
+                        let churn =
+                            matches!(e.code(), Some(ErrorCode::UnknownMemberId | ErrorCode::RebalanceInProgress));
+                        if !e.is_retriable() && !churn {
+                            return Err(e);
+                        }
+                        // Retried until the timeout; then the caller hears why nothing came (a
+                        // rebalance still going on is not a failure).
+                        let left = deadline.saturating_duration_since(Instant::now());
+                        if left.is_zero() {
+                            return if churn { Ok(Vec::new()) } else { Err(e) };
+                        }
+                        tracing::info!(error = %e, "rejoin failed; retrying");
+                        tokio::time::sleep(left.min(Duration::from_millis(100))).await;
+                        continue;
                     }
-                    // Retried until the timeout; then the caller hears why nothing came (a
-                    // rebalance still going on is not a failure).
-                    let left = deadline.saturating_duration_since(Instant::now());
-                    if left.is_zero() {
-                        return if churn { Ok(Vec::new()) } else { Err(e) };
-                    }
-                    tracing::info!(error = %e, "rejoin failed; retrying");
-                    tokio::time::sleep(left.min(Duration::from_millis(100))).await;
-                    continue;
                 }
             }
             if !self.pending.is_empty() {
@@ -961,6 +1002,9 @@ impl Consumer {
     /// # Errors
     /// The commit's error; the group is left regardless.
     pub async fn close(mut self) -> Result<()> {
+        if let Some(h) = self.joining.take() {
+            h.abort();
+        }
         let committed =
             if self.config.auto_commit && self.config.group.is_some() { self.commit().await } else { Ok(()) };
         self.cancel_fetch();
@@ -1007,6 +1051,9 @@ async fn send_commit(conn: &Connection, request: OffsetCommitRequest) -> Result<
 impl Drop for Consumer {
     fn drop(&mut self) {
         self.cancel_fetch();
+        if let Some(h) = self.joining.take() {
+            h.abort();
+        }
         // An auto-commit under way is left to finish (bounded by the request timeout): what it
         // commits was handed out and processed.
         if let Some(m) = &mut self.membership {
