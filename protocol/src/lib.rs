@@ -18,7 +18,10 @@
 //! RecordBatch v2, byte for byte ([`record_batch`]). `PROTOCOL.md` at the repository root
 //! specifies every message.
 //!
-//! Decoding never panics and never allocates more than the frame holds, whatever the input.
+//! Decoding never panics, whatever the input, and never allocates more elements than the frame
+//! could hold. An element in memory can take up to about twelve times its smallest encoding (an
+//! empty string's 2 bytes become a 24-byte `String`), so a decoded request is bounded by about
+//! twelve times its frame.
 
 pub mod api;
 pub mod codec;
