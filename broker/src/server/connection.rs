@@ -93,13 +93,14 @@ pub(crate) async fn run(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr
             }
             Some(Ok(frame)) => frame,
         };
-        let mut reply = dispatch(&broker, frame.clone(), peer, true);
+        let received = Instant::now();
+        let mut reply = dispatch(&broker, frame.clone(), peer, true, received);
         if let Reply::CreateTopics(names) = reply {
             let creator = Arc::clone(&broker);
             if let Err(e) = tokio::task::spawn_blocking(move || auto_create_topics(&creator, &names)).await {
                 tracing::error!(%peer, error = %e, "auto-creating topics panicked");
             }
-            reply = dispatch(&broker, frame, peer, false);
+            reply = dispatch(&broker, frame, peer, false, received);
         }
         let pending = match reply {
             Reply::Now(chunks) => Pending::Ready(chunks),

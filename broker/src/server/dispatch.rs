@@ -38,8 +38,16 @@ pub(crate) enum Reply {
 /// A response that a handler delivers later.
 pub(crate) type LaterReply = Pin<Box<dyn Future<Output = Option<Vec<Bytes>>> + Send>>;
 
-pub(crate) fn dispatch(broker: &Arc<Broker>, frame: Bytes, peer: SocketAddr, may_create: bool) -> Reply {
-    let started = Instant::now();
+/// Decodes and serves one request frame. `received` is when the connection read it: a request
+/// dispatched again after creating topics counts its duration from there.
+pub(crate) fn dispatch(
+    broker: &Arc<Broker>,
+    frame: Bytes,
+    peer: SocketAddr,
+    may_create: bool,
+    received: Instant,
+) -> Reply {
+    let started = received;
     let (header, request) = match decode_request(frame) {
         Ok(r) => r,
         Err(HeaderError::Unreadable(e)) => {
@@ -95,26 +103,52 @@ mod tests {
     use crate::metrics::Health;
     use crate::storage::{system_clock, LogStore};
 
+    /// A broker on `dir`, not serving, and the frame of a Metadata request naming `topic`.
+    fn broker_and_metadata_frame(dir: &std::path::Path, auto_create_topics: bool, topic: &str) -> (Arc<Broker>, Bytes) {
+        let config = BrokerConfig { data_dir: dir.to_owned(), auto_create_topics, ..BrokerConfig::default() };
+        let (store, _) = LogStore::open(dir, config.storage.clone(), system_clock()).unwrap();
+        let groups = Coordinator::open(&store, config.groups.clone()).unwrap();
+        let health = Arc::new(Health { ready: true.into(), shutdown: Default::default() });
+        let broker = Arc::new(Broker::new(config, store, groups, health));
+        let chunks = encode_request(1, "test", &MetadataRequest { topics: Some(vec![topic.into()]) });
+        (broker, Bytes::from(chunks.concat()).slice(4..))
+    }
+
+    /// A request served after its connection created topics for it counts the creation in its
+    /// duration: the clock starts when the request was read, not when it is dispatched again.
+    #[test]
+    fn a_request_dispatched_again_counts_its_duration_from_when_it_was_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            let (broker, frame) = broker_and_metadata_frame(dir.path(), false, "made");
+            let read_at = Instant::now() - std::time::Duration::from_millis(500); // then the creation
+            let reply = dispatch(&broker, frame, "127.0.0.1:1".parse().unwrap(), false, read_at);
+            assert!(matches!(reply, Reply::Now(_)));
+        });
+        let text = handle.render();
+        let sum: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix(r#"cairn_request_duration_seconds_sum{api="metadata"} "#))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no metadata duration in {text}"));
+        assert!(sum >= 0.5, "the request's duration left out the 500 ms before it was dispatched: {sum}");
+    }
+
     /// Creating a topic syncs files and waits for other topic administration (a large topic
     /// being created holds the lock for seconds): a request naming a topic to auto-create must
     /// hand the creation to its connection, not do it on the runtime worker dispatching it.
     #[test]
     fn a_request_naming_a_topic_to_auto_create_does_not_create_it_on_the_dispatching_thread() {
         let dir = tempfile::tempdir().unwrap();
-        let config =
-            BrokerConfig { data_dir: dir.path().to_owned(), auto_create_topics: true, ..BrokerConfig::default() };
-        let (store, _) = LogStore::open(dir.path(), config.storage.clone(), system_clock()).unwrap();
-        let groups = Coordinator::open(&store, config.groups.clone()).unwrap();
-        let health = Arc::new(Health { ready: true.into(), shutdown: Default::default() });
-        let broker = Arc::new(Broker::new(config, store, groups, health));
-        let chunks = encode_request(1, "test", &MetadataRequest { topics: Some(vec!["fresh".into()]) });
-        let frame = Bytes::from(chunks.concat()).slice(4..);
+        let (broker, frame) = broker_and_metadata_frame(dir.path(), true, "fresh");
         let admin = broker.store.hold_admin(); // another client's creation under way
         let (tx, rx) = std::sync::mpsc::channel();
         let dispatcher = Arc::clone(&broker);
         let again = frame.clone();
         std::thread::spawn(move || {
-            let reply = dispatch(&dispatcher, frame, "127.0.0.1:1".parse().unwrap(), true);
+            let reply = dispatch(&dispatcher, frame, "127.0.0.1:1".parse().unwrap(), true, Instant::now());
             let _ = tx.send(matches!(reply, Reply::CreateTopics(ref names) if names == &["fresh".to_string()]));
         });
         let handed_over = rx.recv_timeout(std::time::Duration::from_secs(10));
@@ -122,7 +156,7 @@ mod tests {
         assert_eq!(handed_over, Ok(true), "dispatch waited for the admin lock or created the topic itself");
         assert!(broker.store.topic("fresh").is_none());
         // Once the connection has tried, the request is served as it stands.
-        let reply = dispatch(&broker, again, "127.0.0.1:1".parse().unwrap(), false);
+        let reply = dispatch(&broker, again, "127.0.0.1:1".parse().unwrap(), false, Instant::now());
         assert!(matches!(reply, Reply::Now(_)));
     }
 }
