@@ -339,8 +339,19 @@ fn a_rebalance_waiting_for_a_silent_member_does_not_hold_poll_past_its_timeout()
             let polled = tokio::time::timeout(Duration::from_secs(5), a.poll(Duration::from_millis(300))).await;
             assert!(polled.is_ok(), "poll {i} (300 ms) still waited for the rebalance after {:?}", started.elapsed());
         }
-        // Once B is dropped from the group, A and C share the partitions.
+        // The broker answers a connection's requests in order: the join it holds must not hold
+        // the member's other requests (a commit, a metadata lookup) behind it.
+        let offsets: BTreeMap<(String, u32), i64> = [(("slowjoin".to_string(), 0), 0)].into();
+        let committed = tokio::time::timeout(Duration::from_secs(5), a.commit_offsets(&offsets)).await;
+        assert!(committed.is_ok(), "a commit waited behind the join the broker holds");
+        // Once B is dropped from the group, the join completes. A does not poll for longer than
+        // its session timeout: its heartbeats must have started with the join, or the group
+        // drops A too and rebalances again.
         let c = c_joined.await.unwrap();
+        let generation = broker.admin().await.describe_group("slowjoin-group").await.unwrap().generation;
+        tokio::time::sleep(Duration::from_secs(5)).await; // A's session timeout is 3 s
+        let after = broker.admin().await.describe_group("slowjoin-group").await.unwrap().generation;
+        assert_eq!(after, generation, "the group rebalanced again: A was silent after its join");
         let deadline = Instant::now() + Duration::from_secs(30);
         while a.assignment().is_empty() || a.assignment().len() + c.assignment().len() != 3 {
             assert!(Instant::now() < deadline, "A never got its new assignment: {:?}", a.assignment());

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures::Stream;
 use tokio::task::JoinHandle;
+use tokio_util::task::AbortOnDropHandle;
 
 use cairn_protocol::messages::fetch::{FetchGroup, FetchPartition, FetchRequest, FetchResponse, FetchTopic};
 use cairn_protocol::messages::groups::{HeartbeatRequest, JoinGroupRequest, JoinGroupResponse, LeaveGroupRequest};
@@ -158,8 +159,13 @@ struct Membership {
     generation: i32,
     topics: Vec<String>,
     rejoin: Arc<AtomicBool>,
-    heartbeat: Option<JoinHandle<()>>,
+    /// The heartbeat task of the current generation (aborted when dropped).
+    heartbeat: Option<AbortOnDropHandle<()>>,
 }
+
+/// What a JoinGroup task brings: the answer, and the heartbeats it started on success (at once,
+/// so that the member stays alive however long the caller takes to come back to `poll`).
+type Joined = (JoinGroupResponse, Option<AbortOnDropHandle<()>>);
 
 /// A consumer. Not `Clone`: one owner polls it.
 ///
@@ -195,7 +201,10 @@ pub struct Consumer {
     lookup: Option<Lookup>,
     /// A JoinGroup under way (a rebalance waits for every member): likewise waited for by `poll`
     /// only until its timeout.
-    joining: Option<JoinHandle<Result<JoinGroupResponse>>>,
+    joining: Option<JoinHandle<Result<Joined>>>,
+    /// JoinGroups only: the broker holds one until every member has rejoined, and answers a
+    /// connection's requests in order, so on `conn` it would hold commits and lookups too.
+    join_conn: Connection,
     /// When the last fetch went out.
     fetch_sent: Instant,
     /// Fetches sent: each starts at a different topic and partition (see `start_fetch`).
@@ -223,6 +232,7 @@ impl Consumer {
     pub async fn connect(config: ConsumerConfig) -> Result<Consumer> {
         let conn = Connection::connect(config.connection.clone()).await?;
         let fetch_conn = Connection::new(config.connection.clone());
+        let join_conn = Connection::new(config.connection.clone());
         Ok(Consumer {
             config,
             fetch_conn,
@@ -234,6 +244,7 @@ impl Consumer {
             in_flight: None,
             lookup: None,
             joining: None,
+            join_conn,
             fetch_sent: Instant::now(),
             fetches: 0,
             fetch_delay: None,
@@ -381,9 +392,20 @@ impl Consumer {
                 rebalance_timeout_ms: self.config.rebalance_timeout.as_millis() as u32,
                 topics: m.topics.clone(),
             };
-            let conn = self.conn.clone();
+            let conn = self.join_conn.clone();
             let wait = self.config.rebalance_timeout;
-            self.joining = Some(tokio::spawn(async move { conn.request_with(&req, wait).await }));
+            let flag = Arc::clone(&m.rejoin);
+            let heartbeat_conn = self.config.connection.clone();
+            self.joining = Some(tokio::spawn(async move {
+                let resp = conn.request_with(&req, wait).await?;
+                let heartbeat = resp.error.is_ok().then(|| {
+                    // Cleared before the heartbeats start, so that one reporting the next
+                    // rebalance cannot be overwritten.
+                    flag.store(false, Ordering::Release);
+                    start_heartbeat(Connection::new(heartbeat_conn), &req.group_id, &resp, flag)
+                });
+                Ok((resp, heartbeat))
+            }));
         }
         let Some(handle) = self.joining.as_mut() else {
             return Ok(true);
@@ -396,8 +418,8 @@ impl Consumer {
             None => handle.await,
         };
         self.joining = None;
-        let resp = match joined {
-            Ok(resp) => resp?,
+        let (resp, heartbeat) = match joined {
+            Ok(joined) => joined?,
             Err(e) => {
                 return Err(Error::Disconnected { addr: self.config.connection.broker.clone(), detail: e.to_string() })
             }
@@ -416,28 +438,8 @@ impl Consumer {
         }
         m.member_id = resp.member_id.clone();
         m.generation = resp.generation_id;
-        m.rejoin.store(false, Ordering::Release);
+        m.heartbeat = heartbeat;
         tracing::info!(group = %group, member = %m.member_id, generation = m.generation, "joined group");
-        // Heartbeats run on their own connection so that long fetches never delay them.
-        let hb_conn = Connection::new(self.config.connection.clone());
-        let flag = Arc::clone(&m.rejoin);
-        let interval = Duration::from_millis(u64::from(resp.heartbeat_interval_ms.max(100)));
-        let hb =
-            HeartbeatRequest { group_id: group.clone(), member_id: m.member_id.clone(), generation_id: m.generation };
-        m.heartbeat = Some(tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(interval).await;
-                match hb_conn.request(&hb).await {
-                    Ok(r) if r.error.is_ok() => {}
-                    Ok(r) => {
-                        tracing::info!(error = %r.error, "heartbeat: rejoining the group");
-                        flag.store(true, Ordering::Release);
-                        return;
-                    }
-                    Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
-                }
-            }
-        }));
         // New assignment: committed offsets, else auto_offset_reset.
         self.cancel_fetch();
         self.pending.clear();
@@ -641,7 +643,8 @@ impl Consumer {
             self.maybe_auto_commit();
         }
         loop {
-            if self.membership.as_ref().is_some_and(|m| m.rejoin.load(Ordering::Acquire)) {
+            // A join under way may have cleared the flag already: its answer is still to be taken.
+            if self.joining.is_some() || self.membership.as_ref().is_some_and(|m| m.rejoin.load(Ordering::Acquire)) {
                 if self.joining.is_none() {
                     self.before_rebalance().await;
                 }
@@ -1002,16 +1005,19 @@ impl Consumer {
     /// # Errors
     /// The commit's error; the group is left regardless.
     pub async fn close(mut self) -> Result<()> {
-        if let Some(h) = self.joining.take() {
-            h.abort();
+        if self.joining.is_some() {
+            // Its answer may bring a member id the group already counts: take it (within the
+            // request timeout) so that the leave below removes that member at once.
+            let _ = tokio::time::timeout(self.config.connection.request_timeout, self.rejoin(None)).await;
+            if let Some(h) = self.joining.take() {
+                h.abort();
+            }
         }
         let committed =
             if self.config.auto_commit && self.config.group.is_some() { self.commit().await } else { Ok(()) };
         self.cancel_fetch();
         if let Some(m) = self.membership.take() {
-            if let Some(h) = m.heartbeat {
-                h.abort();
-            }
+            drop(m.heartbeat);
             if !m.member_id.is_empty() {
                 let _ = self.conn.request(&LeaveGroupRequest { group_id: m.group, member_id: m.member_id }).await;
             }
@@ -1035,6 +1041,36 @@ impl Consumer {
     }
 }
 
+/// Heartbeats of a generation, on their own connection so that long fetches never delay them;
+/// they stop, raising `rejoin`, when the broker answers with an error (a rebalance).
+fn start_heartbeat(
+    conn: Connection,
+    group: &str,
+    joined: &JoinGroupResponse,
+    rejoin: Arc<AtomicBool>,
+) -> AbortOnDropHandle<()> {
+    let interval = Duration::from_millis(u64::from(joined.heartbeat_interval_ms.max(100)));
+    let hb = HeartbeatRequest {
+        group_id: group.to_owned(),
+        member_id: joined.member_id.clone(),
+        generation_id: joined.generation_id,
+    };
+    AbortOnDropHandle::new(tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(interval).await;
+            match conn.request(&hb).await {
+                Ok(r) if r.error.is_ok() => {}
+                Ok(r) => {
+                    tracing::info!(error = %r.error, "heartbeat: rejoining the group");
+                    rejoin.store(true, Ordering::Release);
+                    return;
+                }
+                Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+            }
+        }
+    }))
+}
+
 /// Sends a commit and checks every partition's answer.
 async fn send_commit(conn: &Connection, request: OffsetCommitRequest) -> Result<()> {
     let resp = conn.request(&request).await?;
@@ -1056,10 +1092,6 @@ impl Drop for Consumer {
         }
         // An auto-commit under way is left to finish (bounded by the request timeout): what it
         // commits was handed out and processed.
-        if let Some(m) = &mut self.membership {
-            if let Some(h) = m.heartbeat.take() {
-                h.abort();
-            }
-        }
+        // Dropping the membership stops its heartbeats.
     }
 }
