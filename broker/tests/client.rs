@@ -421,11 +421,7 @@ fn a_send_racing_close_is_either_refused_or_delivered_never_left_hanging() {
 
 /// The broker's open client connections, from its metrics endpoint.
 fn open_connections(broker: &TestBroker) -> f64 {
-    let (_, body) = broker.http_get("/metrics");
-    body.lines()
-        .find_map(|l| l.strip_prefix("cairn_connections "))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("cairn_connections is exported")
+    broker.metric("cairn_connections").expect("cairn_connections is exported")
 }
 
 #[test]
@@ -642,11 +638,8 @@ fn a_consumer_whose_fetches_cannot_park_waits_instead_of_asking_again_at_once() 
         while started.elapsed() < Duration::from_secs(1) {
             assert!(consumer.poll(Duration::from_millis(250)).await.unwrap().is_empty());
         }
-        let (_, body) = broker.http_get("/metrics");
-        let refused: f64 = body
-            .lines()
-            .find_map(|l| l.strip_prefix("cairn_parked_fetches_refused_total "))
-            .and_then(|v| v.trim().parse().ok())
+        let refused = broker
+            .metric("cairn_parked_fetches_refused_total")
             .expect("cairn_parked_fetches_refused_total is exported");
         // About one a fetch_max_wait, as if each had been parked; not a busy loop.
         assert!(refused <= 20.0, "{refused} fetches in about a second");
@@ -671,11 +664,8 @@ fn a_consumer_looks_up_the_start_of_all_its_partitions_in_one_request() {
         let positions = consumer.positions();
         assert_eq!(positions.len(), 52);
         assert!(positions.values().all(|p| *p == Some(0)), "{positions:?}");
-        let (_, body) = broker.http_get("/metrics");
-        let lookups: f64 = body
-            .lines()
-            .find_map(|l| l.strip_prefix(r#"cairn_requests_total{api="list_offsets",result="ok"} "#))
-            .and_then(|v| v.trim().parse().ok())
+        let lookups = broker
+            .metric(r#"cairn_requests_total{api="list_offsets",result="ok"}"#)
             .expect("list_offsets requests are counted");
         assert_eq!(lookups, 1.0, "one lookup for 51 partitions");
     });

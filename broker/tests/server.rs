@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cairn_client::{Connection, Consumer, NewTopic, Offset, Producer, ProducerRecord};
-use cairn_protocol::api::{decode_response, encode_request};
+use cairn_protocol::api::{decode_response, encode_request, Request};
 use cairn_protocol::messages::api_versions::{ApiVersionsRequest, ApiVersionsResponse};
 use cairn_protocol::messages::fetch::{FetchPartition, FetchRequest, FetchResponse, FetchTopic};
 use cairn_protocol::messages::groups::DescribeGroupsRequest;
@@ -47,6 +47,13 @@ fn fetch_req(topic: &str, offset: i64, max_wait_ms: u32) -> FetchRequest {
             name: topic.into(),
             partitions: vec![FetchPartition { partition: 0, fetch_offset: offset, partition_max_bytes: 1 << 20 }],
         }],
+    }
+}
+
+/// Appends one request's frame to `buf`, for requests written to a socket in one go.
+fn put_request<R: Request>(buf: &mut Vec<u8>, id: u32, client: &str, request: &R) {
+    for chunk in encode_request(id, client, request) {
+        buf.extend_from_slice(&chunk);
     }
 }
 
@@ -102,9 +109,7 @@ fn ten_thousand_pipelined_requests_are_answered_in_order() {
     let writer = std::thread::spawn(move || {
         let mut buf = Vec::new();
         for id in 1..=10_000u32 {
-            for chunk in encode_request(id, "pipeline", &produce_req("p", Acks::Leader, batch(&["x"]))) {
-                buf.extend_from_slice(&chunk);
-            }
+            put_request(&mut buf, id, "pipeline", &produce_req("p", Acks::Leader, batch(&["x"])));
         }
         w.write_all(&buf).unwrap();
     });
@@ -132,13 +137,9 @@ fn responses_ready_before_a_parked_fetch_are_not_held_back_by_it() {
     // owed before the fetch's and must go out now, not when the fetch ends.
     let mut buf = Vec::new();
     for id in 1..=5u32 {
-        for chunk in encode_request(id, "held", &ApiVersionsRequest) {
-            buf.extend_from_slice(&chunk);
-        }
+        put_request(&mut buf, id, "held", &ApiVersionsRequest);
     }
-    for chunk in encode_request(6, "held", &fetch_req("h", 0, 30_000)) {
-        buf.extend_from_slice(&chunk);
-    }
+    put_request(&mut buf, 6, "held", &fetch_req("h", 0, 30_000));
     let mut s = TcpStream::connect(broker.addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.write_all(&buf).unwrap();
@@ -187,9 +188,7 @@ fn a_connection_whose_in_flight_queue_is_full_still_closes_when_idle() {
     let mut buf = Vec::new();
     for id in 1..=4u32 {
         let req = FetchRequest { min_bytes: u32::MAX, ..fetch_req("quiet", 0, 60_000) };
-        for chunk in encode_request(id, "parked", &req) {
-            buf.extend_from_slice(&chunk);
-        }
+        put_request(&mut buf, id, "parked", &req);
     }
     let mut s = TcpStream::connect(broker.addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
@@ -209,16 +208,9 @@ fn auto_created_topics_are_served_to_the_request_that_named_them_in_order() {
     let dir = tempfile::tempdir().unwrap();
     let broker = TestBroker::start(dir.path(), "auto_create_topics = true\ndefault_partitions = 3");
     let mut buf = Vec::new();
-    let requests = [
-        encode_request(1, "auto", &produce_req("fresh", Acks::Leader, batch(&["a"]))),
-        encode_request(2, "auto", &produce_req("fresh", Acks::Leader, batch(&["b", "c"]))),
-        encode_request(3, "auto", &MetadataRequest { topics: Some(vec!["other".into(), "fresh".into()]) }),
-    ];
-    for chunks in requests {
-        for chunk in chunks {
-            buf.extend_from_slice(&chunk);
-        }
-    }
+    put_request(&mut buf, 1, "auto", &produce_req("fresh", Acks::Leader, batch(&["a"])));
+    put_request(&mut buf, 2, "auto", &produce_req("fresh", Acks::Leader, batch(&["b", "c"])));
+    put_request(&mut buf, 3, "auto", &MetadataRequest { topics: Some(vec!["other".into(), "fresh".into()]) });
     let mut s = TcpStream::connect(broker.addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.write_all(&buf).unwrap();
@@ -247,13 +239,9 @@ fn a_connection_closed_while_idle_still_answers_every_request_it_read() {
     });
     let mut buf = Vec::new();
     let parked = FetchRequest { min_bytes: u32::MAX, ..fetch_req("kept", 0, 2_000) };
-    for chunk in encode_request(1, "idle", &parked) {
-        buf.extend_from_slice(&chunk);
-    }
+    put_request(&mut buf, 1, "idle", &parked);
     for (id, value) in [(2u32, "a"), (3, "x")] {
-        for chunk in encode_request(id, "idle", &produce_req("kept", Acks::Leader, batch(&[value]))) {
-            buf.extend_from_slice(&chunk);
-        }
+        put_request(&mut buf, id, "idle", &produce_req("kept", Acks::Leader, batch(&[value])));
     }
     let mut s = TcpStream::connect(broker.addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
@@ -296,13 +284,9 @@ fn a_fetch_naming_no_partition_is_answered_and_the_connection_goes_on() {
         FetchRequest { topics: vec![FetchTopic { name: "none".into(), partitions: vec![] }], ..empty.clone() };
     let mut buf = Vec::new();
     for (id, req) in [(1u32, &empty), (2, &no_partitions)] {
-        for chunk in encode_request(id, "empty", req) {
-            buf.extend_from_slice(&chunk);
-        }
+        put_request(&mut buf, id, "empty", req);
     }
-    for chunk in encode_request(3, "empty", &ApiVersionsRequest) {
-        buf.extend_from_slice(&chunk);
-    }
+    put_request(&mut buf, 3, "empty", &ApiVersionsRequest);
     let mut s = TcpStream::connect(broker.addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     s.write_all(&buf).unwrap();
@@ -466,9 +450,7 @@ fn a_fetch_stays_within_fetch_bytes_max_whatever_its_partition_max_bytes() {
 fn wait_until_a_connection_is_served(addr: std::net::SocketAddr, limit: Duration, why: &str) -> Duration {
     let started = Instant::now();
     let mut request = Vec::new();
-    for chunk in encode_request(1, "probe", &ApiVersionsRequest) {
-        request.extend_from_slice(&chunk);
-    }
+    put_request(&mut request, 1, "probe", &ApiVersionsRequest);
     loop {
         let mut s = TcpStream::connect(addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();

@@ -143,6 +143,15 @@ impl TestBroker {
     pub fn http_get(&self, path: &str) -> (String, String) {
         http_get(self.metrics, path)
     }
+
+    /// The value of one series on the metrics endpoint, named exactly as exported (labels
+    /// included, e.g. `cairn_requests_total{api="fetch",result="ok"}`); `None` if absent.
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        let (_, body) = self.http_get("/metrics");
+        body.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
+            .and_then(|v| v.trim().parse().ok())
+    }
 }
 
 /// A minimal HTTP/1.1 GET; returns (status line, body).
