@@ -351,14 +351,7 @@ impl Segment {
 
     fn remove_index_files(&self) -> Result<()> {
         // The producer states describe the segment's old end, which appends will move.
-        for path in [&self.index_path, &self.time_path, &self.producers_path] {
-            match std::fs::remove_file(path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(StorageError::io("remove", path, e)),
-            }
-        }
-        Ok(())
+        remove_files("remove", &[&self.index_path, &self.time_path, &self.producers_path])
     }
 
     /// Whether the flusher has persisted this sealed segment's indexes and trimmed it.
@@ -628,11 +621,7 @@ impl Segment {
         self.map.write().expect("segment map lock").take();
         // Producer states written for the old end may name batches the cut removes: a restart
         // then starts from an earlier segment's and scans this one.
-        match std::fs::remove_file(&self.producers_path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(StorageError::io("remove", &self.producers_path, e)),
-        }
+        remove_files("remove", &[&self.producers_path])?;
         let file = OpenOptions::new()
             .write(true)
             .open(&self.log_path)
@@ -736,15 +725,20 @@ impl Segment {
     pub(crate) fn delete_files(&self) -> Result<()> {
         #[cfg(test)]
         disk_model::forget(&self.log_path);
-        for p in [&self.log_path, &self.index_path, &self.time_path, &self.producers_path] {
-            match std::fs::remove_file(p) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(StorageError::io("delete", p, e)),
-            }
-        }
-        Ok(())
+        remove_files("delete", &[&self.log_path, &self.index_path, &self.time_path, &self.producers_path])
     }
+}
+
+/// Removes files, those already gone included; `op` names the step in an error.
+fn remove_files(op: &'static str, paths: &[&Path]) -> Result<()> {
+    for path in paths {
+        match std::fs::remove_file(path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(StorageError::io(op, path, e)),
+        }
+    }
+    Ok(())
 }
 
 /// Extends `file` to at least `len` bytes of allocated (not sparse) space.
