@@ -12,7 +12,7 @@ use cairn_protocol::{Acks, ErrorCode};
 
 use super::{first_error, storage_error_code, Ctx, Reply};
 use crate::server::Broker;
-use crate::storage::{PartitionLog, StorageError, Topic};
+use crate::storage::{PartitionLog, StorageError};
 
 struct Waiter {
     topic: usize,
@@ -40,7 +40,7 @@ pub(crate) fn produce(ctx: Ctx, req: ProduceRequest) -> Reply {
             response.topics.push(ProduceTopicResponse { name: t.name.clone(), partitions });
             continue;
         }
-        let topic = lookup_topic(&ctx, &t.name);
+        let topic = broker.store.topic(&t.name);
         let metrics = topic.as_ref().map(|_| broker.topic_metrics(&t.name));
         let mut partitions = Vec::with_capacity(t.partitions.len());
         for (pi, p) in t.partitions.iter().enumerate() {
@@ -125,11 +125,6 @@ fn wait_durable(ctx: &Ctx, log: &Arc<PartitionLog>, offset: u64, topic: usize, p
         }),
     );
     Waiter { topic, partition, rx }
-}
-
-/// Finds a topic (never creates one: see [`topics_to_create`]).
-pub(crate) fn lookup_topic(ctx: &Ctx, name: &str) -> Option<Arc<Topic>> {
-    ctx.broker.store.topic(name)
 }
 
 /// The topics among `names` that `auto_create_topics` would create for this request, each once;

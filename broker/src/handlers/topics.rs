@@ -6,7 +6,7 @@ use cairn_protocol::messages::metadata::{MetadataRequest, MetadataResponse, Part
 use cairn_protocol::messages::ConfigEntry;
 use cairn_protocol::ErrorCode;
 
-use super::produce::{lookup_topic, topics_to_create};
+use super::produce::topics_to_create;
 use super::{distinct, first_error, storage_error_code, Ctx, Reply};
 use crate::storage::Topic;
 
@@ -39,7 +39,7 @@ pub(crate) fn metadata(ctx: Ctx, req: MetadataRequest) -> Reply {
     let topics = match &req.topics {
         None => ctx.broker.store.topics().iter().map(|t| describe(t)).collect(),
         Some(names) => distinct(names)
-            .map(|name| match lookup_topic(&ctx, name) {
+            .map(|name| match ctx.broker.store.topic(name) {
                 Some(t) => describe(&t),
                 None => TopicMetadata {
                     error: ErrorCode::UnknownTopicOrPartition,
