@@ -94,9 +94,11 @@ pub(crate) async fn run(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr
             Some(Ok(frame)) => frame,
         };
         let received = Instant::now();
-        let mut reply = dispatch(&broker, frame.clone(), peer, true, received);
-        if let Reply::CreateTopics(names) = reply {
-            let creator = Arc::clone(&broker);
+        // Kept only where it may have to be dispatched again (auto-creation is off by default).
+        let again = broker.config.auto_create_topics.then(|| frame.clone());
+        let mut reply = dispatch(&broker, frame, peer, again.is_some(), received);
+        if let (Reply::CreateTopics(names), Some(frame)) = (&mut reply, again) {
+            let (creator, names) = (Arc::clone(&broker), std::mem::take(names));
             if let Err(e) = tokio::task::spawn_blocking(move || auto_create_topics(&creator, &names)).await {
                 tracing::error!(%peer, error = %e, "auto-creating topics panicked");
             }
@@ -111,6 +113,11 @@ pub(crate) async fn run(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr
                 tracing::error!(%peer, "a request asked again to create topics; closing the connection");
                 break;
             }
+        };
+        let pending = match tx.try_send(pending) {
+            Ok(()) => continue,
+            Err(mpsc::error::TrySendError::Closed(_)) => break, // the writer is gone
+            Err(mpsc::error::TrySendError::Full(pending)) => pending,
         };
         // A full queue (`connection_in_flight_max` responses owed) stops reading until one is
         // written; the idle timeout still runs meanwhile, from the last request read, so that
