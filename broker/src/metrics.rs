@@ -96,7 +96,7 @@ fn describe() {
     describe_gauge!("cairn_consumer_group_lag", "Log end offset minus committed offset");
     describe_gauge!("cairn_consumer_group_members", "Live members of the group");
     describe_gauge!("cairn_connections", "Open client connections");
-    describe_histogram!("cairn_flush_duration_seconds", Unit::Seconds, "Duration of one partition sync (msync/fsync)");
+    describe_histogram!("cairn_flush_duration_seconds", Unit::Seconds, "Duration of one partition sync (fdatasync)");
     describe_counter!("cairn_recovery_truncated_bytes_total", Unit::Bytes, "Torn or corrupt bytes cut by recovery");
     describe_counter!("cairn_storage_errors_total", "Storage errors by kind");
     describe_gauge!("cairn_disk_free_bytes", Unit::Bytes, "Free bytes on the data disk");
@@ -104,6 +104,22 @@ fn describe() {
     describe_counter!(
         "cairn_http_connections_refused_total",
         "Metrics listener connections closed at accept: metrics_connections_max reached"
+    );
+    describe_counter!(
+        "cairn_connections_refused_total",
+        "Client connections closed at accept: connections_max reached"
+    );
+    describe_counter!(
+        "cairn_parked_fetches_refused_total",
+        "Fetches answered at once instead of waiting: parked_fetches_max reached"
+    );
+    describe_counter!(
+        "cairn_committed_offsets_reset_total",
+        "Committed offsets found past their partition's log end at startup and reset to it"
+    );
+    describe_counter!(
+        "cairn_committed_offsets_expired_total",
+        "Committed offsets of empty groups removed after offsets_retention_ms"
     );
 }
 
@@ -316,4 +332,57 @@ fn route(
 /// When the address cannot be bound.
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    /// Metric names the broker's sources record, from `counter!("...")`, `gauge!("...")` and
+    /// `histogram!("...")` calls.
+    fn recorded_names(dir: &Path, out: &mut Vec<String>) {
+        for entry in std::fs::read_dir(dir).expect("read broker/src") {
+            let path = entry.expect("dir entry").path();
+            if path.is_dir() {
+                recorded_names(&path, out);
+                continue;
+            }
+            if path.extension().is_none_or(|e| e != "rs") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).expect("read source");
+            for macro_call in ["counter!(", "gauge!(", "histogram!("] {
+                for (at, _) in text.match_indices(macro_call) {
+                    let rest = text[at + macro_call.len()..].trim_start();
+                    let Some(quoted) = rest.strip_prefix('"') else { continue };
+                    let name = &quoted[..quoted.find('"').expect("closing quote")];
+                    if name.starts_with("cairn_") && !out.iter().any(|n| n == name) {
+                        out.push(name.to_owned());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every metric the broker records has a HELP text (`promtool check metrics` flags one
+    /// without) and is listed in `ops/metrics.txt`, which the dashboard and alert checks trust.
+    #[test]
+    fn every_recorded_metric_is_described_and_listed_for_ops() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let mut names = Vec::new();
+        recorded_names(&root.join("src"), &mut names);
+        assert!(names.len() >= 20, "found only {names:?}");
+        let source = include_str!("metrics.rs");
+        let describe = &source[source.find("fn describe()").expect("describe()")..];
+        let describe = &describe[..describe.find("\n}\n").expect("end of describe()")];
+        let listed = std::fs::read_to_string(root.join("../ops/metrics.txt")).expect("ops/metrics.txt");
+        let listed: Vec<&str> = listed.lines().map(str::trim).collect();
+        for name in &names {
+            assert!(describe.contains(&format!("\"{name}\"")), "{name} has no describe_* call in describe()");
+            assert!(listed.contains(&name.as_str()), "{name} is missing from ops/metrics.txt");
+        }
+        for name in listed.iter().filter(|n| !n.is_empty()) {
+            assert!(names.iter().any(|n| n == name), "ops/metrics.txt lists {name}, which the broker never records");
+        }
+    }
 }
