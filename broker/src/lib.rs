@@ -6,14 +6,17 @@
 //! - [`groups`]: consumer group membership and committed offsets.
 //! - [`metrics`]: Prometheus metrics and the health endpoints.
 //! - [`config`]: the configuration file and its defaults.
+//! - [`EmbeddedBroker`]: a broker inside the calling process, for tests and examples.
 
 pub mod config;
+mod embedded;
 pub mod groups;
 mod handlers;
 pub mod metrics;
 pub mod server;
 pub mod storage;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,6 +24,7 @@ use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::BrokerConfig;
+pub use crate::embedded::EmbeddedBroker;
 use crate::groups::Coordinator;
 use crate::server::Broker;
 use crate::storage::{system_clock, LogStore};
@@ -35,6 +39,55 @@ use crate::storage::{system_clock, LogStore};
 /// # Errors
 /// Configuration, bind, or storage failures at start; a failed clean close at the end.
 pub async fn run(config: BrokerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let started = start(config, shutdown).await?;
+    println!("cairn-broker listening on {} metrics on {}", started.listen_addr(), started.metrics_addr());
+    started.serve().await
+}
+
+/// A broker whose listeners are bound and whose logs are recovered: clients can connect (they
+/// are accepted once [`Started::serve`] runs), and the health endpoint reports it ready.
+#[derive(Debug)]
+pub struct Started {
+    broker: Arc<Broker>,
+    listener: tokio::net::TcpListener,
+    listen: SocketAddr,
+    metrics: SocketAddr,
+}
+
+impl Started {
+    /// The client listener's address (with the port the system chose, for a port of 0).
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.listen
+    }
+
+    /// The metrics and health listener's address.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics
+    }
+
+    /// Serves clients until the `shutdown` given to [`start`] is cancelled, then shuts down as
+    /// [`run`] describes.
+    ///
+    /// # Errors
+    /// A failed clean close of the logs.
+    pub async fn serve(self) -> anyhow::Result<()> {
+        let Started { broker, listener, .. } = self;
+        server::serve(Arc::clone(&broker), listener).await;
+        tracing::info!("closing logs");
+        let closer = Arc::clone(&broker);
+        tokio::task::spawn_blocking(move || closer.store.close()).await?.context("closing the log store")?;
+        tracing::info!("shutdown complete");
+        Ok(())
+    }
+}
+
+/// The first half of [`run`]: validates the configuration, binds both listeners (a port of 0
+/// gets one the system chooses), recovers the logs and committed offsets, and marks the broker
+/// ready. The metrics recorder is process-wide: brokers started in one process share it.
+///
+/// # Errors
+/// Configuration, bind, or storage failures.
+pub async fn start(config: BrokerConfig, shutdown: CancellationToken) -> anyhow::Result<Started> {
     config.validate()?;
     let prometheus = metrics::install().context("installing the metrics recorder")?;
     let metrics_listener = metrics::bind(config.metrics_listen)
@@ -72,16 +125,8 @@ pub async fn run(config: BrokerConfig, shutdown: CancellationToken) -> anyhow::R
     tokio::spawn(group_ticker(Arc::clone(&broker)));
     // The listener is bound and the logs are recovered: clients can connect from here on.
     health.ready.store(true, std::sync::atomic::Ordering::Release);
-    println!("cairn-broker listening on {local} metrics on {metrics_local}");
     tracing::info!(listen = %local, metrics = %metrics_local, "accepting clients");
-
-    server::serve(Arc::clone(&broker), listener).await;
-
-    tracing::info!("closing logs");
-    let closer = Arc::clone(&broker);
-    tokio::task::spawn_blocking(move || closer.store.close()).await?.context("closing the log store")?;
-    tracing::info!("shutdown complete");
-    Ok(())
+    Ok(Started { broker, listener, listen: local, metrics: metrics_local })
 }
 
 async fn group_ticker(broker: Arc<Broker>) {

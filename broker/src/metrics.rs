@@ -49,15 +49,21 @@ pub fn builder() -> anyhow::Result<PrometheusBuilder> {
         .idle_timeout(metrics_util::MetricKindMask::GAUGE, Some(GAUGE_IDLE_TIMEOUT)))
 }
 
-/// Installs the global recorder and returns the handle that renders `/metrics`. Run
-/// [`keep_up`] beside it.
+/// Installs the global recorder and returns the handle that renders `/metrics`; later calls
+/// in the same process return the same handle. Run [`keep_up`] beside it.
 ///
 /// # Errors
-/// When a recorder is already installed.
+/// When another recorder is already installed.
 pub fn install() -> anyhow::Result<PrometheusHandle> {
+    static INSTALLED: std::sync::Mutex<Option<PrometheusHandle>> = std::sync::Mutex::new(None);
+    let mut installed = INSTALLED.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(handle) = installed.as_ref() {
+        return Ok(handle.clone());
+    }
     let handle = builder()?.install_recorder()?;
     publish_build_info();
     describe();
+    *installed = Some(handle.clone());
     Ok(handle)
 }
 

@@ -127,14 +127,21 @@ pub struct PartitionLagInfo {
 
 /// Administrative operations.
 ///
-/// ```no_run
-/// # async fn demo() -> cairn_client::Result<()> {
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let dir = tempfile::tempdir()?;
+/// # let broker = cairn_broker::EmbeddedBroker::start(dir.path())?;
+/// # tokio::runtime::Runtime::new()?.block_on(async {
 /// use cairn_client::{Admin, ConnectionConfig, NewTopic};
-/// let admin = Admin::connect(ConnectionConfig::default()).await?;
+/// let connection = ConnectionConfig::default(); // 127.0.0.1:7070
+/// # let connection = ConnectionConfig { broker: broker.addr().to_string(), ..connection };
+/// let admin = Admin::connect(connection).await?;
 /// admin.create_topic(NewTopic::new("events", 3)).await?;
 /// for t in admin.list_topics().await? {
 ///     println!("{} has {} partitions", t.name, t.partitions.len());
 /// }
+/// # assert_eq!(admin.list_topics().await?.len(), 1);
+/// # Ok::<_, cairn_client::Error>(()) })?;
 /// # Ok(()) }
 /// ```
 #[derive(Debug, Clone)]

@@ -169,16 +169,24 @@ type Joined = (JoinGroupResponse, Option<AbortOnDropHandle<()>>);
 
 /// A consumer. Not `Clone`: one owner polls it.
 ///
-/// ```no_run
-/// # async fn demo() -> cairn_client::Result<()> {
-/// use cairn_client::{Consumer, ConsumerConfig, Offset};
-/// let mut consumer = Consumer::connect(ConsumerConfig::default()).await?;
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let dir = tempfile::tempdir()?;
+/// # let broker = cairn_broker::EmbeddedBroker::start(dir.path())?;
+/// # tokio::runtime::Runtime::new()?.block_on(async {
+/// use cairn_client::{ConnectionConfig, Consumer, ConsumerConfig, Offset};
+/// let connection = ConnectionConfig::default(); // 127.0.0.1:7070
+/// # let connection = ConnectionConfig { broker: broker.addr().to_string(), ..connection };
+/// # let admin = cairn_client::Admin::connect(connection.clone()).await?;
+/// # admin.create_topic(cairn_client::NewTopic::new("events", 3)).await?;
+/// let mut consumer = Consumer::connect(ConsumerConfig { connection, ..ConsumerConfig::default() }).await?;
 /// consumer.assign("events", None).await?;
 /// consumer.seek_all(Offset::Earliest);
 /// let records = consumer.poll(std::time::Duration::from_secs(1)).await?;
 /// for r in records {
 ///     println!("{}@{}: {:?}", r.partition, r.offset, r.value);
 /// }
+/// # Ok::<_, cairn_client::Error>(()) })?;
 /// # Ok(()) }
 /// ```
 #[derive(Debug)]

@@ -3,18 +3,25 @@
 //! The async client for Cairn: a batching [`Producer`], a tailing [`Consumer`] (explicit
 //! partitions or a consumer group), and [`Admin`] operations; plus the `cairn` command-line tool.
 //!
-//! ```no_run
-//! # async fn demo() -> cairn_client::Result<()> {
+//! ```
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # let dir = tempfile::tempdir()?;
+//! # let broker = cairn_broker::EmbeddedBroker::start(dir.path())?;
+//! # tokio::runtime::Runtime::new()?.block_on(async {
 //! use cairn_client::{Admin, ConnectionConfig, Consumer, ConsumerConfig, NewTopic, Producer, ProducerConfig, ProducerRecord};
-//! let admin = Admin::connect(ConnectionConfig::default()).await?;
+//! let connection = ConnectionConfig::default(); // 127.0.0.1:7070
+//! # let connection = ConnectionConfig { broker: broker.addr().to_string(), ..connection };
+//! let admin = Admin::connect(connection.clone()).await?;
 //! admin.create_topic(NewTopic::new("agent-state", 3)).await?;
 //!
-//! let producer = Producer::connect(ProducerConfig::default()).await?;
+//! let producer = Producer::connect(ProducerConfig { connection: connection.clone(), ..ProducerConfig::default() }).await?;
 //! producer.send(ProducerRecord::new("agent-state", "done").key("task-17")).await?.await?;
 //!
-//! let mut consumer = Consumer::connect(ConsumerConfig::default()).await?;
+//! let mut consumer = Consumer::connect(ConsumerConfig { connection, ..ConsumerConfig::default() }).await?;
 //! consumer.assign("agent-state", None).await?;
-//! let records = consumer.poll(std::time::Duration::from_secs(1)).await?;
+//! let records = consumer.poll(std::time::Duration::from_secs(5)).await?;
+//! # assert_eq!(records.len(), 1);
+//! # Ok::<_, cairn_client::Error>(()) })?;
 //! # Ok(()) }
 //! ```
 //!

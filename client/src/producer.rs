@@ -410,14 +410,23 @@ struct Inner {
 
 /// A batching, pipelining producer. Cheap to clone; clones share batches and the connection.
 ///
-/// ```no_run
-/// # async fn demo() -> cairn_client::Result<()> {
-/// use cairn_client::{Producer, ProducerConfig, ProducerRecord};
-/// let producer = Producer::connect(ProducerConfig::default()).await?;
+/// ```
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # let dir = tempfile::tempdir()?;
+/// # let broker = cairn_broker::EmbeddedBroker::start(dir.path())?;
+/// # tokio::runtime::Runtime::new()?.block_on(async {
+/// use cairn_client::{ConnectionConfig, Producer, ProducerConfig, ProducerRecord};
+/// let connection = ConnectionConfig::default(); // 127.0.0.1:7070
+/// # let connection = ConnectionConfig { broker: broker.addr().to_string(), ..connection };
+/// # let admin = cairn_client::Admin::connect(connection.clone()).await?;
+/// # admin.create_topic(cairn_client::NewTopic::new("events", 3)).await?;
+/// let producer = Producer::connect(ProducerConfig { connection, ..ProducerConfig::default() }).await?;
 /// let delivery = producer.send(ProducerRecord::new("events", "task 17 -> done").key("task-17")).await?;
 /// let meta = delivery.await?;
 /// println!("stored at partition {} offset {}", meta.partition, meta.offset);
+/// # assert_eq!(meta.offset, 0);
 /// producer.close().await?;
+/// # Ok::<_, cairn_client::Error>(()) })?;
 /// # Ok(()) }
 /// ```
 #[derive(Debug, Clone)]
