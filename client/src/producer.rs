@@ -76,6 +76,15 @@ impl Default for ProducerConfig {
     }
 }
 
+impl ProducerConfig {
+    /// Sets [`ProducerConfig::linger`] in milliseconds, Kafka's `linger.ms`:
+    /// `ProducerConfig::default().linger_ms(2)`.
+    pub fn linger_ms(mut self, ms: u64) -> Self {
+        self.linger = Duration::from_millis(ms);
+        self
+    }
+}
+
 /// A record to send.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ProducerRecord {
@@ -1010,6 +1019,13 @@ fn finish(inner: &Inner, b: SealedBatch, outcome: Outcome) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn linger_ms_sets_the_linger() {
+        let config = ProducerConfig::default().linger_ms(2);
+        assert_eq!(config.linger, Duration::from_millis(2));
+        assert_eq!(ProducerConfig::default().linger_ms(0).linger, Duration::ZERO);
+    }
 
     /// A producer that knows `topic` already and has not connected (nothing here sends).
     fn offline(config: ProducerConfig, topic: &Arc<str>, partitions: u32) -> Producer {
