@@ -9,7 +9,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http_body_util::Full;
 use hyper::body::Bytes as HttpBytes;
@@ -61,8 +61,10 @@ pub fn install() -> anyhow::Result<PrometheusHandle> {
         return Ok(handle.clone());
     }
     let handle = builder()?.install_recorder()?;
+    let _ = START_TIME.set(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()));
     publish_build_info();
     describe();
+    register_counters();
     *installed = Some(handle.clone());
     Ok(handle)
 }
@@ -81,8 +83,48 @@ pub async fn keep_up(handle: PrometheusHandle, every: Duration, shutdown: tokio_
     }
 }
 
+/// When the recorder was installed, that is when the broker process started.
+static START_TIME: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+
 fn publish_build_info() {
     metrics::gauge!("cairn_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    if let Some(t) = START_TIME.get() {
+        metrics::gauge!("cairn_start_time_seconds").set(*t);
+    }
+}
+
+/// Every `kind` of `cairn_storage_errors_total`: [`crate::storage::StorageError::kind`]'s
+/// values and `fsync`.
+pub const STORAGE_ERROR_KINDS: [&str; 10] = [
+    "offset_out_of_range",
+    "storage_full",
+    "invalid_batch",
+    "io",
+    "read_only",
+    "poisoned",
+    "topic",
+    "config",
+    "closed",
+    "fsync",
+];
+
+/// Creates every counter that counts rare events, at 0, so that it is scraped before its first
+/// event: PromQL's `increase()` cannot see a series' first sample, and a counter that appears
+/// at 1 would hide its first error from alerts and dashboards.
+fn register_counters() {
+    for kind in STORAGE_ERROR_KINDS {
+        metrics::counter!("cairn_storage_errors_total", "kind" => kind).increment(0);
+    }
+    for name in [
+        "cairn_recovery_truncated_bytes_total",
+        "cairn_connections_refused_total",
+        "cairn_parked_fetches_refused_total",
+        "cairn_http_connections_refused_total",
+        "cairn_committed_offsets_reset_total",
+        "cairn_committed_offsets_expired_total",
+    ] {
+        metrics::counter!(name).increment(0);
+    }
 }
 
 fn describe() {
@@ -107,6 +149,7 @@ fn describe() {
     describe_counter!("cairn_storage_errors_total", "Storage errors by kind");
     describe_gauge!("cairn_disk_free_bytes", Unit::Bytes, "Free bytes on the data disk");
     describe_gauge!("cairn_build_info", "Build information");
+    describe_gauge!("cairn_start_time_seconds", Unit::Seconds, "Unix time the broker process started");
     describe_counter!(
         "cairn_http_connections_refused_total",
         "Metrics listener connections closed at accept: metrics_connections_max reached"
@@ -368,6 +411,32 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Counters of rare events are scraped at 0 before their first event, so that `increase()`
+    /// sees that event; and the start time is published for the alert rules.
+    #[test]
+    fn rare_event_counters_and_the_start_time_are_there_from_the_start() {
+        let handle = super::install().expect("install");
+        let text = handle.render();
+        for kind in super::STORAGE_ERROR_KINDS {
+            let series = format!("cairn_storage_errors_total{{kind=\"{kind}\"}}");
+            assert!(text.contains(&series), "{series} missing from:\n{text}");
+        }
+        for name in [
+            "cairn_recovery_truncated_bytes_total",
+            "cairn_connections_refused_total",
+            "cairn_committed_offsets_reset_total",
+        ] {
+            assert!(text.lines().any(|l| l.starts_with(&format!("{name} "))), "{name} missing from:\n{text}");
+        }
+        let start = text
+            .lines()
+            .find_map(|l| l.strip_prefix("cairn_start_time_seconds "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .expect("cairn_start_time_seconds");
+        assert!(start > 1.7e9, "start time {start}");
+        assert!(super::install().is_ok(), "a second install returns the same handle");
     }
 
     /// Every metric the broker records has a HELP text (`promtool check metrics` flags one
