@@ -419,6 +419,52 @@ fn a_send_racing_close_is_either_refused_or_delivered_never_left_hanging() {
     });
 }
 
+#[test]
+fn a_send_after_close_began_is_refused_so_close_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "");
+    run(Duration::from_secs(60), async {
+        broker.admin().await.create_topic(NewTopic::new("closing", 1)).await.unwrap();
+        let producer = Producer::connect(broker.producer_config()).await.unwrap();
+        producer.send(ProducerRecord::new("closing", "first")).await.unwrap().await.unwrap();
+        // The broker stops answering: close() waits in its flush for the second record.
+        signal(&broker, "STOP");
+        let pending = producer.send(ProducerRecord::new("closing", "second")).await.unwrap();
+        let closer = producer.clone();
+        let close = tokio::spawn(async move { closer.close().await });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let still_closing = !close.is_finished();
+        let late = producer.send(ProducerRecord::new("closing", "late")).await;
+        signal(&broker, "CONT");
+        assert!(still_closing, "close() returned while the broker was stopped");
+        assert!(matches!(late, Err(Error::Closed)), "a send after close() began: {late:?}");
+        close.await.unwrap().unwrap();
+        pending.await.unwrap();
+        assert_eq!(producer.outstanding(), 0, "close() returned with records outstanding");
+    });
+}
+
+#[test]
+fn a_record_for_a_partition_the_topic_gained_is_sent_not_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "");
+    run(Duration::from_secs(60), async {
+        let admin = broker.admin().await;
+        admin.create_topic(NewTopic::new("widens", 2)).await.unwrap();
+        let producer = Producer::connect(broker.producer_config()).await.unwrap();
+        producer.send(ProducerRecord::new("widens", "before").partition(1)).await.unwrap().await.unwrap();
+        admin.delete_topic("widens").await.unwrap();
+        admin.create_topic(NewTopic::new("widens", 8)).await.unwrap();
+        // The producer still counts two partitions; it asks the broker before refusing.
+        let sent = producer.send(ProducerRecord::new("widens", "after").partition(5)).await;
+        let meta = sent.expect("partition 5 of 8 refused").await.unwrap();
+        assert_eq!(meta.partition, 5);
+        let missing = producer.send(ProducerRecord::new("widens", "nowhere").partition(8)).await;
+        assert!(matches!(missing, Err(Error::InvalidArgument(_))), "partition 8 of 8: {missing:?}");
+        producer.close().await.unwrap();
+    });
+}
+
 /// The broker's open client connections, from its metrics endpoint.
 fn open_connections(broker: &TestBroker) -> f64 {
     broker.metric("cairn_connections").expect("cairn_connections is exported")

@@ -494,10 +494,9 @@ impl Producer {
         Ok(Producer::from_inner(inner))
     }
 
-    async fn partition_count(&self, topic: &Arc<str>) -> Result<u32> {
-        if let Some(t) = self.inner.state.lock().expect("producer state").topic_mut(topic) {
-            return Ok(t.partitions);
-        }
+    /// Asks the broker for `topic`'s partition count and records it: a topic seen for the first
+    /// time gets its queues, a known one grows to the count (as a periodic refresh would).
+    async fn fetch_partition_count(&self, topic: &Arc<str>) -> Result<u32> {
         let resp = self.inner.conn.request(&MetadataRequest { topics: Some(vec![topic.to_string()]) }).await?;
         let t = resp.topics.into_iter().next().ok_or_else(|| Error::UnknownTopic(topic.to_string()))?;
         if !t.error.is_ok() || t.partitions.is_empty() {
@@ -505,9 +504,12 @@ impl Producer {
         }
         let n = t.partitions.len() as u32;
         let mut state = self.inner.state.lock().expect("producer state");
-        if state.topic_mut(topic).is_none() {
-            let refresh_at = after(Instant::now(), self.inner.config.metadata_max_age);
-            state.topics.push(TopicQueues::new(Arc::clone(topic), n, refresh_at));
+        match state.topic_mut(topic) {
+            Some(known) => known.resize(n),
+            None => {
+                let refresh_at = after(Instant::now(), self.inner.config.metadata_max_age);
+                state.topics.push(TopicQueues::new(Arc::clone(topic), n, refresh_at));
+            }
         }
         Ok(n)
     }
@@ -545,11 +547,18 @@ impl Producer {
         let mut reserved = Reserved { memory: &inner.memory, bytes: size };
         // One lock per record: the topic's partition count is looked up under the same lock
         // that appends, and metadata is fetched (without the lock) only the first time.
+        // A partition past the known count may be one the topic gained since (recreated with
+        // more): the broker is asked once before the record is refused.
+        let mut asked = false;
         let (mut state, index) = loop {
-            if let Some(known) = self.lock_if_known(&record.topic) {
-                break known;
+            match self.lock_if_known(&record.topic) {
+                Some((state, i)) if asked || record.partition.is_none_or(|p| p < state.topics[i].partitions) => {
+                    break (state, i)
+                }
+                Some(_) => asked = true,
+                None => {}
             }
-            self.partition_count(&record.topic).await?;
+            self.fetch_partition_count(&record.topic).await?;
         };
         // Checked again under the lock the sender takes to decide to stop: a send that waited
         // for metadata while close() ran must not queue a record nothing will ever send.
@@ -648,13 +657,18 @@ impl Producer {
         Ok(())
     }
 
-    /// Flushes, then stops the sender. Later sends fail with [`Error::Closed`].
+    /// Refuses sends from here on (on every clone: they fail with [`Error::Closed`]), waits
+    /// until every record sent before is acknowledged or has failed, and stops the sender.
     ///
     /// # Errors
     /// As [`Producer::flush`].
     pub async fn close(&self) -> Result<()> {
-        self.flush().await?;
+        // Closed first, then flushed: a clone's send racing close() is either refused or part
+        // of the flush, never accepted after it (as Kafka's close).
         self.inner.closed.store(true, Ordering::Release);
+        // Sends waiting for buffer space give up now, not once space frees.
+        self.inner.memory.freed.notify_waiters();
+        self.flush().await?;
         self.inner.wake.notify_one();
         Ok(())
     }
@@ -893,8 +907,7 @@ async fn send_request(inner: &Arc<Inner>, mut batches: Vec<Sendable>) {
                 Ok(()) => Ok(-1),
                 Err(e) => Err(e.duplicate()),
             };
-            release_partition(inner, &tp);
-            finish(inner, b, outcome);
+            complete(inner, &tp, b, outcome);
         }
         return;
     }
@@ -925,13 +938,11 @@ async fn send_request(inner: &Arc<Inner>, mut batches: Vec<Sendable>) {
                     refresh_soon(inner, &tp.0);
                 }
                 if code.is_ok() {
-                    release_partition(inner, &tp);
-                    finish(inner, b, Ok(base));
+                    complete(inner, &tp, b, Ok(base));
                 } else if code.is_retriable() {
                     retry(inner, tp, b, broker_error(code, message));
                 } else {
-                    release_partition(inner, &tp);
-                    finish(inner, b, Err(broker_error(code, message)));
+                    complete(inner, &tp, b, Err(broker_error(code, message)));
                 }
             }
         }
@@ -940,8 +951,7 @@ async fn send_request(inner: &Arc<Inner>, mut batches: Vec<Sendable>) {
                 if e.is_retriable() {
                     retry(inner, tp, b, e.duplicate());
                 } else {
-                    release_partition(inner, &tp);
-                    finish(inner, b, Err(e.duplicate()));
+                    complete(inner, &tp, b, Err(e.duplicate()));
                 }
             }
         }
@@ -979,8 +989,7 @@ fn retry(inner: &Arc<Inner>, tp: TopicPartition, mut b: SealedBatch, why: Error)
     let retry_at = Instant::now() + backoff;
     if retry_at >= after(b.created, inner.config.delivery_timeout) {
         // No attempt left before the deadline: fail now, with this attempt's error.
-        release_partition(inner, &tp);
-        finish(inner, b, Err(why));
+        complete(inner, &tp, b, Err(why));
         return;
     }
     tracing::debug!(topic = %tp.0, partition = tp.1, attempt = b.attempts, error = %why, "retrying batch");
@@ -997,6 +1006,15 @@ fn retry(inner: &Arc<Inner>, tp: TopicPartition, mut b: SealedBatch, why: Error)
             finish(inner, b, Err(why));
         }
     }
+}
+
+/// Ends a batch's last attempt: its outcome first, then its partition may send the next one.
+/// The other order let the next batch be sent and finish before this one's outcome was set,
+/// so that a flush waiting for the partition's newest batch could return while this one was
+/// still pending.
+fn complete(inner: &Inner, tp: &TopicPartition, b: SealedBatch, outcome: Outcome) {
+    finish(inner, b, outcome);
+    release_partition(inner, tp);
 }
 
 fn release_partition(inner: &Inner, tp: &TopicPartition) {
