@@ -91,9 +91,11 @@ struct Common {
     /// Keyed records over N distinct keys (0 = no keys).
     #[arg(long, default_value_t = 0)]
     keys: u64,
-    /// Warm-up records per producer before measuring (produce only).
-    #[arg(long, default_value_t = 50_000)]
-    warmup: u64,
+    /// Warm-up before measuring, unmeasured: records per producer for produce (default 50,000)
+    /// and e2e (default one second at --rate); records a throwaway consumer reads first for
+    /// consume (default 100,000). 0 skips it.
+    #[arg(long)]
+    warmup: Option<u64>,
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
@@ -116,12 +118,27 @@ struct SuiteArgs {
     broker_bin: Option<PathBuf>,
 }
 
-fn opts(c: &Common, e2e: bool) -> Opts {
+/// The warm-up a workload gets when `--warmup` is not given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Workload {
+    Produce,
+    Consume,
+    E2e,
+}
+
+fn opts(c: &Common, workload: Workload) -> Opts {
+    let e2e = workload == Workload::E2e;
+    let producers = c.producers.max(1);
+    let warmup = c.warmup.unwrap_or(match workload {
+        Workload::Produce => 50_000,
+        Workload::Consume => 100_000,
+        Workload::E2e => (c.rate.unwrap_or(workload::E2E_RATE) / producers as u64).max(1),
+    });
     Opts {
         broker: c.broker.clone(),
         topic: c.topic.clone(),
         partitions: c.partitions,
-        producers: c.producers.max(1),
+        producers,
         consumers: c.consumers.max(1),
         messages: c.messages,
         duration: Duration::from_secs(c.duration),
@@ -135,7 +152,7 @@ fn opts(c: &Common, e2e: bool) -> Opts {
         },
         rate: c.rate,
         keys: c.keys,
-        warmup: if e2e { 0 } else { c.warmup },
+        warmup,
         progress: !c.json,
         command: std::env::args().collect::<Vec<_>>().join(" "),
     }
@@ -143,9 +160,9 @@ fn opts(c: &Common, e2e: bool) -> Opts {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let (common, report) = match &cli.command {
-        Command::Produce(c) => (c, workload::produce(&opts(c, false)).await?),
-        Command::Consume(c) => (c, workload::consume(&opts(c, false)).await?),
-        Command::E2e(c) => (c, workload::e2e(&opts(c, true)).await?),
+        Command::Produce(c) => (c, workload::produce(&opts(c, Workload::Produce)).await?),
+        Command::Consume(c) => (c, workload::consume(&opts(c, Workload::Consume)).await?),
+        Command::E2e(c) => (c, workload::e2e(&opts(c, Workload::E2e)).await?),
         Command::Suite(s) => return suite::run(s.scale, s.broker_bin.clone()).await,
     };
     if common.json {

@@ -226,7 +226,7 @@ pub async fn run(scale: f64, bin: Option<PathBuf>) -> anyhow::Result<()> {
         rate: Some(10_000),
         duration: Duration::from_secs((10.0 * scale).max(3.0) as u64),
         linger: Duration::ZERO,
-        warmup: 0,
+        warmup: 10_000, // one second at the rate, unmeasured
         ..base(&addr, "p4")
     })
     .await?;

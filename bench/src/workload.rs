@@ -45,7 +45,8 @@ pub struct Opts {
     pub rate: Option<u64>,
     /// Number of distinct keys (0 = keyless).
     pub keys: u64,
-    /// Warm-up records per producer before measuring.
+    /// Unmeasured warm-up: records per producer (produce, e2e), or records a throwaway
+    /// consumer reads first (consume).
     pub warmup: u64,
     /// Print progress while running.
     pub progress: bool,
@@ -393,7 +394,11 @@ fn report(
     }
 }
 
-/// Consume the topic from offset 0; latency = duration of each poll.
+/// The e2e rate when `--rate` is not given, records/s.
+pub const E2E_RATE: u64 = 10_000;
+
+/// Consume the topic from offset 0; latency = duration of each poll. A throwaway consumer reads
+/// the first `warmup` records before the measured ones start, again from offset 0.
 pub async fn consume(opts: &Opts) -> anyhow::Result<Report> {
     let admin = Admin::connect(conn(opts, "cairn-bench")).await?;
     let info = admin.describe_topic(&opts.topic).await?;
@@ -401,6 +406,17 @@ pub async fn consume(opts: &Opts) -> anyhow::Result<Report> {
     let want = opts.messages.unwrap_or(available as u64).min(available as u64);
     if want == 0 {
         anyhow::bail!("topic {} is empty: produce first (cairn-bench produce --topic {})", opts.topic, opts.topic);
+    }
+    if opts.warmup > 0 {
+        let config = ConsumerConfig { connection: conn(opts, "bench-consumer-warmup"), ..ConsumerConfig::default() };
+        let mut warm = Consumer::connect(config).await?;
+        warm.assign(&opts.topic, None).await?;
+        warm.seek_all(Offset::Earliest);
+        let mut got = 0u64;
+        while got < opts.warmup.min(available as u64) {
+            got += warm.poll(Duration::from_secs(5)).await?.len() as u64;
+        }
+        warm.close().await?;
     }
     let parts: Vec<u32> = info.partitions.iter().map(|p| p.partition).collect();
     let n = opts.consumers.max(1).min(parts.len());
@@ -463,13 +479,15 @@ fn split_wanted(available: &[u64], want: u64) -> Vec<u64> {
 }
 
 /// Producers send at a fixed total rate with the intended send time in the value; consumers
-/// tailing the topic measure arrival. Latency = arrival - intended send time.
+/// tailing the topic measure arrival. Latency = arrival - intended send time. First, `warmup`
+/// records per producer go the same way at the same rate, from producers of their own, and
+/// what they measured is discarded once every one of them has arrived.
 pub async fn e2e(opts: &Opts) -> anyhow::Result<Report> {
     if opts.size < 8 {
         anyhow::bail!("e2e needs --size of at least 8 bytes (the timestamp)");
     }
     ensure_topic(opts).await?;
-    let rate = opts.rate.unwrap_or(10_000);
+    let rate = opts.rate.unwrap_or(E2E_RATE);
     let total = opts.messages.unwrap_or((rate as f64 * opts.duration.as_secs_f64()) as u64);
     let admin = Admin::connect(conn(opts, "cairn-bench")).await?;
     let parts: Vec<u32> = admin.describe_topic(&opts.topic).await?.partitions.iter().map(|p| p.partition).collect();
@@ -510,6 +528,28 @@ pub async fn e2e(opts: &Opts) -> anyhow::Result<Report> {
             }
             Ok::<(), anyhow::Error>(())
         }));
+    }
+    if opts.warmup > 0 {
+        let warm = producers(opts).await?;
+        let count = opts.warmup * warm.len() as u64;
+        let plan = SendPlan { rate: Some(rate as f64), stamp: true, ..SendPlan::new(opts, Some(count)) };
+        let mut sent = 0;
+        for t in start_senders(warm, plan) {
+            sent += t.await??;
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while received.load(Ordering::Relaxed) < sent && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if received.load(Ordering::Relaxed) < sent {
+            anyhow::bail!(
+                "warm-up: {} of {sent} records did not arrive within 10 s",
+                sent - received.load(Ordering::Relaxed)
+            );
+        }
+        hist.lock().expect("histogram").reset();
+        received.store(0, Ordering::Relaxed);
+        meter.count.store(0, Ordering::Relaxed);
     }
     let ticker = meter.spawn(Some(total), opts.progress, "e2e");
     let list = producers(opts).await?;

@@ -45,6 +45,29 @@ fn produce_and_consume_report_the_json_keys_scripts_read() {
 }
 
 #[test]
+fn warm_ups_run_first_and_count_in_no_figure() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "");
+    // e2e: 500 warm-up records at the rate, then 1,000 measured ones; both reach the log.
+    let args = ["e2e", "--topic", "w", "--rate", "1000", "--messages", "1000", "--warmup", "500", "--json"];
+    let (code, out, err) = bench(&broker, &args);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["records"], 1000, "the warm-up is not counted: {out}");
+    let mut end = 0i64;
+    common::run(std::time::Duration::from_secs(30), async {
+        let info = broker.admin().await.describe_topic("w").await.unwrap();
+        end = info.partitions.iter().map(|p| p.end_offset).sum();
+    });
+    assert_eq!(end, 1500, "the warm-up was sent");
+    // consume: a throwaway consumer reads first; the measured one still reads the whole topic.
+    let (code, out, err) = bench(&broker, &["consume", "--topic", "w", "--warmup", "700", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["records"], 1500, "{out}");
+}
+
+#[test]
 fn several_consumers_read_the_whole_topic_from_uneven_partitions() {
     let dir = tempfile::tempdir().unwrap();
     let broker = TestBroker::start(dir.path(), "");
