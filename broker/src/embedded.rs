@@ -12,6 +12,9 @@ use crate::config::BrokerConfig;
 /// A broker running on a thread of its own in this process. Dropping it shuts the broker down
 /// cleanly (as SIGTERM does `cairn-broker`) and waits for that.
 ///
+/// Metrics are process-wide: the broker installs the global `metrics` recorder (so the
+/// process cannot install another), and the series of two embedded brokers in one process mix.
+///
 /// ```
 /// # fn main() -> anyhow::Result<()> {
 /// let dir = tempfile::tempdir()?;
@@ -33,7 +36,8 @@ impl EmbeddedBroker {
     /// `127.0.0.1` with ports the system chooses; returns once it accepts clients.
     ///
     /// # Errors
-    /// As [`crate::start`]: an unusable data directory, or no port to bind.
+    /// As [`crate::start`]: an unusable data directory, no port to bind, or another `metrics`
+    /// recorder already installed in the process.
     pub fn start(data_dir: &Path) -> anyhow::Result<EmbeddedBroker> {
         EmbeddedBroker::start_with(BrokerConfig {
             data_dir: data_dir.to_path_buf(),

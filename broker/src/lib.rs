@@ -46,12 +46,18 @@ pub async fn run(config: BrokerConfig, shutdown: CancellationToken) -> anyhow::R
 
 /// A broker whose listeners are bound and whose logs are recovered: clients can connect (they
 /// are accepted once [`Started::serve`] runs), and the health endpoint reports it ready.
+///
+/// Dropping it without [`Started::serve`] stops the broker's background tasks and closes the
+/// metrics listener, without the clean close of the logs that `serve` ends with (the next start
+/// recovers them).
 #[derive(Debug)]
 pub struct Started {
     broker: Arc<Broker>,
     listener: tokio::net::TcpListener,
     listen: SocketAddr,
     metrics: SocketAddr,
+    /// Cancels the broker's own token (a child of the caller's) when dropped.
+    stop_tasks: tokio_util::sync::DropGuard,
 }
 
 impl Started {
@@ -71,23 +77,31 @@ impl Started {
     /// # Errors
     /// A failed clean close of the logs.
     pub async fn serve(self) -> anyhow::Result<()> {
-        let Started { broker, listener, .. } = self;
+        let Started { broker, listener, stop_tasks, .. } = self;
         server::serve(Arc::clone(&broker), listener).await;
         tracing::info!("closing logs");
         let closer = Arc::clone(&broker);
         tokio::task::spawn_blocking(move || closer.store.close()).await?.context("closing the log store")?;
         tracing::info!("shutdown complete");
+        drop(stop_tasks);
         Ok(())
     }
 }
 
 /// The first half of [`run`]: validates the configuration, binds both listeners (a port of 0
 /// gets one the system chooses), recovers the logs and committed offsets, and marks the broker
-/// ready. The metrics recorder is process-wide: brokers started in one process share it.
+/// ready. The metrics recorder is process-wide: brokers started in one process share it (and
+/// their series mix). Cancelling `shutdown` stops the broker; a failed start stops what it had
+/// started, without cancelling `shutdown`.
 ///
 /// # Errors
-/// Configuration, bind, or storage failures.
+/// Configuration, bind, or storage failures; another `metrics` recorder already installed in
+/// the process.
 pub async fn start(config: BrokerConfig, shutdown: CancellationToken) -> anyhow::Result<Started> {
+    // The broker's tasks follow a token of their own: cancelled with the caller's, and by this
+    // guard if the start fails or the result is dropped unserved.
+    let shutdown = shutdown.child_token();
+    let stop_tasks = shutdown.clone().drop_guard();
     config.validate()?;
     let prometheus = metrics::install().context("installing the metrics recorder")?;
     let metrics_listener = metrics::bind(config.metrics_listen)
@@ -126,7 +140,7 @@ pub async fn start(config: BrokerConfig, shutdown: CancellationToken) -> anyhow:
     // The listener is bound and the logs are recovered: clients can connect from here on.
     health.ready.store(true, std::sync::atomic::Ordering::Release);
     tracing::info!(listen = %local, metrics = %metrics_local, "accepting clients");
-    Ok(Started { broker, listener, listen: local, metrics: metrics_local })
+    Ok(Started { broker, listener, listen: local, metrics: metrics_local, stop_tasks })
 }
 
 async fn group_ticker(broker: Arc<Broker>) {
@@ -145,5 +159,59 @@ async fn group_ticker(broker: Arc<Broker>) {
             let _ = tokio::task::spawn_blocking(move || expirer.groups.expire_offsets(system_clock()())).await;
             next_retention_check = tokio::time::Instant::now() + retention_check;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reports whether something still accepts connections on `port` after up to 5 s.
+    async fn still_listening(port: u16) -> bool {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            if std::time::Instant::now() >= deadline {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    }
+
+    #[tokio::test]
+    async fn a_failed_start_stops_what_it_started_and_leaves_the_token_alone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let not_a_dir = dir.path().join("file");
+        std::fs::write(&not_a_dir, b"x").expect("write");
+        let port = free_port();
+        let config = BrokerConfig {
+            data_dir: not_a_dir,
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], port)),
+            ..BrokerConfig::default()
+        };
+        let token = CancellationToken::new();
+        assert!(start(config, token.clone()).await.is_err());
+        assert!(!token.is_cancelled());
+        assert!(!still_listening(port).await, "the metrics listener outlived a failed start");
+    }
+
+    #[tokio::test]
+    async fn a_started_broker_dropped_unserved_stops_its_tasks() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = BrokerConfig {
+            data_dir: dir.path().to_path_buf(),
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            metrics_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            ..BrokerConfig::default()
+        };
+        let started = start(config, CancellationToken::new()).await.expect("start");
+        let port = started.metrics_addr().port();
+        drop(started);
+        assert!(!still_listening(port).await, "the metrics listener outlived its dropped broker");
     }
 }
