@@ -523,8 +523,10 @@ pub async fn e2e(opts: &Opts) -> anyhow::Result<Report> {
                     }
                 }
                 drop(h);
-                received.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                // The meter first: once `received` shows the warm-up arrived, its count is
+                // complete and can be reset.
                 meter.count.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                received.fetch_add(batch.len() as u64, Ordering::Release);
             }
             Ok::<(), anyhow::Error>(())
         }));
@@ -538,10 +540,10 @@ pub async fn e2e(opts: &Opts) -> anyhow::Result<Report> {
             sent += t.await??;
         }
         let deadline = Instant::now() + Duration::from_secs(10);
-        while received.load(Ordering::Relaxed) < sent && Instant::now() < deadline {
+        while received.load(Ordering::Acquire) < sent && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        if received.load(Ordering::Relaxed) < sent {
+        if received.load(Ordering::Acquire) < sent {
             anyhow::bail!(
                 "warm-up: {} of {sent} records did not arrive within 10 s",
                 sent - received.load(Ordering::Relaxed)

@@ -30,7 +30,8 @@ pub const REQUEST_BUCKETS: &[f64] =
 pub const FLUSH_BUCKETS: &[f64] = &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
 
 /// A gauge not set for this long leaves `/metrics`. Every live gauge is set at least every second
-/// ([`refresh_gauges`], and the storage maintenance thread for disk space), so only the series of
+/// ([`refresh_gauges`], and the storage maintenance thread for disk space) or, for the build
+/// information and the start time, just before every render of `/metrics`, so only the series of
 /// deleted topics and partitions and of forgotten groups go: a deleted topic must not keep
 /// reporting its last lag to an alert.
 pub const GAUGE_IDLE_TIMEOUT: Duration = Duration::from_secs(10);

@@ -551,13 +551,12 @@ impl Producer {
         // more): the broker is asked once before the record is refused.
         let mut asked = false;
         let (mut state, index) = loop {
-            match self.lock_if_known(&record.topic) {
-                Some((state, i)) if asked || record.partition.is_none_or(|p| p < state.topics[i].partitions) => {
-                    break (state, i)
+            if let Some((state, i)) = self.lock_if_known(&record.topic) {
+                if asked || record.partition.is_none_or(|p| p < state.topics[i].partitions) {
+                    break (state, i);
                 }
-                Some(_) => asked = true,
-                None => {}
             }
+            asked = true;
             self.fetch_partition_count(&record.topic).await?;
         };
         // Checked again under the lock the sender takes to decide to stop: a send that waited
