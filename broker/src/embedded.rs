@@ -66,16 +66,16 @@ impl EmbeddedBroker {
             .name("cairn-embedded".into())
             .spawn(move || {
                 runtime.block_on(async move {
-                    let started = match crate::start(config, token).await {
-                        Ok(s) => s,
-                        Err(e) => {
-                            let message = format!("{e:#}");
-                            let _ = tx.send(Err(e));
-                            return Err(anyhow::anyhow!(message));
+                    match crate::start(config, token).await {
+                        Ok(started) => {
+                            let _ = tx.send(Ok((started.listen_addr(), started.metrics_addr())));
+                            started.serve().await
                         }
-                    };
-                    let _ = tx.send(Ok((started.listen_addr(), started.metrics_addr())));
-                    started.serve().await
+                        Err(e) => {
+                            let _ = tx.send(Err(e)); // reported by start_with, not by the thread
+                            Ok(())
+                        }
+                    }
                 })
             })
             .context("spawning the embedded broker's thread")?;
@@ -85,10 +85,11 @@ impl EmbeddedBroker {
                 let _ = thread.join();
                 Err(e)
             }
-            Err(_) => match thread.join() {
-                Ok(r) => Err(r.err().unwrap_or_else(|| anyhow::anyhow!("the embedded broker stopped at start"))),
-                Err(_) => Err(anyhow::anyhow!("the embedded broker's thread panicked at start")),
-            },
+            // The thread ended without a word: it panicked.
+            Err(_) => {
+                let _ = thread.join();
+                Err(anyhow::anyhow!("the embedded broker's thread panicked at start"))
+            }
         }
     }
 

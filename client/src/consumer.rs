@@ -500,13 +500,12 @@ impl Consumer {
             .collect())
     }
 
-    /// Looks up the positions still to resolve. A partition the broker refuses keeps its
-    /// `Resolve` and the others are resolved all the same; the first refusal is returned in
-    /// `Ok(Some(_))`, to be reported after the others' records. Connection failures are `Err`.
     /// Places partitions whose position is a seek: exact offsets at once, the others with one
     /// ListOffsets request for all of them (one round trip, not one a partition). Waits for the
-    /// answer until `deadline`; if it has not come by then, a later call takes it up. Returns
-    /// the first partition the broker refused, if any (the others are placed).
+    /// answer until `deadline`; if it has not come by then, a later call takes it up. A
+    /// partition the broker refuses keeps its `Resolve` and the others are placed all the same;
+    /// the first refusal is returned in `Ok(Some(_))`, to be reported after the others' records.
+    /// Connection failures are `Err`.
     async fn resolve_positions(&mut self, deadline: Instant) -> Result<Option<Error>> {
         if self.lookup.is_none() {
             let mut topics: Vec<ListOffsetsTopic> = Vec::new();
@@ -988,7 +987,7 @@ impl Consumer {
 
     /// The request that commits `offsets` for the configured group as its current member
     /// (`None` for no offsets).
-    fn commit_request(&self, offsets: &BTreeMap<(String, u32), i64>) -> Result<Option<OffsetCommitRequest>> {
+    fn commit_request(&self, offsets: &Offsets) -> Result<Option<OffsetCommitRequest>> {
         let group = self.config.group.clone().ok_or_else(|| Error::InvalidArgument("commit needs a group".into()))?;
         if offsets.is_empty() {
             return Ok(None);

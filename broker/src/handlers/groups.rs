@@ -55,7 +55,9 @@ pub(crate) fn list_groups(ctx: Ctx) -> Reply {
 }
 
 pub(crate) fn describe_groups(ctx: Ctx, req: DescribeGroupsRequest) -> Reply {
-    let groups = distinct(&req.groups).map(|g| ctx.broker.groups.describe(g, &ctx.broker.store)).collect();
+    let groups = distinct(req.groups.iter().map(String::as_str))
+        .map(|g| ctx.broker.groups.describe(g, &ctx.broker.store))
+        .collect();
     let response = DescribeGroupsResponse { groups };
     ctx.reply(&response, None)
 }

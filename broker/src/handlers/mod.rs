@@ -130,7 +130,7 @@ pub(crate) fn first_error(codes: impl IntoIterator<Item = ErrorCode>) -> Option<
 /// Each name once, in the order first named: a request repeating a name is answered once for
 /// it (otherwise a few kilobytes naming a large topic thousands of times would make the broker
 /// build a response of hundreds of megabytes).
-pub(crate) fn distinct(names: &[String]) -> impl Iterator<Item = &String> {
-    let mut seen = std::collections::HashSet::with_capacity(names.len().min(1024));
-    names.iter().filter(move |n| seen.insert(n.as_str()))
+pub(crate) fn distinct<'a>(names: impl IntoIterator<Item = &'a str>) -> impl Iterator<Item = &'a str> {
+    let mut seen = std::collections::HashSet::new();
+    names.into_iter().filter(move |n| seen.insert(*n))
 }

@@ -10,7 +10,7 @@ use cairn_protocol::messages::produce::{
 };
 use cairn_protocol::{Acks, ErrorCode};
 
-use super::{first_error, storage_error_code, Ctx, Reply};
+use super::{distinct, first_error, storage_error_code, Ctx, Reply};
 use crate::server::Broker;
 use crate::storage::{PartitionLog, StorageError};
 
@@ -134,9 +134,8 @@ pub(crate) fn topics_to_create<'a>(ctx: &Ctx, names: impl Iterator<Item = &'a st
     if !ctx.may_create || !broker.config.auto_create_topics {
         return Vec::new();
     }
-    let mut seen = std::collections::HashSet::new();
-    names
-        .filter(|name| !name.starts_with("__") && broker.store.topic(name).is_none() && seen.insert(*name))
+    distinct(names)
+        .filter(|name| !name.starts_with("__") && broker.store.topic(name).is_none())
         .map(str::to_owned)
         .collect()
 }

@@ -38,12 +38,12 @@ pub(crate) fn metadata(ctx: Ctx, req: MetadataRequest) -> Reply {
     }
     let topics = match &req.topics {
         None => ctx.broker.store.topics().iter().map(|t| describe(t)).collect(),
-        Some(names) => distinct(names)
+        Some(names) => distinct(names.iter().map(String::as_str))
             .map(|name| match ctx.broker.store.topic(name) {
                 Some(t) => describe(&t),
                 None => TopicMetadata {
                     error: ErrorCode::UnknownTopicOrPartition,
-                    name: name.clone(),
+                    name: name.to_owned(),
                     internal: false,
                     configs: Vec::new(),
                     partitions: Vec::new(),
