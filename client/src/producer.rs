@@ -496,7 +496,7 @@ impl Producer {
 
     /// Asks the broker for `topic`'s partition count and records it: a topic seen for the first
     /// time gets its queues, a known one grows to the count (as a periodic refresh would).
-    async fn fetch_partition_count(&self, topic: &Arc<str>) -> Result<u32> {
+    async fn fetch_partition_count(&self, topic: &Arc<str>) -> Result<()> {
         let resp = self.inner.conn.request(&MetadataRequest { topics: Some(vec![topic.to_string()]) }).await?;
         let t = resp.topics.into_iter().next().ok_or_else(|| Error::UnknownTopic(topic.to_string()))?;
         if !t.error.is_ok() || t.partitions.is_empty() {
@@ -511,7 +511,7 @@ impl Producer {
                 state.topics.push(TopicQueues::new(Arc::clone(topic), n, refresh_at));
             }
         }
-        Ok(n)
+        Ok(())
     }
 
     /// The state, locked, and the index of `topic` in it, if its metadata is known.
