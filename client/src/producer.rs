@@ -339,41 +339,36 @@ impl State {
     }
 }
 
-/// Bounds the bytes buffered or in flight; `send` waits for space (backpressure).
+/// The producer's buffer (`buffer_bytes_max`) as byte permits. Sends waiting for space are
+/// served first come, first served (a later small record never overtakes a waiting large one,
+/// which a stream of small records could otherwise starve), as Kafka's buffer pool does.
 #[derive(Debug)]
 struct Memory {
-    used: AtomicUsize,
-    max: usize,
-    freed: Notify,
+    permits: Semaphore,
 }
 
 impl Memory {
-    async fn acquire(&self, bytes: usize, closed: &AtomicBool) -> Result<()> {
-        loop {
-            let used = self.used.load(Ordering::Acquire);
-            // One record always fits into an empty buffer, whatever its size.
-            if used + bytes <= self.max || used == 0 {
-                if self.used.compare_exchange_weak(used, used + bytes, Ordering::AcqRel, Ordering::Acquire).is_ok() {
-                    return Ok(());
-                }
-                continue;
-            }
-            let freed = self.freed.notified();
-            tokio::pin!(freed);
-            freed.as_mut().enable();
-            if self.used.load(Ordering::Acquire) + bytes <= self.max {
-                continue;
-            }
-            if closed.load(Ordering::Acquire) {
-                return Err(Error::Closed);
-            }
-            freed.await;
-        }
+    fn new(max: usize) -> Memory {
+        Memory { permits: Semaphore::new(max) }
+    }
+
+    /// Waits for `bytes` of buffer (never more than the buffer holds: `send` refuses records
+    /// over `batch_bytes_max`, which is at most `buffer_bytes_max`). [`Error::Closed`] once
+    /// the producer closes, also for a send already waiting.
+    async fn acquire(&self, bytes: usize) -> Result<()> {
+        let n = u32::try_from(bytes).map_err(|_| Error::InvalidArgument(format!("record of {bytes} bytes")))?;
+        let permit = self.permits.acquire_many(n).await.map_err(|_| Error::Closed)?;
+        permit.forget(); // given back by `release`, once the record's batch is done
+        Ok(())
     }
 
     fn release(&self, bytes: usize) {
-        self.used.fetch_sub(bytes, Ordering::AcqRel);
-        self.freed.notify_waiters();
+        self.permits.add_permits(bytes);
+    }
+
+    /// Refuses every wait from now on, including those already waiting.
+    fn close(&self) {
+        self.permits.close();
     }
 }
 
@@ -454,7 +449,7 @@ struct Handle(Arc<Inner>);
 impl Drop for Handle {
     fn drop(&mut self) {
         self.0.closed.store(true, Ordering::Release);
-        self.0.memory.freed.notify_waiters();
+        self.0.memory.close();
         self.0.wake.notify_one();
     }
 }
@@ -474,12 +469,15 @@ impl Producer {
         if config.batch_bytes_max < 1024 || config.buffer_bytes_max < config.batch_bytes_max {
             return Err(Error::InvalidArgument("batch_bytes_max must be >= 1024 and <= buffer_bytes_max".into()));
         }
+        if config.buffer_bytes_max > Semaphore::MAX_PERMITS {
+            return Err(Error::InvalidArgument(format!("buffer_bytes_max must be <= {}", Semaphore::MAX_PERMITS)));
+        }
         if config.request_bytes_max < 1024 {
             return Err(Error::InvalidArgument("request_bytes_max must be >= 1024".into()));
         }
         let conn = Connection::connect(config.connection.clone()).await?;
         let inner = Arc::new(Inner {
-            memory: Memory { used: AtomicUsize::new(0), max: config.buffer_bytes_max, freed: Notify::new() },
+            memory: Memory::new(config.buffer_bytes_max),
             requests: Arc::new(Semaphore::new(config.in_flight_requests_max.max(1))),
             config,
             conn,
@@ -541,7 +539,7 @@ impl Producer {
                 inner.config.batch_bytes_max
             )));
         }
-        inner.memory.acquire(size, &inner.closed).await?;
+        inner.memory.acquire(size).await?;
         // Given back on every early return, and if the caller drops this future while it waits
         // for metadata; the record's batch takes it over once the record is added.
         let mut reserved = Reserved { memory: &inner.memory, bytes: size };
@@ -666,7 +664,7 @@ impl Producer {
         // of the flush, never accepted after it (as Kafka's close).
         self.inner.closed.store(true, Ordering::Release);
         // Sends waiting for buffer space give up now, not once space frees.
-        self.inner.memory.freed.notify_waiters();
+        self.inner.memory.close();
         self.flush().await?;
         self.inner.wake.notify_one();
         Ok(())
@@ -1037,6 +1035,27 @@ fn finish(inner: &Inner, b: SealedBatch, outcome: Outcome) {
 mod tests {
     use super::*;
 
+    /// Polls `f` once.
+    fn poll_once<F: Future + Unpin>(f: &mut F) -> std::task::Poll<F::Output> {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        Pin::new(f).poll(&mut cx)
+    }
+
+    #[tokio::test]
+    async fn buffer_space_goes_to_sends_in_the_order_they_waited() {
+        let memory = Memory::new(100);
+        memory.acquire(60).await.unwrap();
+        let mut large = Box::pin(memory.acquire(50));
+        assert!(poll_once(&mut large).is_pending());
+        // 30 more would fit, but the send that waited first is served first: a stream of
+        // small records must not starve a large one.
+        let mut small = Box::pin(memory.acquire(30));
+        assert!(poll_once(&mut small).is_pending(), "a later, smaller send overtook a waiting one");
+        memory.release(60);
+        assert!(poll_once(&mut large).is_ready());
+        assert!(poll_once(&mut small).is_ready());
+    }
+
     #[test]
     fn linger_ms_sets_the_linger() {
         let config = ProducerConfig::default().linger_ms(2);
@@ -1051,7 +1070,7 @@ mod tests {
             flushing: 0,
         };
         let inner = Arc::new(Inner {
-            memory: Memory { used: AtomicUsize::new(0), max: config.buffer_bytes_max, freed: Notify::new() },
+            memory: Memory::new(config.buffer_bytes_max),
             requests: Arc::new(Semaphore::new(1)),
             conn: Connection::new(config.connection.clone()),
             config,
