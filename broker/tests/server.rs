@@ -582,11 +582,17 @@ fn hostile_inputs_are_answered_or_cut_off_while_another_client_keeps_working() {
             let _ = s.write_all(&junk);
             assert!(closed_by_broker(&mut s), "random bytes: connection cut off");
 
-            // A 4 GiB length prefix: cut off before anything is allocated.
+            // A 4 GiB length prefix and no API this protocol knows: cut off before anything is
+            // allocated.
             let mut s = TcpStream::connect(addr).unwrap();
             s.set_read_timeout(timeout).unwrap();
-            s.write_all(&[0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0]).unwrap();
+            s.write_all(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0, 0]).unwrap();
             assert!(closed_by_broker(&mut s), "4 GiB prefix: connection cut off");
+            // An HTTP client on the wrong port ("GET " reads as a 1.2 GB length).
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(timeout).unwrap();
+            s.write_all(b"GET /metrics HTTP/1.1\r\nHost: cairn\r\n\r\n").unwrap();
+            assert!(closed_by_broker(&mut s), "HTTP request: connection cut off");
 
             // A truncated frame, then the client goes away.
             let mut s = TcpStream::connect(addr).unwrap();
@@ -628,6 +634,57 @@ fn hostile_inputs_are_answered_or_cut_off_while_another_client_keeps_working() {
         assert!(consumed > 0, "the good client kept producing and consuming");
     });
     assert!(broker.is_running(), "the broker survived");
+}
+
+#[test]
+fn a_request_over_frame_bytes_max_is_answered_and_the_connection_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "frame_bytes_max = 65536\n[storage]\nbatch_bytes_max = 32768\n");
+    run(Duration::from_secs(60), async {
+        let admin = broker.admin().await;
+        admin.create_topic(NewTopic::new("big", 1)).await.unwrap();
+        // One batch of 100 KB: over the frame limit, not only the batch limit.
+        let values: Vec<String> = (0..100).map(|i| format!("{i:01000}")).collect();
+        let big = batch(&values.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(big.len() > 65536);
+        let addr = broker.addr;
+        tokio::task::spawn_blocking(move || {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            let mut bytes = Vec::new();
+            put_request(&mut bytes, 1, "raw", &produce_req("big", Acks::Leader, big.clone()));
+            // With acks = 0 nothing is answered, and the connection still goes on.
+            put_request(&mut bytes, 2, "raw", &produce_req("big", Acks::None, big));
+            put_request(&mut bytes, 3, "raw", &ApiVersionsRequest {});
+            s.write_all(&bytes).unwrap();
+            let (corr, body) = decode_response::<ProduceResponse>(read_frame(&mut s).expect("an answer")).unwrap();
+            assert_eq!(corr, 1);
+            let err = body.unwrap_err();
+            assert_eq!(err.code, ErrorCode::BatchTooLarge);
+            assert!(err.message.contains("frame_bytes_max of 65536"), "{}", err.message);
+            let (corr, body) = decode_response::<ApiVersionsResponse>(read_frame(&mut s).expect("an answer")).unwrap();
+            assert_eq!(corr, 3, "the next request read is the one after both oversized ones");
+            assert!(body.is_ok());
+        })
+        .await
+        .unwrap();
+        let big = admin.describe_topic("big").await.unwrap();
+        assert_eq!(big.partitions[0].end_offset, 0, "nothing stored");
+
+        // The producer gets a typed error at once, instead of taking the cut-off connection for
+        // a lost one and retrying until its delivery timeout.
+        let config = cairn_client::ProducerConfig {
+            batch_bytes_max: 1024 * 1024,
+            delivery_timeout: Duration::from_secs(600),
+            ..broker.producer_config()
+        };
+        let producer = Producer::connect(config).await.unwrap();
+        let d = producer.send(ProducerRecord::new("big", vec![7u8; 100_000])).await.unwrap();
+        let err = d.wait().await.unwrap_err();
+        assert!(matches!(err, cairn_client::Error::Broker { code: ErrorCode::BatchTooLarge, .. }), "{err}");
+        producer.close().await.unwrap();
+    });
+    assert!(broker.metric("cairn_requests_total{api=\"unknown\",result=\"FRAME_TOO_LARGE\"}").unwrap() >= 3.0);
 }
 
 #[test]

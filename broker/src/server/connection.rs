@@ -19,9 +19,10 @@ use tokio::sync::mpsc;
 use tokio_util::codec::FramedRead;
 
 use cairn_protocol::io::{write_all_vectored, IOV_MAX};
-use cairn_protocol::{FrameCodec, FrameError};
+use cairn_protocol::{decode_request_header, encode_error_response, ApiKey, ErrorCode, FrameError};
 
 use super::dispatch::{dispatch, LaterReply, Reply};
+use super::frames::{Incoming, RequestCodec};
 use super::stall::StallGuard;
 use super::Broker;
 use crate::handlers::produce::auto_create_topics;
@@ -43,7 +44,7 @@ pub(crate) async fn run(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr
         tracing::debug!(%peer, error = %e, "set_nodelay failed");
     }
     let (rd, wr) = stream.into_split();
-    let mut frames = FramedRead::with_capacity(rd, FrameCodec::new(broker.config.frame_bytes_max), READ_BUFFER_BYTES);
+    let mut frames = FramedRead::with_capacity(rd, RequestCodec::new(broker.config.frame_bytes_max), READ_BUFFER_BYTES);
     let (tx, rx) = mpsc::channel::<Pending>(broker.config.connection_in_flight_max);
     let idle = Duration::from_millis(broker.config.idle_timeout_ms);
     let frame_timeout = Duration::from_millis(broker.config.frame_timeout_ms);
@@ -64,7 +65,7 @@ pub(crate) async fn run(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr
         let Some(next) = next else {
             // Between requests the idle timeout applies; once part of a frame has arrived, the
             // rest must follow within frame_timeout_ms (a client trickling bytes is cut off).
-            if frames.read_buffer().is_empty() {
+            if frames.read_buffer().is_empty() && !frames.decoder().discarding() {
                 partial_since = None;
                 if last_frame.elapsed() >= idle {
                     tracing::info!(%peer, idle_ms = broker.config.idle_timeout_ms, "closing idle connection");
@@ -78,7 +79,7 @@ pub(crate) async fn run(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr
             continue;
         };
         last_frame = Instant::now();
-        partial_since = (!frames.read_buffer().is_empty()).then(Instant::now);
+        partial_since = (!frames.read_buffer().is_empty() || frames.decoder().discarding()).then(Instant::now);
         let frame = match next {
             None => break,
             Some(Err(FrameError::TooLarge { len, max })) => {
@@ -91,19 +92,27 @@ pub(crate) async fn run(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr
                 tracing::debug!(%peer, error = %e, "connection read failed");
                 break;
             }
-            Some(Ok(frame)) => frame,
+            Some(Ok(Incoming::Oversized { len, max, head })) => Err(oversized(head, len, max, peer)),
+            Some(Ok(Incoming::Request(frame))) => Ok(frame),
         };
-        let received = Instant::now();
-        // Kept only where it may have to be dispatched again (auto-creation is off by default).
-        let again = broker.config.auto_create_topics.then(|| frame.clone());
-        let mut reply = dispatch(&broker, frame, peer, again.is_some(), received);
-        if let (Reply::CreateTopics(names), Some(frame)) = (&mut reply, again) {
-            let (creator, names) = (Arc::clone(&broker), std::mem::take(names));
-            if let Err(e) = tokio::task::spawn_blocking(move || auto_create_topics(&creator, &names)).await {
-                tracing::error!(%peer, error = %e, "auto-creating topics panicked");
+        let reply = match frame {
+            Err(reply) => reply,
+            Ok(frame) => {
+                let received = Instant::now();
+                // Kept only where it may have to be dispatched again (auto-creation is off by
+                // default).
+                let again = broker.config.auto_create_topics.then(|| frame.clone());
+                let mut reply = dispatch(&broker, frame, peer, again.is_some(), received);
+                if let (Reply::CreateTopics(names), Some(frame)) = (&mut reply, again) {
+                    let (creator, names) = (Arc::clone(&broker), std::mem::take(names));
+                    if let Err(e) = tokio::task::spawn_blocking(move || auto_create_topics(&creator, &names)).await {
+                        tracing::error!(%peer, error = %e, "auto-creating topics panicked");
+                    }
+                    reply = dispatch(&broker, frame, peer, false, received);
+                }
+                reply
             }
-            reply = dispatch(&broker, frame, peer, false, received);
-        }
+        };
         let pending = match reply {
             Reply::Now(chunks) => Pending::Ready(chunks),
             Reply::Later(rx) => Pending::Later(rx),
@@ -163,6 +172,28 @@ pub(crate) async fn run(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr
         }
     }
     tracing::debug!(%peer, "connection closed");
+}
+
+/// Answers a request over `frame_bytes_max`, whose bytes are being dropped: `BATCH_TOO_LARGE`
+/// with the limit in the message, or nothing for a Produce with `acks = 0`, which expects no
+/// answer.
+fn oversized(head: Bytes, len: u64, max: u32, peer: SocketAddr) -> Reply {
+    metrics::counter!("cairn_requests_total", "api" => "unknown", "result" => "FRAME_TOO_LARGE").increment(1);
+    let (api_key, correlation_id, acks) = match decode_request_header(head) {
+        Ok((h, mut body)) => (h.api_key, h.correlation_id, body.u8().ok()),
+        Err(cairn_protocol::HeaderError::Invalid { correlation_id, .. }) => (u16::MAX, correlation_id, None),
+        Err(cairn_protocol::HeaderError::Unreadable(_)) => {
+            tracing::warn!(%peer, len, max, "closing connection: frame exceeds frame_bytes_max");
+            return Reply::Close;
+        }
+    };
+    let api = ApiKey::from_u16(api_key).map_or("unknown", ApiKey::name);
+    tracing::warn!(%peer, api, len, max, "request exceeds frame_bytes_max: answered BATCH_TOO_LARGE, its bytes dropped");
+    if api_key == ApiKey::Produce as u16 && acks == Some(0) {
+        return Reply::Nothing;
+    }
+    let message = format!("request of {len} bytes is over the broker's frame_bytes_max of {max} bytes");
+    Reply::Now(encode_error_response(correlation_id, ErrorCode::BatchTooLarge, &message))
 }
 
 async fn write_loop(

@@ -2,6 +2,7 @@
 
 mod connection;
 mod dispatch;
+mod frames;
 pub(crate) mod stall;
 
 pub(crate) use dispatch::Reply;
