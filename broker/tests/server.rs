@@ -687,6 +687,55 @@ fn a_request_over_frame_bytes_max_is_answered_and_the_connection_goes_on() {
     assert!(broker.metric("cairn_requests_total{api=\"unknown\",result=\"FRAME_TOO_LARGE\"}").unwrap() >= 3.0);
 }
 
+/// A request that names one long topic for many partitions: answering it must not copy the name
+/// once per partition (20,000 copies of 60 KB would be 1.2 GB from a frame of a few hundred KB).
+#[test]
+fn a_long_topic_name_for_many_partitions_is_not_copied_per_partition() {
+    use cairn_protocol::messages::offsets::{
+        OffsetCommitPartition, OffsetCommitRequest, OffsetCommitTopic, OffsetFetchRequest, OffsetFetchTopic,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "");
+    let parts = 20_000u32;
+    let long = "t".repeat(60_000);
+    run(Duration::from_secs(60), async {
+        let conn = Connection::new(broker.connection());
+        let fetch = OffsetFetchRequest {
+            group_id: "g".into(),
+            topics: Some(vec![OffsetFetchTopic { name: long.clone(), partitions: (0..parts).collect() }]),
+        };
+        let r = conn.request(&fetch).await.unwrap();
+        assert_eq!(r.topics.iter().map(|t| t.partitions.len()).sum::<usize>(), parts as usize);
+        let commit = OffsetCommitRequest {
+            group_id: "g".into(),
+            member_id: String::new(),
+            generation_id: -1,
+            topics: vec![OffsetCommitTopic {
+                name: long.clone(),
+                partitions: (0..parts)
+                    .map(|p| OffsetCommitPartition { partition: p, offset: 1, metadata: None })
+                    .collect(),
+            }],
+        };
+        let r = conn.request(&commit).await.unwrap();
+        assert!(r.topics[0].partitions.iter().all(|(_, e)| *e == ErrorCode::UnknownTopicOrPartition));
+        let internal = ProduceRequest {
+            acks: Acks::Leader,
+            timeout_ms: 1000,
+            topics: vec![ProduceTopic {
+                name: format!("__{long}"),
+                partitions: (0..parts)
+                    .map(|p| ProducePartition { partition: p, records: Bytes::new().into() })
+                    .collect(),
+            }],
+        };
+        let r = conn.request(&internal).await.unwrap();
+        assert!(r.topics[0].partitions.iter().all(|p| p.error == ErrorCode::InvalidTopicName));
+    });
+    let peak = broker.peak_rss_bytes();
+    assert!(peak < 256 << 20, "the broker's resident memory peaked at {} MiB", peak >> 20);
+}
+
 #[test]
 fn health_endpoints_and_metrics_are_served() {
     let dir = tempfile::tempdir().unwrap();

@@ -146,7 +146,14 @@ impl std::fmt::Debug for Coordinator {
 }
 
 /// `(topic, partition, Some((offset, metadata, commit_timestamp_ms)))`, `None` when nothing is committed.
-pub type CommittedEntry = (String, u32, Option<(i64, Option<String>, i64)>);
+pub type CommittedEntry = (String, u32, Option<Committed3>);
+
+/// `(offset, metadata, commit_timestamp_ms)` of a committed offset.
+pub type Committed3 = (i64, Option<String>, i64);
+
+/// One partition of an OffsetCommit: `(topic, partition, offset, metadata)`, borrowed from the
+/// request (a name copied per partition would let a small request take gigabytes).
+pub type CommitEntry<'a> = (&'a str, u32, i64, Option<&'a str>);
 
 /// A commit that was appended and must become durable before it is acknowledged.
 pub(crate) struct PendingCommit {
@@ -552,7 +559,7 @@ impl Coordinator {
         group_id: &str,
         member_id: &str,
         generation: i32,
-        entries: Vec<(String, u32, i64, Option<String>)>,
+        entries: &[CommitEntry<'_>],
         now_ms: i64,
     ) -> Result<(Vec<ErrorCode>, Option<PendingCommit>), StorageError> {
         if group_id.is_empty() || group_id.len() > 249 {
@@ -560,25 +567,33 @@ impl Coordinator {
         }
         let _serial = self.commit_lock.lock().expect("commit lock");
         let mut codes = Vec::with_capacity(entries.len());
-        let mut accepted = Vec::new();
+        let mut accepted: Vec<(OffsetKey, Option<Committed>)> = Vec::new();
+        // A partition named more than once is stored once, with its last offset: what is
+        // appended is bounded by the partitions that exist, not by the request's length.
+        let mut slot: HashMap<(&str, u32), usize> = HashMap::new();
         {
             let inner = self.inner.lock().expect("groups lock");
-            for (topic, partition, offset, metadata) in &entries {
-                let mut code = self.check_commit(&inner, group_id, member_id, generation, topic, *partition);
-                if code.is_ok() && store.partition(topic, *partition).is_none() {
+            for &(topic, partition, offset, metadata) in entries {
+                let mut code = self.check_commit(&inner, group_id, member_id, generation, topic, partition);
+                if code.is_ok() && store.partition(topic, partition).is_none() {
                     code = ErrorCode::UnknownTopicOrPartition;
                 }
-                if code.is_ok() && metadata.as_ref().is_some_and(|m| m.len() > self.config.offset_metadata_bytes_max) {
+                if code.is_ok() && metadata.is_some_and(|m| m.len() > self.config.offset_metadata_bytes_max) {
                     code = ErrorCode::OffsetMetadataTooLarge;
                 }
-                if code.is_ok() && *offset < 0 {
+                if code.is_ok() && offset < 0 {
                     code = ErrorCode::InvalidRequest;
                 }
                 if code.is_ok() {
-                    accepted.push((
-                        (group_id.to_owned(), topic.clone(), *partition),
-                        Some(Committed { offset: *offset, commit_timestamp_ms: now_ms, metadata: metadata.clone() }),
-                    ));
+                    let value =
+                        Some(Committed { offset, commit_timestamp_ms: now_ms, metadata: metadata.map(str::to_owned) });
+                    match slot.get(&(topic, partition)) {
+                        Some(&i) => accepted[i].1 = value,
+                        None => {
+                            slot.insert((topic, partition), accepted.len());
+                            accepted.push(((group_id.to_owned(), topic.to_owned(), partition), value));
+                        }
+                    }
                 }
                 codes.push(code);
             }
@@ -596,30 +611,29 @@ impl Coordinator {
         Ok((codes, Some(PendingCommit { log: Arc::clone(&self.offsets_log), offset: next_offset })))
     }
 
-    /// Committed offsets of a group: for the given partitions, or everything it committed.
-    pub fn committed(&self, group_id: &str, wanted: Option<Vec<(String, u32)>>) -> Vec<CommittedEntry> {
+    /// Everything a group has committed.
+    pub fn committed(&self, group_id: &str) -> Vec<CommittedEntry> {
         let inner = self.inner.lock().expect("groups lock");
-        let lookup = |t: &str, p: u32| {
-            inner
-                .committed
-                .get(&(group_id.to_owned(), t.to_owned(), p))
-                .map(|c| (c.offset, c.metadata.clone(), c.commit_timestamp_ms))
-        };
-        match wanted {
-            Some(list) => list
-                .into_iter()
-                .map(|(t, p)| {
-                    let c = lookup(&t, p);
-                    (t, p, c)
-                })
-                .collect(),
-            None => inner
-                .committed
-                .range((group_id.to_owned(), String::new(), 0)..)
-                .take_while(|((g, _, _), _)| g == group_id)
-                .map(|((_, t, p), c)| (t.clone(), *p, Some((c.offset, c.metadata.clone(), c.commit_timestamp_ms))))
-                .collect(),
-        }
+        inner
+            .committed
+            .range((group_id.to_owned(), String::new(), 0)..)
+            .take_while(|((g, _, _), _)| g == group_id)
+            .map(|((_, t, p), c)| (t.clone(), *p, Some((c.offset, c.metadata.clone(), c.commit_timestamp_ms))))
+            .collect()
+    }
+
+    /// What a group has committed for the given partitions of one topic, in their order.
+    pub fn committed_of(&self, group_id: &str, topic: &str, partitions: &[u32]) -> Vec<Option<Committed3>> {
+        // One key for the whole topic: nothing allocated per partition under the lock.
+        let mut key = (group_id.to_owned(), topic.to_owned(), 0);
+        let inner = self.inner.lock().expect("groups lock");
+        partitions
+            .iter()
+            .map(|&p| {
+                key.2 = p;
+                inner.committed.get(&key).map(|c| (c.offset, c.metadata.clone(), c.commit_timestamp_ms))
+            })
+            .collect()
     }
 
     /// A topic was created or deleted: every group with a member subscribed to it rebalances,
@@ -954,8 +968,9 @@ mod tests {
     }
 
     fn commit_outside_membership(c: &Coordinator, store: &LogStore, group: &str, n: u32, metadata: usize) {
-        let entries = (0..n).map(|p| ("t".to_string(), p, 1, Some("m".repeat(metadata)))).collect();
-        let (codes, pending) = c.commit(store, group, "", -1, entries, 1).unwrap();
+        let m = "m".repeat(metadata);
+        let entries: Vec<_> = (0..n).map(|p| ("t", p, 1, Some(m.as_str()))).collect();
+        let (codes, pending) = c.commit(store, group, "", -1, &entries, 1).unwrap();
         assert!(codes.iter().all(|c| c.is_ok()), "{codes:?}");
         pending.unwrap().log.sync().unwrap();
     }
@@ -969,8 +984,8 @@ mod tests {
         let c = Coordinator::open(&store, config.clone()).unwrap();
         let started = c.inner.lock().unwrap().started_ms;
         let commit = |group: &str, at: i64| {
-            let entries = vec![("t".to_string(), 0, 5, None), ("t".to_string(), 1, 7, None)];
-            let (codes, _) = c.commit(&store, group, "", -1, entries, at).unwrap();
+            let entries = vec![("t", 0, 5, None), ("t", 1, 7, None)];
+            let (codes, _) = c.commit(&store, group, "", -1, &entries, at).unwrap();
             assert!(codes.iter().all(|c| c.is_ok()), "{codes:?}");
         };
         // Committed long ago, but the broker only just started: the clock runs from the start.
@@ -981,19 +996,19 @@ mod tests {
         assert_eq!(c.join(join, "c".into(), &store).await.error, ErrorCode::None);
         assert_eq!(c.expire_offsets(started + 999), 0, "within the retention of the start");
         assert_eq!(c.expire_offsets(started + 1_000), 2, "the idle group's two offsets");
-        assert!(c.committed("idle", None).is_empty());
-        assert_eq!(c.committed("recent", None).len(), 2, "its last commit is within the retention");
+        assert!(c.committed("idle").is_empty());
+        assert_eq!(c.committed("recent").len(), 2, "its last commit is within the retention");
         assert_eq!(c.expire_offsets(started + 1_899), 0);
         assert_eq!(c.expire_offsets(started + 1_900), 2, "the recent group's, a retention after its commit");
         assert_eq!(c.expire_offsets(started + 100_000), 0, "a group with a member keeps its offsets");
-        assert_eq!(c.committed("live", None).len(), 2);
+        assert_eq!(c.committed("live").len(), 2);
         // The removals are in the log, synced: a restart does not bring the offsets back.
         assert_eq!(c.offsets_log.durable_offset(), c.offsets_log.log_end_offset());
         drop(c);
         let c = Coordinator::open(&store, config).unwrap();
-        assert!(c.committed("idle", None).is_empty());
-        assert!(c.committed("recent", None).is_empty());
-        assert_eq!(c.committed("live", None).len(), 2);
+        assert!(c.committed("idle").is_empty());
+        assert!(c.committed("recent").is_empty());
+        assert_eq!(c.committed("live").len(), 2);
     }
 
     #[tokio::test]
@@ -1025,7 +1040,7 @@ mod tests {
         store.create_topic("t", 1, StorageConfig::default().topic_defaults()).unwrap();
         let c =
             Coordinator::open(&store, GroupConfig { offsets_retention_ms: 1_000, ..GroupConfig::default() }).unwrap();
-        let (codes, _) = c.commit(&store, "g", "", -1, vec![("t".to_string(), 0, 5, None)], 1).unwrap();
+        let (codes, _) = c.commit(&store, "g", "", -1, &[("t", 0, 5, None)], 1).unwrap();
         assert!(codes[0].is_ok());
         // Time enough since the start that, counted from the start, the offsets would expire.
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -1121,8 +1136,8 @@ mod tests {
             let (tx, rx) = std::sync::mpsc::channel();
             let (c, store) = (&c, &store);
             scope.spawn(move || {
-                let entries = vec![("t".to_string(), 7, 0, None)];
-                tx.send(c.commit(store, "h", "", -1, entries, 2).map(|(codes, _)| codes)).unwrap();
+                let entries = vec![("t", 7, 0, None)];
+                tx.send(c.commit(store, "h", "", -1, &entries, 2).map(|(codes, _)| codes)).unwrap();
             });
             // Commits run on the server's runtime threads: one waiting out a compaction's fsync
             // would stall every connection on that thread.
@@ -1140,10 +1155,28 @@ mod tests {
         let (store, _) = LogStore::open(dir.path(), StorageConfig::default(), system_clock()).unwrap();
         let c = Coordinator::open(&store, GroupConfig::default()).unwrap();
         // (Offsets past the empty partitions' ends come back at their ends, 0.)
-        let got = c.committed("h", None);
+        let got = c.committed("h");
         assert_eq!(got.len(), 1, "{got:?}");
         assert_eq!(got[0].2.as_ref().map(|e| e.0), Some(0));
-        assert_eq!(c.committed("g", None).len(), 100, "the snapshot's entries");
+        assert_eq!(c.committed("g").len(), 100, "the snapshot's entries");
+    }
+
+    #[test]
+    fn a_partition_named_many_times_in_one_commit_is_stored_once_with_its_last_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = LogStore::open(dir.path(), StorageConfig::default(), system_clock()).unwrap();
+        store.create_topic("t", 2, StorageConfig::default().topic_defaults()).unwrap();
+        let c = Coordinator::open(&store, GroupConfig::default()).unwrap();
+        let before = c.offsets_log.log_end_offset();
+        let mut entries: Vec<CommitEntry<'_>> = (0..10_000).map(|i| ("t", 0, i, None)).collect();
+        entries.push(("t", 1, 3, None));
+        let (codes, _) = c.commit(&store, "g", "", -1, &entries, 1).unwrap();
+        assert_eq!(codes.len(), entries.len());
+        assert!(codes.iter().all(|c| c.is_ok()), "every occurrence is answered");
+        assert_eq!(c.offsets_log.log_end_offset() - before, 2, "one record per partition");
+        let got = c.committed_of("g", "t", &[1, 0, 0]);
+        let offsets: Vec<_> = got.iter().map(|e| e.as_ref().map(|e| e.0)).collect();
+        assert_eq!(offsets, vec![Some(3), Some(9_999), Some(9_999)]);
     }
 
     #[test]
@@ -1156,12 +1189,12 @@ mod tests {
         // the commit lock.
         store.delete_topic("t").unwrap();
         c.forget_topic("t");
-        let entries = vec![("t".to_string(), 0, 50_000, None)];
-        let (codes, pending) = c.commit(&store, "g", "", -1, entries, 1).unwrap();
+        let entries = vec![("t", 0, 50_000, None)];
+        let (codes, pending) = c.commit(&store, "g", "", -1, &entries, 1).unwrap();
         assert_eq!(codes, vec![ErrorCode::UnknownTopicOrPartition]);
         assert!(pending.is_none(), "nothing appended");
         // Left there, a recreated "t" would have its first 50,000 records skipped by the group.
-        assert!(c.committed("g", None).is_empty());
+        assert!(c.committed("g").is_empty());
     }
 
     #[tokio::test]
@@ -1191,8 +1224,8 @@ mod tests {
         }
         let c = Coordinator::open(&store, GroupConfig::default()).unwrap();
         for g in ["a", "b"] {
-            let entries = vec![("t".to_string(), 0, 1, None), ("t".to_string(), 1, 2, None)];
-            let (codes, pending) = c.commit(&store, g, "", -1, entries, 1).unwrap();
+            let entries = vec![("t", 0, 1, None), ("t", 1, 2, None)];
+            let (codes, pending) = c.commit(&store, g, "", -1, &entries, 1).unwrap();
             assert!(codes.iter().all(|c| c.is_ok()), "{codes:?}");
             pending.unwrap().log.sync().unwrap();
         }

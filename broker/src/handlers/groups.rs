@@ -17,6 +17,7 @@ use cairn_protocol::messages::offsets::{
 use cairn_protocol::ErrorCode;
 
 use super::{distinct, first_error, storage_error_code, Ctx, Reply};
+use crate::groups::{CommitEntry, Committed3};
 
 pub(crate) fn join_group(ctx: Ctx, req: JoinGroupRequest) -> Reply {
     let broker = Arc::clone(&ctx.broker);
@@ -64,10 +65,10 @@ pub(crate) fn describe_groups(ctx: Ctx, req: DescribeGroupsRequest) -> Reply {
 
 pub(crate) fn offset_commit(ctx: Ctx, req: OffsetCommitRequest) -> Reply {
     let broker = Arc::clone(&ctx.broker);
-    let entries: Vec<(String, u32, i64, Option<String>)> = req
+    let entries: Vec<CommitEntry<'_>> = req
         .topics
         .iter()
-        .flat_map(|t| t.partitions.iter().map(move |p| (t.name.clone(), p.partition, p.offset, p.metadata.clone())))
+        .flat_map(|t| t.partitions.iter().map(move |p| (t.name.as_str(), p.partition, p.offset, p.metadata.as_deref())))
         .collect();
     let shape: Vec<(String, Vec<u32>)> =
         req.topics.iter().map(|t| (t.name.clone(), t.partitions.iter().map(|p| p.partition).collect())).collect();
@@ -77,7 +78,7 @@ pub(crate) fn offset_commit(ctx: Ctx, req: OffsetCommitRequest) -> Reply {
     let entries: Vec<_> = entries.into_iter().zip(&known).filter(|(_, k)| **k).map(|(e, _)| e).collect();
     let n = entries.len();
     let (stored, pending) =
-        match broker.groups.commit(&broker.store, &req.group_id, &req.member_id, req.generation_id, entries, now) {
+        match broker.groups.commit(&broker.store, &req.group_id, &req.member_id, req.generation_id, &entries, now) {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(group = %req.group_id, error = %e, "storing committed offsets failed");
@@ -142,23 +143,29 @@ pub(crate) fn offset_commit(ctx: Ctx, req: OffsetCommitRequest) -> Reply {
 }
 
 pub(crate) fn offset_fetch(ctx: Ctx, req: OffsetFetchRequest) -> Reply {
-    let wanted = req
-        .topics
-        .map(|ts| ts.into_iter().flat_map(|t| t.partitions.into_iter().map(move |p| (t.name.clone(), p))).collect());
-    let found = ctx.broker.groups.committed(&req.group_id, wanted);
-    let mut topics: Vec<OffsetFetchTopicResponse> = Vec::new();
-    for (topic, partition, committed) in found {
+    let entry = |partition: u32, committed: Option<Committed3>| {
         let (offset, metadata, ts) = committed.unwrap_or((-1, None, -1));
-        let entry = OffsetFetchPartitionResponse {
-            partition,
-            error: ErrorCode::None,
-            offset,
-            metadata,
-            commit_timestamp_ms: ts,
-        };
-        match topics.last_mut() {
-            Some(t) if t.name == topic => t.partitions.push(entry),
-            _ => topics.push(OffsetFetchTopicResponse { name: topic, partitions: vec![entry] }),
+        OffsetFetchPartitionResponse { partition, error: ErrorCode::None, offset, metadata, commit_timestamp_ms: ts }
+    };
+    let groups = &ctx.broker.groups;
+    let mut topics: Vec<OffsetFetchTopicResponse> = Vec::new();
+    match req.topics {
+        // Answered topic by topic, as asked: each name once, however many partitions it lists.
+        Some(wanted) => {
+            for t in wanted {
+                let found = groups.committed_of(&req.group_id, &t.name, &t.partitions);
+                let partitions = t.partitions.iter().zip(found).map(|(&p, c)| entry(p, c)).collect();
+                topics.push(OffsetFetchTopicResponse { name: t.name, partitions });
+            }
+        }
+        None => {
+            for (topic, partition, committed) in groups.committed(&req.group_id) {
+                match topics.last_mut() {
+                    Some(t) if t.name == topic => t.partitions.push(entry(partition, committed)),
+                    _ => topics
+                        .push(OffsetFetchTopicResponse { name: topic, partitions: vec![entry(partition, committed)] }),
+                }
+            }
         }
     }
     ctx.reply(&OffsetFetchResponse { topics }, None)

@@ -30,8 +30,10 @@ pub(crate) fn produce(ctx: Ctx, req: ProduceRequest) -> Reply {
     let mut waiters = Vec::new();
     for (ti, t) in req.topics.iter().enumerate() {
         if t.name.starts_with("__") {
-            // Internal topics (committed offsets) are written by the broker only.
-            let message = Some(format!("{} is internal: the broker writes it, clients may not", t.name));
+            // Internal topics (committed offsets) are written by the broker only. The message
+            // does not repeat the name, which the response carries once per topic: copied per
+            // partition, a long name would make a small request take gigabytes.
+            let message = Some("the topic is internal: the broker writes it, clients may not".to_owned());
             let partitions = t
                 .partitions
                 .iter()
