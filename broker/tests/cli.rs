@@ -204,3 +204,55 @@ fn consume_with_a_group_exits_when_the_group_assigns_it_nothing() {
     let status = status.expect("a member with no partitions waited for ever");
     assert_eq!(status.code(), Some(0));
 }
+
+#[test]
+fn consume_prints_past_one_poll_and_a_reader_that_leaves_gets_only_what_it_took_committed() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "");
+    for t in ["small", "large"] {
+        let (code, out, err) = cairn(&broker, &["topic", "create", t, "--partitions", "1"], None);
+        assert_eq!(code, 0, "{out}{err}");
+    }
+    // 1,200 small records come back in one fetch, more than one poll hands out (500).
+    let small: String = (0..1200).map(|i| format!("{i}\n")).collect();
+    let (code, _, err) = cairn(&broker, &["produce", "small"], Some(&small));
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = cairn(&broker, &["consume", "small"], None);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().count(), 1200, "every record up to the end, not only the first poll's");
+
+    // 2 MB of records: more than a pipe holds, so writes fail once the reader has gone.
+    let pad = "x".repeat(1000);
+    let large: String = (0..2000).map(|i| format!("{i:04}{pad}\n")).collect();
+    let (code, _, err) = cairn(&broker, &["produce", "large"], Some(&large));
+    assert_eq!(code, 0, "{err}");
+    let mut child = Command::new(sibling_bin("cairn-client", "cairn"))
+        .args(["consume", "large", "--group", "g"])
+        .env("CAIRN_BROKER", broker.addr.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert!(line.starts_with("0000x"), "{line}");
+    // The reader is gone (as `| head -n 1`): the command stops, as at --count.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "consume kept running after its reader left");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(status.success(), "{status}: {err}");
+    let (code, out, _) = cairn(&broker, &["group", "describe", "g", "--format", "json"], None);
+    assert_eq!(code, 0);
+    let g: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let committed = g["partitions"][0]["committed"].as_i64().expect("a commit");
+    assert!((1..200).contains(&committed), "committed {committed}: no more than reached the pipe");
+}

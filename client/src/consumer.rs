@@ -354,18 +354,23 @@ impl Consumer {
         self.cancel_fetch();
     }
 
-    /// The next offset to be fetched for each partition (after resolving seeks).
+    /// Each partition's position, as Kafka's: the offset of the next record `poll` will
+    /// return. Records fetched but not yet handed out (a poll returns at most
+    /// `max_poll_records`) are not past it. `None` while a seek is still to be resolved.
     pub fn positions(&self) -> BTreeMap<(String, u32), Option<i64>> {
+        // The earliest records held for a partition come first in `pending`.
+        let mut held: BTreeMap<&TopicPartition, i64> = BTreeMap::new();
+        for f in &self.pending {
+            held.entry(&f.key).or_insert(f.next);
+        }
         self.positions
             .iter()
             .map(|(k, p)| {
-                (
-                    k.clone(),
-                    match p {
-                        Position::At(o) => Some(*o),
-                        Position::Resolve(_) => None,
-                    },
-                )
+                let at = match p {
+                    Position::At(o) => Some(*o),
+                    Position::Resolve(_) => None,
+                };
+                (k.clone(), held.get(k).copied().or(at))
             })
             .collect()
     }

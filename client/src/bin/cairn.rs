@@ -190,7 +190,8 @@ fn exit_code(e: &Error) -> u8 {
     match e {
         Error::UnknownTopic(_) => 3,
         Error::Broker { code: ErrorCode::UnknownTopicOrPartition | ErrorCode::GroupIdNotFound, .. } => 3,
-        Error::Connect { .. } | Error::Disconnected { .. } | Error::Timeout { operation: "connect", .. } => 4,
+        // A broker that stops answering times requests out: unreachable too.
+        Error::Connect { .. } | Error::Disconnected { .. } | Error::Timeout { .. } => 4,
         Error::InvalidArgument(_) => 2,
         _ => 1,
     }
@@ -491,6 +492,8 @@ async fn consume(conn: ConnectionConfig, args: ConsumeArgs) -> Result<(), Error>
     let mut printed: BTreeMap<(String, u32), i64> = BTreeMap::new();
     let mut count = 0u64;
     let mut waiting = false;
+    // A failed write to stdout ends the run: what was printed before it is still committed.
+    let mut unwritable: Option<std::io::Error> = None;
     let stdout = std::io::stdout();
     'outer: loop {
         if args.count.is_some_and(|c| count >= c) {
@@ -504,6 +507,7 @@ async fn consume(conn: ConnectionConfig, args: ConsumeArgs) -> Result<(), Error>
                 eprintln!("no partitions assigned to this member; the group's other members hold them");
                 break;
             }
+            // A position counts records fetched but not yet returned by poll as unread.
             let done =
                 positions.iter().all(|((_, p), pos)| pos.is_some_and(|o| o >= ends.get(p).copied().unwrap_or(0)));
             if done {
@@ -531,19 +535,42 @@ async fn consume(conn: ConnectionConfig, args: ConsumeArgs) -> Result<(), Error>
             if !args.follow && r.offset >= ends.get(&r.partition).copied().unwrap_or(i64::MAX) {
                 continue;
             }
-            let _ = writeln!(out, "{}", render(&r, args.format));
+            // Stdout is line-buffered: a line that was written has reached it.
+            if let Err(e) = writeln!(out, "{}", render(&r, args.format)) {
+                unwritable = Some(e);
+                break 'outer;
+            }
             printed.insert((r.topic.to_string(), r.partition), r.offset + 1);
             count += 1;
             if args.count.is_some_and(|c| count >= c) {
                 break 'outer;
             }
         }
-        let _ = out.flush();
     }
-    let _ = std::io::stdout().flush();
     if args.group.is_some() {
         consumer.commit_offsets(&printed).await?;
     }
     consumer.close().await?;
-    Ok(())
+    match unwritable {
+        // The reader went away (`| head`): a normal end, as for --count.
+        Some(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        Some(e) => {
+            eprintln!("cairn: writing to stdout failed after {count} record(s): {e}");
+            std::process::exit(1);
+        }
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_broker_that_stops_answering_exits_4_like_one_that_cannot_be_reached() {
+        assert_eq!(exit_code(&Error::Timeout { operation: "connect", ms: 5000 }), 4);
+        assert_eq!(exit_code(&Error::Timeout { operation: "request", ms: 30_000 }), 4);
+        assert_eq!(exit_code(&Error::Broker { code: ErrorCode::RequestTimedOut, message: None }), 1);
+        assert_eq!(exit_code(&Error::UnknownTopic("t".into())), 3);
+    }
 }
