@@ -136,6 +136,18 @@ impl BrokerConfig {
         if self.connections_max == 0 || self.connection_in_flight_max == 0 {
             return bad("connections_max and connection_in_flight_max must be positive");
         }
+        // Each is a semaphore or queue size: larger would panic when the server starts (or, for
+        // the in-flight queue, on every connection), not here.
+        let permits_max = tokio::sync::Semaphore::MAX_PERMITS;
+        for (key, v) in [
+            ("connections_max", self.connections_max),
+            ("connection_in_flight_max", self.connection_in_flight_max),
+            ("metrics_connections_max", self.metrics_connections_max),
+        ] {
+            if v > permits_max {
+                return Err(ConfigError::Invalid(format!("{key} must be at most {permits_max}")));
+            }
+        }
         if self.fetch_wait_max_ms == 0 {
             return bad("fetch_wait_max_ms must be positive");
         }
@@ -226,6 +238,20 @@ mod tests {
         c.groups.offsets_retention_ms = 0;
         let err = c.validate().unwrap_err().to_string();
         assert!(err.contains("offsets_retention_ms"), "{err}");
+    }
+
+    #[test]
+    fn limits_too_large_to_build_are_refused_at_start() {
+        for set in [
+            |c: &mut BrokerConfig| c.connections_max = usize::MAX,
+            |c: &mut BrokerConfig| c.connection_in_flight_max = usize::MAX,
+            |c: &mut BrokerConfig| c.metrics_connections_max = usize::MAX,
+        ] {
+            let mut c = BrokerConfig::default();
+            set(&mut c);
+            let err = c.validate().unwrap_err().to_string();
+            assert!(err.contains("must be at most"), "{err}");
+        }
     }
 
     #[test]
