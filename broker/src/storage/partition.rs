@@ -549,6 +549,11 @@ impl PartitionLog {
 
     /// Whether unsynced data is older than the topic's `flush_interval_ms` at `now_ms`.
     pub(crate) fn flush_due(&self, now_ms: i64) -> bool {
+        // A partition whose sync failed stays dirty but cannot be synced again until restart:
+        // retried on every pass, the failure would be logged many times a second.
+        if self.poisoned.load(Ordering::Acquire) {
+            return false;
+        }
         let since = self.dirty_since_ms.load(Ordering::Acquire);
         since != 0 && now_ms - since >= self.config.flush_interval_ms as i64
     }

@@ -1139,6 +1139,8 @@ fn a_failed_sync_fails_every_waiting_append_and_leaves_the_partition_read_only()
     assert!(matches!(p.append(&batch(12, 1, 10, 1)), Err(StorageError::Poisoned(_))), "later appends are refused");
     assert!(matches!(p.sync(), Err(StorageError::Poisoned(_))), "later syncs report it too");
     assert_eq!(read_all(&p, 0).len(), 12, "reads keep working");
+    // Said once: the periodic flush does not try (and log the failure) again on every pass.
+    assert!(!p.flush_due(i64::MAX), "a read-only partition is never due for a periodic flush");
 }
 
 #[test]
