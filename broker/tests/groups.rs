@@ -893,3 +893,40 @@ fn poll_returns_within_its_timeout_while_the_group_refuses_the_member() {
         a.close().await.unwrap();
     });
 }
+
+/// A member busy with its records when a rebalance starts has `rebalance_timeout` to rejoin,
+/// not `session_timeout`: its heartbeats go on meanwhile, and what it commits before rejoining
+/// is accepted.
+#[test]
+fn a_member_busy_for_longer_than_its_session_timeout_during_a_rebalance_keeps_its_membership() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "");
+    run(Duration::from_secs(120), async {
+        broker.admin().await.create_topic(NewTopic::new("busy", 2)).await.unwrap();
+        produce(&broker, "busy", 2, 10).await;
+        let config = ConsumerConfig { auto_commit: false, ..member_config(&broker, "busy-group") };
+        let mut a = Consumer::connect(config.clone()).await.unwrap();
+        a.subscribe(&["busy"]).await.unwrap();
+        read_records(&mut a, 10).await;
+        let generation = broker.admin().await.describe_group("busy-group").await.unwrap().generation;
+        // B's join starts a rebalance; A is busy for 5 s, past its 3 s session timeout and
+        // within its 10 s rebalance timeout.
+        let b_joined = tokio::spawn(async move {
+            let mut b = Consumer::connect(config).await.unwrap();
+            b.subscribe(&["busy"]).await.unwrap();
+            b
+        });
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        a.commit().await.expect("a member still rebalancing commits what it processed");
+        // A's next poll rejoins; the rebalance completes with both members.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !b_joined.is_finished() || a.assignment().len() != 1 {
+            assert!(Instant::now() < deadline, "A has {:?} after the rebalance", a.assignment());
+            let _ = a.poll(Duration::from_millis(100)).await;
+        }
+        let b = b_joined.await.unwrap();
+        assert_eq!(b.assignment().len(), 1);
+        let after = broker.admin().await.describe_group("busy-group").await.unwrap().generation;
+        assert_eq!(after, generation + 1, "one rebalance: A was not dropped and made to join again");
+    });
+}

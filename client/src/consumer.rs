@@ -53,7 +53,9 @@ pub struct ConsumerConfig {
     pub group_instance_id: Option<String>,
     /// A member silent for this long is removed from the group. Default 10 s.
     pub session_timeout: Duration,
-    /// How long a rebalance waits for members to rejoin. Default 30 s.
+    /// How long a rebalance waits for members to rejoin: the time a member has to finish the
+    /// records of its last `poll` and poll again once a rebalance starts (its heartbeats keep
+    /// its session meanwhile). Default 30 s.
     pub rebalance_timeout: Duration,
     /// Where to start when the group has no committed offset (or the offset is out of range).
     /// Default [`Offset::Earliest`]: an agent must not miss state changes.
@@ -1053,8 +1055,11 @@ impl Consumer {
     }
 }
 
-/// Heartbeats of a generation, on their own connection so that long fetches never delay them;
-/// they stop, raising `rejoin`, when the broker answers with an error (a rebalance).
+/// Heartbeats of a generation, on their own connection so that long fetches never delay them.
+/// A rebalance raises `rejoin` and the heartbeats go on while it lasts, as Kafka's do: they
+/// keep the session alive while the caller finishes its records, so that the broker waits for
+/// this member's rejoin up to `rebalance_timeout` (not `session_timeout`). Any other error (the
+/// rebalance ended, the member was removed) raises `rejoin` if not yet raised and stops them.
 fn start_heartbeat(
     conn: Connection,
     group: &str,
@@ -1068,13 +1073,25 @@ fn start_heartbeat(
         generation_id: joined.generation_id,
     };
     AbortOnDropHandle::new(tokio::spawn(async move {
+        let mut rebalancing = false;
         loop {
             tokio::time::sleep(interval).await;
             match conn.request(&hb).await {
                 Ok(r) if r.error.is_ok() => {}
+                Ok(r) if r.error == ErrorCode::RebalanceInProgress => {
+                    if !std::mem::replace(&mut rebalancing, true) {
+                        tracing::info!("heartbeat: the group is rebalancing; rejoining at the next poll");
+                        rejoin.store(true, Ordering::Release);
+                    }
+                }
                 Ok(r) => {
-                    tracing::info!(error = %r.error, "heartbeat: rejoining the group");
-                    rejoin.store(true, Ordering::Release);
+                    // Once the rebalance heard of above has ended, the next generation's join
+                    // (which cleared the flag) is this member's: raising it again would start
+                    // a needless rebalance.
+                    if !rebalancing {
+                        tracing::info!(error = %r.error, "heartbeat: rejoining the group");
+                        rejoin.store(true, Ordering::Release);
+                    }
                     return;
                 }
                 Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
