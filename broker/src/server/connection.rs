@@ -80,7 +80,7 @@ pub(crate) async fn run(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr
         };
         last_frame = Instant::now();
         partial_since = (!frames.read_buffer().is_empty() || frames.decoder().discarding()).then(Instant::now);
-        let frame = match next {
+        let reply = match next {
             None => break,
             Some(Err(FrameError::TooLarge { len, max })) => {
                 tracing::warn!(%peer, len, max, "closing connection: frame exceeds frame_bytes_max");
@@ -92,26 +92,8 @@ pub(crate) async fn run(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr
                 tracing::debug!(%peer, error = %e, "connection read failed");
                 break;
             }
-            Some(Ok(Incoming::Oversized { len, max, head })) => Err(oversized(head, len, max, peer)),
-            Some(Ok(Incoming::Request(frame))) => Ok(frame),
-        };
-        let reply = match frame {
-            Err(reply) => reply,
-            Ok(frame) => {
-                let received = Instant::now();
-                // Kept only where it may have to be dispatched again (auto-creation is off by
-                // default).
-                let again = broker.config.auto_create_topics.then(|| frame.clone());
-                let mut reply = dispatch(&broker, frame, peer, again.is_some(), received);
-                if let (Reply::CreateTopics(names), Some(frame)) = (&mut reply, again) {
-                    let (creator, names) = (Arc::clone(&broker), std::mem::take(names));
-                    if let Err(e) = tokio::task::spawn_blocking(move || auto_create_topics(&creator, &names)).await {
-                        tracing::error!(%peer, error = %e, "auto-creating topics panicked");
-                    }
-                    reply = dispatch(&broker, frame, peer, false, received);
-                }
-                reply
-            }
+            Some(Ok(Incoming::Oversized { len, max, head })) => oversized(head, len, max, peer),
+            Some(Ok(Incoming::Request(frame))) => serve(&broker, frame, peer).await,
         };
         let pending = match reply {
             Reply::Now(chunks) => Pending::Ready(chunks),
@@ -172,6 +154,22 @@ pub(crate) async fn run(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr
         }
     }
     tracing::debug!(%peer, "connection closed");
+}
+
+/// Dispatches a request, creating the topics it names first where auto-creation asks for it.
+async fn serve(broker: &Arc<Broker>, frame: Bytes, peer: SocketAddr) -> Reply {
+    let received = Instant::now();
+    // Kept only where it may have to be dispatched again (auto-creation is off by default).
+    let again = broker.config.auto_create_topics.then(|| frame.clone());
+    let mut reply = dispatch(broker, frame, peer, again.is_some(), received);
+    if let (Reply::CreateTopics(names), Some(frame)) = (&mut reply, again) {
+        let (creator, names) = (Arc::clone(broker), std::mem::take(names));
+        if let Err(e) = tokio::task::spawn_blocking(move || auto_create_topics(&creator, &names)).await {
+            tracing::error!(%peer, error = %e, "auto-creating topics panicked");
+        }
+        reply = dispatch(broker, frame, peer, false, received);
+    }
+    reply
 }
 
 /// Answers a request over `frame_bytes_max`, whose bytes are being dropped: `BATCH_TOO_LARGE`
