@@ -146,10 +146,10 @@ impl std::fmt::Debug for Coordinator {
 }
 
 /// `(topic, partition, Some((offset, metadata, commit_timestamp_ms)))`, `None` when nothing is committed.
-pub type CommittedEntry = (String, u32, Option<Committed3>);
+pub type CommittedEntry = (String, u32, Option<OffsetAndMetadata>);
 
 /// `(offset, metadata, commit_timestamp_ms)` of a committed offset.
-pub type Committed3 = (i64, Option<String>, i64);
+pub type OffsetAndMetadata = (i64, Option<String>, i64);
 
 /// One partition of an OffsetCommit: `(topic, partition, offset, metadata)`, borrowed from the
 /// request (a name copied per partition would let a small request take gigabytes).
@@ -623,7 +623,7 @@ impl Coordinator {
     }
 
     /// What a group has committed for the given partitions of one topic, in their order.
-    pub fn committed_of(&self, group_id: &str, topic: &str, partitions: &[u32]) -> Vec<Option<Committed3>> {
+    pub fn committed_of(&self, group_id: &str, topic: &str, partitions: &[u32]) -> Vec<Option<OffsetAndMetadata>> {
         // One key for the whole topic: nothing allocated per partition under the lock.
         let mut key = (group_id.to_owned(), topic.to_owned(), 0);
         let inner = self.inner.lock().expect("groups lock");

@@ -6,7 +6,7 @@ mod offsets_store;
 
 use serde::{Deserialize, Serialize};
 
-pub use coordinator::{CommitEntry, Committed3, CommittedEntry, Coordinator};
+pub use coordinator::{CommitEntry, CommittedEntry, Coordinator, OffsetAndMetadata};
 pub use offsets_store::OFFSETS_TOPIC;
 
 /// Consumer group settings (`[groups]` in the config file).

@@ -17,7 +17,7 @@ use cairn_protocol::messages::offsets::{
 use cairn_protocol::ErrorCode;
 
 use super::{distinct, first_error, storage_error_code, Ctx, Reply};
-use crate::groups::{CommitEntry, Committed3};
+use crate::groups::{CommitEntry, OffsetAndMetadata};
 
 pub(crate) fn join_group(ctx: Ctx, req: JoinGroupRequest) -> Reply {
     let broker = Arc::clone(&ctx.broker);
@@ -143,7 +143,7 @@ pub(crate) fn offset_commit(ctx: Ctx, req: OffsetCommitRequest) -> Reply {
 }
 
 pub(crate) fn offset_fetch(ctx: Ctx, req: OffsetFetchRequest) -> Reply {
-    let entry = |partition: u32, committed: Option<Committed3>| {
+    let entry = |partition: u32, committed: Option<OffsetAndMetadata>| {
         let (offset, metadata, ts) = committed.unwrap_or((-1, None, -1));
         OffsetFetchPartitionResponse { partition, error: ErrorCode::None, offset, metadata, commit_timestamp_ms: ts }
     };
