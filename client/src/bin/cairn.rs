@@ -181,8 +181,24 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("cairn: {e}");
-            ExitCode::from(exit_code(&e))
+            ExitCode::from(cli_exit_code(&e))
         }
+    }
+}
+
+/// Why a command failed: the client library's error, or stdout that could not be written.
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error(transparent)]
+    Client(#[from] Error),
+    #[error("writing to stdout failed after {printed} record(s): {error}")]
+    Stdout { printed: u64, error: std::io::Error },
+}
+
+fn cli_exit_code(e: &CliError) -> u8 {
+    match e {
+        CliError::Client(e) => exit_code(e),
+        CliError::Stdout { .. } => 1,
     }
 }
 
@@ -201,13 +217,13 @@ fn connection(cli_broker: &str) -> ConnectionConfig {
     ConnectionConfig { broker: cli_broker.to_owned(), client_id: "cairn-cli".into(), ..ConnectionConfig::default() }
 }
 
-async fn run(cli: Cli) -> Result<(), Error> {
+async fn run(cli: Cli) -> Result<(), CliError> {
     let conn = connection(&cli.broker);
     match cli.command {
-        Command::Topic(cmd) => topic(conn, cmd).await,
-        Command::Produce(args) => produce(conn, args).await,
+        Command::Topic(cmd) => Ok(topic(conn, cmd).await?),
+        Command::Produce(args) => Ok(produce(conn, args).await?),
         Command::Consume(args) => consume(conn, args).await,
-        Command::Group(cmd) => group(conn, cmd).await,
+        Command::Group(cmd) => Ok(group(conn, cmd).await?),
     }
 }
 
@@ -469,7 +485,7 @@ fn render(r: &ConsumerRecord, format: ValueFormat) -> String {
     }
 }
 
-async fn consume(conn: ConnectionConfig, args: ConsumeArgs) -> Result<(), Error> {
+async fn consume(conn: ConnectionConfig, args: ConsumeArgs) -> Result<(), CliError> {
     let start = parse_from(&args.from)?;
     let admin = Admin::connect(conn.clone()).await?;
     let config = ConsumerConfig {
@@ -528,7 +544,7 @@ async fn consume(conn: ConnectionConfig, args: ConsumeArgs) -> Result<(), Error>
                 }
                 continue;
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.into()),
         };
         let mut out = stdout.lock();
         for r in records {
@@ -554,10 +570,7 @@ async fn consume(conn: ConnectionConfig, args: ConsumeArgs) -> Result<(), Error>
     match unwritable {
         // The reader went away (`| head`): a normal end, as for --count.
         Some(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        Some(e) => {
-            eprintln!("cairn: writing to stdout failed after {count} record(s): {e}");
-            std::process::exit(1);
-        }
+        Some(error) => Err(CliError::Stdout { printed: count, error }),
         None => Ok(()),
     }
 }
@@ -572,5 +585,7 @@ mod tests {
         assert_eq!(exit_code(&Error::Timeout { operation: "request", ms: 30_000 }), 4);
         assert_eq!(exit_code(&Error::Broker { code: ErrorCode::RequestTimedOut, message: None }), 1);
         assert_eq!(exit_code(&Error::UnknownTopic("t".into())), 3);
+        let full = std::io::Error::from_raw_os_error(28);
+        assert_eq!(cli_exit_code(&CliError::Stdout { printed: 3, error: full }), 1);
     }
 }
