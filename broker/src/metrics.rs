@@ -123,6 +123,7 @@ fn register_counters() {
         "cairn_http_connections_refused_total",
         "cairn_committed_offsets_reset_total",
         "cairn_committed_offsets_expired_total",
+        "cairn_committed_offsets_damaged_batches_total",
     ] {
         metrics::counter!(name).increment(0);
     }
@@ -166,6 +167,10 @@ fn describe() {
     describe_counter!(
         "cairn_committed_offsets_reset_total",
         "Committed offsets found past their partition's log end at startup and reset to it"
+    );
+    describe_counter!(
+        "cairn_committed_offsets_damaged_batches_total",
+        "Damaged batches of __consumer_offsets skipped at startup (the commits in them are lost)"
     );
     describe_counter!(
         "cairn_committed_offsets_expired_total",

@@ -1161,6 +1161,85 @@ mod tests {
         assert_eq!(c.committed("g").len(), 100, "the snapshot's entries");
     }
 
+    /// Commits group "a", then group "b", then three large commits of group "c" (one batch each),
+    /// and closes the store cleanly. The next open trusts the log up to its last index entry,
+    /// after the first two: damage there is found by whoever reads it, not by recovery. Returns
+    /// the offsets log's file.
+    fn two_commits_then_clean_close(dir: &std::path::Path) -> std::path::PathBuf {
+        let (store, _) = LogStore::open(dir, StorageConfig::default(), system_clock()).unwrap();
+        store.create_topic("t", 2, StorageConfig::default().topic_defaults()).unwrap();
+        let c = Coordinator::open(&store, GroupConfig::default()).unwrap();
+        let large = "m".repeat(4000);
+        for group in ["a", "b", "c", "c", "c"] {
+            let entries: Vec<CommitEntry<'_>> = if group == "c" {
+                vec![("t", 0, 0, Some(large.as_str())), ("t", 1, 0, Some(large.as_str()))]
+            } else {
+                vec![("t", 0, 0, Some(group))]
+            };
+            let (codes, pending) = c.commit(&store, group, "", -1, &entries, 1).unwrap();
+            assert!(codes.iter().all(|c| c.is_ok()), "{codes:?}");
+            pending.unwrap().log.sync().unwrap();
+        }
+        drop(c);
+        store.close().unwrap();
+        dir.join(format!("{}-0", offsets_store::OFFSETS_TOPIC)).join(format!("{:020}.log", 0))
+    }
+
+    fn flip_byte(path: &std::path::Path, at: u64) {
+        use std::io::{Read, Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+        let mut b = [0u8];
+        f.seek(SeekFrom::Start(at)).unwrap();
+        f.read_exact(&mut b).unwrap();
+        f.seek(SeekFrom::Start(at)).unwrap();
+        f.write_all(&[b[0] ^ 0x5a]).unwrap();
+        f.sync_all().unwrap();
+    }
+
+    #[test]
+    fn a_damaged_commit_in_the_offsets_log_is_skipped_and_the_rest_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = two_commits_then_clean_close(dir.path());
+        // A byte of group "a"'s record (after the 16-byte file header and the 61-byte batch
+        // header): the batch fails its CRC. The broker used to refuse to start.
+        flip_byte(&log, 16 + 61 + 10);
+        let (store, _) = LogStore::open(dir.path(), StorageConfig::default(), system_clock()).unwrap();
+        let c = Coordinator::open(&store, GroupConfig::default()).expect("starts despite the damaged batch");
+        assert!(c.committed("a").is_empty(), "the damaged commit is not served");
+        let b = c.committed("b");
+        assert_eq!(b.len(), 1);
+        assert_eq!(b[0].2.as_ref().map(|e| (e.0, e.1.clone())), Some((0, Some("b".to_string()))));
+        // Commits go on, after the damaged batch, and are there after the next start.
+        let (codes, pending) = c.commit(&store, "a", "", -1, &[("t", 0, 0, Some("again"))], 2).unwrap();
+        assert!(codes[0].is_ok());
+        pending.unwrap().log.sync().unwrap();
+        drop(c);
+        store.close().unwrap();
+        drop(store);
+        let (store, _) = LogStore::open(dir.path(), StorageConfig::default(), system_clock()).unwrap();
+        let c = Coordinator::open(&store, GroupConfig::default()).unwrap();
+        assert_eq!(c.committed("a")[0].2.as_ref().and_then(|e| e.1.clone()), Some("again".to_string()));
+        assert_eq!(c.committed("b").len(), 1);
+        assert_eq!(c.committed("c").len(), 2);
+    }
+
+    #[test]
+    fn an_unreadable_stretch_of_the_offsets_log_is_skipped_and_the_broker_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = two_commits_then_clean_close(dir.path());
+        // The first batch's length field: no batch boundary after it can be found in this
+        // segment, so the rest of it is skipped.
+        flip_byte(&log, 16 + 8);
+        let (store, _) = LogStore::open(dir.path(), StorageConfig::default(), system_clock()).unwrap();
+        let c = Coordinator::open(&store, GroupConfig::default()).expect("starts despite the damaged segment");
+        assert!(c.committed("a").is_empty());
+        assert!(c.committed("b").is_empty());
+        assert!(c.committed("c").is_empty());
+        let (codes, pending) = c.commit(&store, "b", "", -1, &[("t", 0, 0, None)], 2).unwrap();
+        assert!(codes[0].is_ok());
+        pending.unwrap().log.sync().unwrap();
+    }
+
     #[test]
     fn a_partition_named_many_times_in_one_commit_is_stored_once_with_its_last_offset() {
         let dir = tempfile::tempdir().unwrap();

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use cairn_protocol::record_batch::{BatchSplitter, RecordBatchBuilder};
+use cairn_protocol::record_batch::{peek_total_len, BatchHeader, RecordBatch, RecordBatchBuilder};
 
 use crate::storage::{LogStore, PartitionLog, StorageError, TopicConfig};
 
@@ -49,16 +49,56 @@ pub(crate) fn open(store: &LogStore) -> Result<(Arc<PartitionLog>, BTreeMap<Offs
     };
     let mut state = BTreeMap::new();
     let mut next = log.log_start_offset();
-    while next < log.log_end_offset() {
-        let read = log.read(next, 4 * 1024 * 1024)?;
+    let end = log.log_end_offset();
+    while next < end {
+        let read = match log.read(next, 4 * 1024 * 1024) {
+            Ok(read) => read,
+            Err(e) if is_unreadable(&e) => {
+                // No batch boundary can be found after the damage: go on at the next segment.
+                let resume = log.segments().iter().map(|s| s.base_offset).find(|&b| b > next).unwrap_or(end);
+                skipped_damage(next, resume, &e.to_string());
+                next = resume;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         if read.is_empty() {
             break;
         }
         for chunk in read.chunks {
-            for batch in BatchSplitter::new(chunk) {
-                let batch = batch?;
+            let mut pos = 0;
+            while let Some(total) = peek_total_len(&chunk[pos..]) {
+                // The segment's reader cut the chunk at batch boundaries it checked.
+                let Some(bytes) = usize::try_from(total).ok().and_then(|t| chunk.get(pos..pos + t)) else {
+                    break;
+                };
+                let bytes = chunk.slice_ref(bytes);
+                pos += bytes.len();
+                let batch = match RecordBatch::new(bytes.clone()) {
+                    Ok(batch) => batch,
+                    Err(e) => {
+                        // Its offsets are as the reader walked them; what the CRC covers is not
+                        // to be trusted. Never step back, never past the log end.
+                        let after = BatchHeader::parse(&bytes).map_or(next + 1, |h| h.next_offset().max(0) as u64);
+                        let resume = after.clamp(next + 1, end);
+                        skipped_damage(next, resume, &e.to_string());
+                        next = resume;
+                        continue;
+                    }
+                };
                 for record in batch.records() {
-                    let record = record?;
+                    let record = match record {
+                        Ok(record) => record,
+                        Err(e) => {
+                            let resume = (batch.header().next_offset().max(0) as u64).clamp(next + 1, end);
+                            skipped_damage(next, resume, &e.to_string());
+                            next = resume;
+                            break;
+                        }
+                    };
+                    if record.offset < next as i64 {
+                        continue;
+                    }
                     next = record.offset as u64 + 1;
                     let Some(key) = record.key.as_deref().and_then(decode_key) else {
                         tracing::warn!(offset = record.offset, "skipping unreadable committed-offset record");
@@ -80,6 +120,26 @@ pub(crate) fn open(store: &LogStore) -> Result<(Arc<PartitionLog>, BTreeMap<Offs
         }
     }
     Ok((log, state))
+}
+
+/// Whether `e` is a read that found bytes it could not take apart as batches (damage on disk),
+/// as opposed to a failure of the disk or the system.
+fn is_unreadable(e: &StorageError) -> bool {
+    matches!(e, StorageError::Io { source, .. } if source.kind() == std::io::ErrorKind::InvalidData)
+}
+
+/// Logs and counts a damaged stretch `[from, resume)` of the offsets log skipped at startup.
+/// The commits in it are lost: their groups resume from an earlier commit of theirs (records are
+/// delivered again) or, with none, from `auto_offset_reset`.
+fn skipped_damage(from: u64, resume: u64, error: &str) {
+    tracing::error!(
+        topic = OFFSETS_TOPIC,
+        from_offset = from,
+        resume_offset = resume,
+        error,
+        "damaged committed-offset batch skipped; the commits in it are lost"
+    );
+    metrics::counter!("cairn_committed_offsets_damaged_batches_total").increment(1);
 }
 
 /// Largest batch written to the offsets log (well under the default `batch_bytes_max`).
