@@ -114,9 +114,63 @@ impl Group {
     }
 }
 
+/// Committed offsets, and how many partitions each group has committed, so that the number of
+/// groups with offsets is known without a scan. Read through `Deref`; changed only through
+/// [`CommittedOffsets::insert`] and [`CommittedOffsets::remove`], which keep the count.
+struct CommittedOffsets {
+    by_key: BTreeMap<OffsetKey, Committed>,
+    per_group: HashMap<String, usize>,
+}
+
+impl CommittedOffsets {
+    fn new(by_key: BTreeMap<OffsetKey, Committed>) -> Self {
+        let mut per_group: HashMap<String, usize> = HashMap::new();
+        for (group, _, _) in by_key.keys() {
+            *per_group.entry(group.clone()).or_default() += 1;
+        }
+        CommittedOffsets { by_key, per_group }
+    }
+
+    fn insert(&mut self, key: OffsetKey, value: Committed) {
+        let group = key.0.clone();
+        if self.by_key.insert(key, value).is_none() {
+            *self.per_group.entry(group).or_default() += 1;
+        }
+    }
+
+    fn remove(&mut self, key: &OffsetKey) {
+        if self.by_key.remove(key).is_some() {
+            if let Some(n) = self.per_group.get_mut(&key.0) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_group.remove(&key.0);
+                }
+            }
+        }
+    }
+
+    /// Whether `group` has committed anything.
+    fn has_group(&self, group: &str) -> bool {
+        self.per_group.contains_key(group)
+    }
+
+    /// Number of groups with committed offsets.
+    fn groups(&self) -> usize {
+        self.per_group.len()
+    }
+}
+
+impl std::ops::Deref for CommittedOffsets {
+    type Target = BTreeMap<OffsetKey, Committed>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.by_key
+    }
+}
+
 struct Inner {
     groups: HashMap<String, Group>,
-    committed: BTreeMap<OffsetKey, Committed>,
+    committed: CommittedOffsets,
     /// When each group that had members since the broker started lost its last one (wall
     /// clock, ms): committed offsets expire counting from there or from their last commit.
     emptied_ms: HashMap<String, i64>,
@@ -207,7 +261,7 @@ impl Coordinator {
             config,
             inner: Mutex::new(Inner {
                 groups: HashMap::new(),
-                committed,
+                committed: CommittedOffsets::new(committed),
                 emptied_ms: HashMap::new(),
                 started_ms: crate::storage::system_clock()(),
             }),
@@ -575,6 +629,15 @@ impl Coordinator {
             let inner = self.inner.lock().expect("groups lock");
             for &(topic, partition, offset, metadata) in entries {
                 let mut code = self.check_commit(&inner, group_id, member_id, generation, topic, partition);
+                if code.is_ok()
+                    && !inner.groups.contains_key(group_id)
+                    && !inner.committed.has_group(group_id)
+                    && inner.committed.groups() >= self.config.groups_max
+                {
+                    // A group without members that would be new to the offsets: each took
+                    // memory and a place in every snapshot, without limit.
+                    code = ErrorCode::ResourceLimit;
+                }
                 if code.is_ok() && store.partition(topic, partition).is_none() {
                     code = ErrorCode::UnknownTopicOrPartition;
                 }
@@ -1238,6 +1301,32 @@ mod tests {
         let (codes, pending) = c.commit(&store, "b", "", -1, &[("t", 0, 0, None)], 2).unwrap();
         assert!(codes[0].is_ok());
         pending.unwrap().log.sync().unwrap();
+    }
+
+    #[tokio::test]
+    async fn commits_outside_membership_cannot_add_groups_past_groups_max() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = LogStore::open(dir.path(), StorageConfig::default(), system_clock()).unwrap();
+        store.create_topic("t", 2, StorageConfig::default().topic_defaults()).unwrap();
+        let c = Coordinator::open(&store, GroupConfig { groups_max: 2, ..GroupConfig::default() }).unwrap();
+        let commit = |group: &str, member: &str, generation: i32| {
+            c.commit(&store, group, member, generation, &[("t", 0, 0, None)], 1).unwrap().0[0]
+        };
+        assert_eq!(commit("a", "", -1), ErrorCode::None);
+        assert_eq!(commit("b", "", -1), ErrorCode::None);
+        // Each new group id took memory and a place in every snapshot, without limit.
+        assert_eq!(commit("c", "", -1), ErrorCode::ResourceLimit);
+        assert!(c.committed("c").is_empty());
+        assert_eq!(commit("a", "", -1), ErrorCode::None, "a group with offsets commits on");
+        // A group with members (within groups_max of its own) commits whatever the count.
+        let joined = c.join(new_member("live", vec!["t"]), "c".into(), &store).await;
+        assert_eq!(joined.error, ErrorCode::None);
+        assert_eq!(commit("live", &joined.member_id, joined.generation_id), ErrorCode::None);
+        // Once a group's offsets are gone, its place is free again.
+        store.delete_topic("t").unwrap();
+        c.forget_topic("t");
+        store.create_topic("t", 2, StorageConfig::default().topic_defaults()).unwrap();
+        assert_eq!(commit("c", "", -1), ErrorCode::None);
     }
 
     #[test]

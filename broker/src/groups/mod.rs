@@ -21,7 +21,9 @@ pub struct GroupConfig {
     pub rebalance_timeout_ms_max: u32,
     /// Longest metadata string stored with a committed offset. Default 4,096 bytes.
     pub offset_metadata_bytes_max: usize,
-    /// Most groups the broker tracks. Default 10,000.
+    /// Most groups with members the broker tracks, and most groups with committed offsets (a
+    /// commit outside membership for a group new to the offsets past it fails with
+    /// `RESOURCE_LIMIT`). Default 10,000.
     pub groups_max: usize,
     /// Most members per group. Default 1,000.
     pub members_per_group_max: usize,
