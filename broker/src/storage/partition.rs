@@ -571,13 +571,11 @@ impl PartitionLog {
         let total: u64 = segments.iter().map(|s| s.data_bytes()).sum();
         // A segment's age: its newest record timestamp, or when it was created (opened, after a
         // restart) if its batches carry none (-1, Kafka's NO_TIMESTAMP), which would otherwise
-        // read as expired at once.
-        let newest = |s: &Segment| s.max_timestamp().map(|t| if t < 0 { s.created_ms } else { t });
-        let expired = |s: &Segment| {
-            self.config
-                .retention_ms
-                .is_some_and(|r| newest(s).is_some_and(|t| t.saturating_add(r.get() as i64) < now_ms))
-        };
+        // read as expired at once. Nor does a segment of `i64::MIN` timestamps (read back as no
+        // timestamp at all) count as never expiring: retention would stop at it for good.
+        let newest = |s: &Segment| s.max_timestamp().filter(|t| *t >= 0).unwrap_or(s.created_ms);
+        let expired =
+            |s: &Segment| self.config.retention_ms.is_some_and(|r| newest(s).saturating_add(r.get() as i64) < now_ms);
         let mut remaining = total;
         let mut doomed = 0;
         for seg in &segments[..segments.len() - 1] {

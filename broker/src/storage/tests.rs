@@ -611,6 +611,32 @@ fn records_without_timestamps_are_kept_for_retention_ms() {
     assert_eq!(p.log_start_offset(), 5);
 }
 
+/// A batch whose timestamps are all `i64::MIN` (any value a producer may send) leaves its
+/// segment with no largest timestamp, as an empty one has. Retention took such a segment for
+/// one not to expire, and stopped there: no later segment was ever deleted by time.
+#[test]
+fn records_timestamped_i64_min_do_not_stop_time_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let (clock, c) = TestClock::new(1_700_000_000_000);
+    let (store, _) = LogStore::open(dir.path(), small_config(), c).unwrap();
+    let mut cfg = store.config().topic_defaults();
+    cfg.retention_ms = std::num::NonZeroU64::new(3_600_000);
+    let p = store.create_topic("t", 1, cfg).unwrap().partitions[0].clone();
+    let mut b = RecordBatchBuilder::new();
+    b.push(i64::MIN, None, Some(b"v"), &[]);
+    p.append(&b.build()).unwrap();
+    p.roll_now().unwrap();
+    p.append(&batch(0, 3, 8, 1_700_000_000_000)).unwrap();
+    p.roll_now().unwrap();
+    p.sync().unwrap();
+    clock.set(1_700_000_000_000 + 2 * 3_600_000);
+    for _ in 0..2 {
+        store.apply_retention();
+        p.sync().unwrap();
+    }
+    assert_eq!(p.log_start_offset(), 4, "both sealed segments are older than the retention");
+}
+
 /// A partition kept at about 20 KiB by size retention, with a thread that appends to it,
 /// syncing and applying retention every eight batches, until the returned flag is set.
 type UnderRetention = (LogStore, Arc<PartitionLog>, Arc<std::sync::atomic::AtomicBool>, std::thread::JoinHandle<()>);
