@@ -106,6 +106,11 @@ pub(crate) struct Shared {
     #[cfg(test)]
     #[allow(clippy::type_complexity)]
     pub(crate) before_marking_clean: std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    /// Test hook: runs once when retention deletes segments, after the segment list was swapped
+    /// and before the files are deleted, as a slow unlink or directory fsync would take.
+    #[cfg(test)]
+    #[allow(clippy::type_complexity)]
+    pub(crate) while_deleting_segments: std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -214,6 +219,8 @@ impl LogStore {
             fail_next_sync: AtomicBool::new(false),
             #[cfg(test)]
             before_marking_clean: std::sync::Mutex::new(None),
+            #[cfg(test)]
+            while_deleting_segments: std::sync::Mutex::new(None),
         });
         let clean = checkpoint::was_clean(dir);
         let points = checkpoint::read(dir);

@@ -638,11 +638,15 @@ impl PartitionLog {
         if count == 0 {
             return Ok(RetentionOutcome::default());
         }
-        // Under the append lock, which destroy takes: a partition whose topic was deleted (and
-        // maybe created again, with new files at the same paths) deletes nothing.
-        let _ap = self.appender.lock().expect("append lock");
-        self.check_deleted()?;
+        // Under the sync lock, which destroy takes first: a partition whose topic was deleted
+        // (and maybe created again, with new files at the same paths) deletes nothing, and a
+        // deletion under way finishes before destroy starts. Appends do not take it, so they go
+        // on while files are unlinked and the directory synced; the append lock is held only
+        // for the swap of the segment list (same order as `sync`: sync lock, then append lock).
+        let _serial = self.sync_lock.lock().expect("sync lock");
         let removed: Vec<Arc<Segment>> = {
+            let _ap = self.appender.lock().expect("append lock");
+            self.check_deleted()?;
             let mut list = self.segments.write().expect("segments lock");
             let count = count.min(list.len() - 1);
             let next: Vec<_> = list[count..].to_vec();
@@ -651,6 +655,10 @@ impl PartitionLog {
             *list = Arc::new(next);
             removed
         };
+        #[cfg(test)]
+        if let Some(hook) = self.shared.while_deleting_segments.lock().expect("hook").take() {
+            hook();
+        }
         let mut outcome = RetentionOutcome::default();
         for seg in removed {
             outcome.segments += 1;

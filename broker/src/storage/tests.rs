@@ -492,6 +492,33 @@ fn deleting_a_topic_waits_for_a_sync_under_way_on_its_partitions() {
 /// An append that lands while a sync decides the partition is clean must leave it marked
 /// dirty: otherwise the flusher, which looks only at dirty partitions, never syncs that append
 /// on an idle partition, and `flush_interval_ms` no longer bounds how long it stays unsynced.
+/// Deleting segment files and syncing the directory can take a slow disk hundreds of
+/// milliseconds; appends to the partition must not wait for it.
+#[test]
+fn appends_go_on_while_retention_deletes_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path(), small_config());
+    let mut cfg = store.config().topic_defaults();
+    cfg.retention_bytes = std::num::NonZeroU64::new(8 * 1024);
+    let p = store.create_topic("t", 1, cfg).unwrap().partitions[0].clone();
+    for i in 0..40u64 {
+        p.append(&batch(i * 5, 5, 200, 1)).unwrap();
+    }
+    p.sync().unwrap();
+    let writer = Arc::clone(&p);
+    let (tx, rx) = std::sync::mpsc::channel();
+    *store.inner.shared.while_deleting_segments.lock().unwrap() = Some(Box::new(move || {
+        let appended = std::thread::spawn(move || tx.send(writer.append(&batch(200, 1, 10, 1)).is_ok()).unwrap());
+        // Deleting stays "slow" until the append is through, or for 5 s at most.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !appended.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }));
+    assert!(p.apply_retention(store.inner.shared.now_ms()).unwrap().segments > 0);
+    assert_eq!(rx.try_recv(), Ok(true), "the append waited for the deletion");
+}
+
 #[test]
 fn an_append_racing_a_sync_that_finds_nothing_left_keeps_the_partition_due_for_a_flush() {
     let dir = tempfile::tempdir().unwrap();
