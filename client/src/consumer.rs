@@ -148,8 +148,14 @@ const UNPARKED_ANSWER_MAX: Duration = Duration::from_millis(100);
 /// A ListOffsets lookup under way, with the partitions it asks about and the seek each was for.
 type Lookup = (JoinHandle<Result<ListOffsetsResponse>>, Vec<(TopicPartition, Offset)>);
 
+/// A committed-offset lookup under way, and the partitions it asks for.
+type Placing = (JoinHandle<Result<Offsets>>, Vec<TopicPartition>);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Position {
+    /// Assigned by a join: starts at the group's committed offset, once looked up (else at
+    /// `auto_offset_reset`).
+    Committed,
     Resolve(Offset),
     At(i64),
 }
@@ -209,6 +215,10 @@ pub struct Consumer {
     /// Positions being looked up: `poll` waits for the answer only until its own timeout, and a
     /// later `poll` takes it up.
     lookup: Option<Lookup>,
+    /// The committed offsets of partitions a join assigned being looked up: likewise. Kept
+    /// here, and the partitions in `positions`, so that a `poll` dropped while it waits loses
+    /// nothing (the partitions were owned and never read).
+    placing: Option<Placing>,
     /// A JoinGroup under way (a rebalance waits for every member): likewise waited for by `poll`
     /// only until its timeout.
     joining: Option<JoinHandle<Result<Joined>>>,
@@ -253,6 +263,7 @@ impl Consumer {
             deferred: None,
             in_flight: None,
             lookup: None,
+            placing: None,
             joining: None,
             join_conn,
             fetch_sent: Instant::now(),
@@ -370,7 +381,7 @@ impl Consumer {
             .map(|(k, p)| {
                 let at = match p {
                     Position::At(o) => Some(*o),
-                    Position::Resolve(_) => None,
+                    Position::Resolve(_) | Position::Committed => None,
                 };
                 (k.clone(), held.get(k).copied().or(at))
             })
@@ -384,6 +395,9 @@ impl Consumer {
             h.abort();
         }
         if let Some((h, _)) = self.lookup.take() {
+            h.abort();
+        }
+        if let Some((h, _)) = self.placing.take() {
             h.abort();
         }
     }
@@ -461,23 +475,54 @@ impl Consumer {
         self.deferred = None;
         self.positions.clear();
         self.returned.clear();
-        let assigned: Vec<(String, u32)> =
-            resp.assignment.iter().flat_map(|tp| tp.partitions.iter().map(move |p| (tp.topic.clone(), *p))).collect();
-        if assigned.is_empty() {
-            return Ok(true);
+        for tp in resp.assignment.iter().flat_map(|tp| tp.partitions.iter().map(move |p| (tp.topic.clone(), *p))) {
+            self.positions.insert(tp, Position::Committed);
         }
-        let committed = match self.committed_offsets(&group, &assigned).await {
-            Ok(c) => c,
+        self.place_committed(deadline).await
+    }
+
+    /// Places partitions waiting for their committed offset ([`Position::Committed`]) with one
+    /// OffsetFetch, run as a task: with a `deadline`, waited for only until then (`Ok(false)`
+    /// if still under way; a later call takes it up). Without a committed offset, a partition
+    /// starts at `auto_offset_reset`. On an error the partitions keep waiting, and the next call
+    /// asks again.
+    async fn place_committed(&mut self, deadline: Option<Instant>) -> Result<bool> {
+        if self.placing.is_none() {
+            let Some(group) = self.membership.as_ref().map(|m| m.group.clone()) else {
+                return Ok(true);
+            };
+            let asked: Vec<TopicPartition> =
+                self.positions.iter().filter(|(_, p)| **p == Position::Committed).map(|(tp, _)| tp.clone()).collect();
+            if asked.is_empty() {
+                return Ok(true);
+            }
+            let conn = self.conn.clone();
+            let tps = asked.clone();
+            let task = tokio::spawn(async move { committed_offsets(&conn, &group, &tps).await });
+            self.placing = Some((task, asked));
+        }
+        let Some((handle, _)) = self.placing.as_mut() else {
+            return Ok(true);
+        };
+        let joined = match deadline {
+            Some(d) => match tokio::time::timeout(d.saturating_duration_since(Instant::now()), handle).await {
+                Ok(joined) => joined,
+                Err(_) => return Ok(false), // still under way
+            },
+            None => handle.await,
+        };
+        let (_, asked) = self.placing.take().expect("a placing");
+        let committed = match joined {
+            Ok(answer) => answer?,
             Err(e) => {
-                // Without positions this member would own its partitions and never read them
-                // (heartbeats keep succeeding): join again at the next poll.
-                if let Some(m) = self.membership.as_ref() {
-                    m.rejoin.store(true, Ordering::Release);
-                }
-                return Err(e);
+                return Err(Error::Disconnected { addr: self.config.connection.broker.clone(), detail: e.to_string() })
             }
         };
-        for tp in assigned {
+        let group = self.membership.as_ref().map(|m| m.group.clone()).unwrap_or_default();
+        for tp in asked {
+            if self.positions.get(&tp) != Some(&Position::Committed) {
+                continue; // sought elsewhere, or unassigned, since the lookup went out
+            }
             let pos = match committed.get(&tp) {
                 Some(o) if *o >= 0 => Position::At(*o),
                 _ => {
@@ -489,22 +534,6 @@ impl Consumer {
             self.positions.insert(tp, pos);
         }
         Ok(true)
-    }
-
-    async fn committed_offsets(&self, group: &str, tps: &[(String, u32)]) -> Result<BTreeMap<TopicPartition, i64>> {
-        let mut topics: Vec<OffsetFetchTopic> = Vec::new();
-        for (t, p) in tps {
-            match topics.iter_mut().find(|x| &x.name == t) {
-                Some(x) => x.partitions.push(*p),
-                None => topics.push(OffsetFetchTopic { name: t.clone(), partitions: vec![*p] }),
-            }
-        }
-        let resp = self.conn.request(&OffsetFetchRequest { group_id: group.to_owned(), topics: Some(topics) }).await?;
-        Ok(resp
-            .topics
-            .into_iter()
-            .flat_map(|t| t.partitions.into_iter().map(move |p| ((t.name.clone(), p.partition), p.offset)))
-            .collect())
     }
 
     /// Places partitions whose position is a seek: exact offsets at once, the others with one
@@ -520,7 +549,7 @@ impl Consumer {
             let mut exact = Vec::new();
             for ((topic, partition), p) in &self.positions {
                 let (timestamp, wanted) = match *p {
-                    Position::At(_) => continue,
+                    Position::At(_) | Position::Committed => continue,
                     Position::Resolve(Offset::At(o)) => {
                         exact.push(((topic.clone(), *partition), o));
                         continue;
@@ -658,11 +687,21 @@ impl Consumer {
         }
         loop {
             // A join under way may have cleared the flag already: its answer is still to be taken.
-            if self.joining.is_some() || self.membership.as_ref().is_some_and(|m| m.rejoin.load(Ordering::Acquire)) {
-                if self.joining.is_none() {
-                    self.before_rebalance().await;
-                }
-                match self.rejoin(Some(deadline)).await {
+            let rejoin =
+                self.joining.is_some() || self.membership.as_ref().is_some_and(|m| m.rejoin.load(Ordering::Acquire));
+            // Partitions a join assigned whose committed offsets are still to be looked up (an
+            // earlier poll was dropped or timed out while it waited, or the lookup failed).
+            let placing = self.placing.is_some() || self.positions.values().any(|p| *p == Position::Committed);
+            if rejoin || placing {
+                let step = if rejoin {
+                    if self.joining.is_none() {
+                        self.before_rebalance().await;
+                    }
+                    self.rejoin(Some(deadline)).await
+                } else {
+                    self.place_committed(Some(deadline)).await
+                };
+                match step {
                     Ok(true) => {}
                     Ok(false) => return Ok(Vec::new()), // the rebalance goes on; a later poll joins
                     Err(e) => {
@@ -677,7 +716,7 @@ impl Consumer {
                         if left.is_zero() {
                             return if churn { Ok(Vec::new()) } else { Err(e) };
                         }
-                        tracing::info!(error = %e, "rejoin failed; retrying");
+                        tracing::info!(error = %e, "rejoin or committed-offset lookup failed; retrying");
                         tokio::time::sleep(left.min(Duration::from_millis(100))).await;
                         continue;
                     }
@@ -1101,6 +1140,23 @@ fn start_heartbeat(
 }
 
 /// Sends a commit and checks every partition's answer.
+/// The committed offsets of `tps` for `group` (`-1` where there is none).
+async fn committed_offsets(conn: &Connection, group: &str, tps: &[TopicPartition]) -> Result<Offsets> {
+    let mut topics: Vec<OffsetFetchTopic> = Vec::new();
+    for (t, p) in tps {
+        match topics.iter_mut().find(|x| &x.name == t) {
+            Some(x) => x.partitions.push(*p),
+            None => topics.push(OffsetFetchTopic { name: t.clone(), partitions: vec![*p] }),
+        }
+    }
+    let resp = conn.request(&OffsetFetchRequest { group_id: group.to_owned(), topics: Some(topics) }).await?;
+    Ok(resp
+        .topics
+        .into_iter()
+        .flat_map(|t| t.partitions.into_iter().map(move |p| ((t.name.clone(), p.partition), p.offset)))
+        .collect())
+}
+
 async fn send_commit(conn: &Connection, request: OffsetCommitRequest) -> Result<()> {
     let resp = conn.request(&request).await?;
     for t in resp.topics {
@@ -1122,5 +1178,68 @@ impl Drop for Consumer {
         // An auto-commit under way is left to finish (bounded by the request timeout): what it
         // commits was handed out and processed.
         // Dropping the membership stops its heartbeats.
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Admin, NewTopic, Producer, ProducerConfig, ProducerRecord};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_poll_dropped_while_a_new_assignment_is_placed_still_reads_every_partition() {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = cairn_broker::EmbeddedBroker::start(dir.path()).unwrap();
+        let connection = ConnectionConfig { broker: broker.addr().to_string(), ..ConnectionConfig::default() };
+        let admin = Admin::connect(connection.clone()).await.unwrap();
+        admin.create_topic(NewTopic::new("t", 2)).await.unwrap();
+        admin.create_topic(NewTopic::new("idle", 1)).await.unwrap();
+        let producer =
+            Producer::connect(ProducerConfig { connection: connection.clone(), ..ProducerConfig::default() })
+                .await
+                .unwrap();
+        for i in 0..10u32 {
+            let mut record = ProducerRecord::new("t", format!("v{i}"));
+            record.partition = Some(i % 2);
+            producer.send(record).await.unwrap();
+        }
+        producer.close().await.unwrap();
+        let config =
+            ConsumerConfig { connection, group: Some("g".into()), auto_commit: false, ..ConsumerConfig::default() };
+        let mut c = Consumer::connect(config).await.unwrap();
+        c.subscribe(&["t"]).await.unwrap();
+        // A rebalance is announced; the committed-offset lookup that follows the join goes on
+        // `conn`, which the broker answers in order, behind a fetch parked for 3 s.
+        c.membership.as_ref().unwrap().rejoin.store(true, Ordering::Release);
+        let conn = c.conn.clone();
+        let parked = tokio::spawn(async move {
+            let req = FetchRequest {
+                max_wait_ms: 3_000,
+                min_bytes: 1,
+                max_bytes: 1 << 20,
+                group: None,
+                topics: vec![FetchTopic {
+                    name: "idle".into(),
+                    partitions: vec![FetchPartition { partition: 0, fetch_offset: 0, partition_max_bytes: 1 << 20 }],
+                }],
+            };
+            conn.request_with(&req, Duration::from_secs(3)).await
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The caller gives up on this poll (a select! or a timeout) while the lookup waits.
+        let dropped = tokio::time::timeout(Duration::from_millis(50), c.poll(Duration::from_secs(5))).await;
+        assert!(dropped.is_err(), "the poll was meant to be dropped in the lookup");
+        // A poll with a short timeout returns while the lookup is still held up.
+        assert!(c.poll(Duration::from_millis(100)).await.unwrap().is_empty());
+        assert!(!parked.is_finished(), "the lookup was meant to be still held up");
+        let _ = parked.await;
+        let mut got = 0;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while got < 10 && Instant::now() < deadline {
+            got += c.poll(Duration::from_millis(200)).await.unwrap().len();
+        }
+        assert_eq!(got, 10, "partitions assigned by the join are read");
+        drop(c);
+        broker.stop().unwrap();
     }
 }
