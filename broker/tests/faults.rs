@@ -305,6 +305,32 @@ impl Drop for SmallDisk {
     }
 }
 
+/// Creates `topic` with one partition and sends 4 KiB records to it with `acks = all` until the
+/// disk is full, counting the acknowledged ones in `acked`; the first refusal must be
+/// `STORAGE_FULL`. Returns the producer.
+async fn produce_until_full(broker: &TestBroker, topic: &str, acked: &AtomicU64) -> Producer {
+    broker.admin().await.create_topic(NewTopic::new(topic, 1)).await.unwrap();
+    let producer = Producer::connect(ProducerConfig {
+        acks: Acks::All,
+        linger: Duration::ZERO,
+        delivery_timeout: Duration::from_secs(2),
+        ..broker.producer_config()
+    })
+    .await
+    .unwrap();
+    let value = vec![b'f'; 4096];
+    for i in 0..20_000u64 {
+        match producer.send(ProducerRecord::new(topic, value.clone())).await.unwrap().await {
+            Ok(_) => acked.store(i + 1, Ordering::Relaxed),
+            Err(e) => {
+                assert_eq!(e.code(), Some(cairn_client::ErrorCode::StorageFull), "{e}");
+                return producer;
+            }
+        }
+    }
+    panic!("the disk never filled up");
+}
+
 #[test]
 #[ignore = "mounts a tmpfs: needs root; run by .ci/run"]
 fn a_full_disk_gives_typed_errors_keeps_reads_working_and_writes_resume_when_space_returns() {
@@ -319,30 +345,7 @@ fn a_full_disk_gives_typed_errors_keeps_reads_working_and_writes_resume_when_spa
     let filler = disk.path.join("filler");
     let acked = Arc::new(AtomicU64::new(0));
     run(Duration::from_secs(120), async {
-        broker.admin().await.create_topic(NewTopic::new("full", 1)).await.unwrap();
-        let producer = Producer::connect(ProducerConfig {
-            acks: Acks::All,
-            linger: Duration::ZERO,
-            delivery_timeout: Duration::from_secs(2),
-            ..broker.producer_config()
-        })
-        .await
-        .unwrap();
-        let value = vec![b'f'; 4096];
-        let mut full_error = None;
-        for i in 0..20_000u64 {
-            match producer.send(ProducerRecord::new("full", value.clone())).await.unwrap().await {
-                Ok(_) => {
-                    acked.store(i + 1, Ordering::Relaxed);
-                }
-                Err(e) => {
-                    full_error = Some(e);
-                    break;
-                }
-            }
-        }
-        let e = full_error.expect("a 24 MiB disk fills up");
-        assert_eq!(e.code(), Some(cairn_client::ErrorCode::StorageFull), "{e}");
+        let producer = produce_until_full(&broker, "full", &acked).await;
         // Reads keep working on a full disk.
         let mut c = Consumer::connect(broker.consumer_config()).await.unwrap();
         c.assign("full", None).await.unwrap();
@@ -374,6 +377,52 @@ fn a_full_disk_gives_typed_errors_keeps_reads_working_and_writes_resume_when_spa
         let d = producer.send(ProducerRecord::new("full", "after")).await.unwrap();
         d.await.expect("writes resume once space is freed");
         producer.close().await.unwrap();
+    });
+    drop(broker);
+}
+
+/// Segments fully allocated when created, so that the disk fills up exactly at a roll: the
+/// new segment's file is created, then its allocation fails. A restart on that full disk must
+/// not trip over what the failed roll left.
+#[test]
+#[ignore = "mounts a tmpfs: needs root; run by .ci/run"]
+fn a_disk_that_fills_up_at_a_roll_leaves_nothing_that_stops_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(disk) = SmallDisk::mount(dir.path(), "8m") else {
+        panic!("this test needs to mount a tmpfs (run as root); see RELIABILITY.md");
+    };
+    let config = "[storage]\ndisk_free_bytes_min = 0\nsegment_bytes = 1048576\n\
+                  preallocate_bytes_min = 1048576\npreallocate_bytes_max = 1048576\n";
+    let data = disk.path.join("data");
+    let mut broker = TestBroker::start_with_data(dir.path(), &data, config, "127.0.0.1:0");
+    let acked = Arc::new(AtomicU64::new(0));
+    let end = AtomicU64::new(0);
+    run(Duration::from_secs(120), async {
+        let producer = produce_until_full(&broker, "roll", &acked).await;
+        producer.close().await.ok();
+        let info = broker.admin().await.describe_topic("roll").await.unwrap();
+        end.store(info.partitions[0].end_offset as u64, Ordering::Relaxed);
+    });
+    let partition_dir = data.join("roll-0");
+    let empty: Vec<_> = std::fs::read_dir(&partition_dir)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+        .filter(|e| e.metadata().is_ok_and(|m| m.len() == 0))
+        .map(|e| e.path())
+        .collect();
+    assert!(empty.is_empty(), "a failed roll left empty segment files: {empty:?}");
+    // Whatever space is left goes too: the restart finds the disk completely full. And the
+    // broker is killed as it creates a segment: the file exists, nothing is in it yet.
+    let _ = std::fs::write(disk.path.join("filler"), vec![0u8; 8 << 20]);
+    broker.kill9();
+    let next_segment = partition_dir.join(format!("{:020}.log", end.load(Ordering::Relaxed)));
+    std::fs::write(next_segment, b"").unwrap();
+    let broker = TestBroker::start_with_data(dir.path(), &data, config, "127.0.0.1:0");
+    let n_acked = acked.load(Ordering::Relaxed);
+    run(Duration::from_secs(120), async {
+        let info = broker.admin().await.describe_topic("roll").await.unwrap();
+        assert!(info.partitions[0].end_offset as u64 >= n_acked, "acknowledged records survive");
     });
     drop(broker);
 }

@@ -51,6 +51,20 @@ pub(crate) fn recover_partition(
         return Ok(RecoveredLog { segments: vec![Arc::new(seg)], allocated, truncated_bytes: 0, scanned_segments: 0 });
     }
     bases.sort_unstable();
+    // A newest segment without even its header was being created when the broker stopped (or
+    // its creation failed on a full disk): it holds nothing. Cutting it would write to a disk
+    // that may have no room left; the segment before it is the active one instead.
+    while let [.., _, newest] = bases[..] {
+        let doomed = Segment::existing(dir, newest, capacity);
+        match std::fs::metadata(doomed.log_path()) {
+            Ok(m) if m.len() < LOG_HEADER_LEN => {
+                doomed.delete_files()?;
+                tracing::warn!(segment = %doomed.log_path().display(), "removed an empty segment left by an interrupted roll");
+                bases.pop();
+            }
+            _ => break,
+        }
+    }
     let (clean, point) = recovery.unwrap_or((false, 0));
     let scan_from = if clean { bases.len() } else { bases.partition_point(|b| *b <= point).saturating_sub(1) };
     let mut out = RecoveredLog {

@@ -269,10 +269,20 @@ impl Segment {
             .open(&seg.log_path)
             .map_err(|e| StorageError::io("create", &seg.log_path, e))?;
         let allocated = prealloc.clamp(LOG_HEADER_LEN, capacity);
-        fallocate(&file, &seg.log_path, allocated)?;
-        file.write_all_at(&log_header(), 0).map_err(|e| StorageError::io("write header", &seg.log_path, e))?;
-        let map =
-            LogMap::read_only(&file, capacity as usize).map_err(|e| StorageError::io("mmap", &seg.log_path, e))?;
+        let set_up = (|| {
+            fallocate(&file, &seg.log_path, allocated)?;
+            file.write_all_at(&log_header(), 0).map_err(|e| StorageError::io("write header", &seg.log_path, e))?;
+            LogMap::read_only(&file, capacity as usize).map_err(|e| StorageError::io("mmap", &seg.log_path, e))
+        })();
+        let map = match set_up {
+            Ok(map) => map,
+            Err(e) => {
+                // A full disk refuses the allocation: the empty file must not stay behind as the
+                // partition's newest segment.
+                let _ = std::fs::remove_file(&seg.log_path);
+                return Err(e);
+            }
+        };
         *seg.map.write().expect("segment map lock") = Some(Arc::new(map));
         *seg.index.write().expect("segment index lock") = Some(SegmentIndex::default());
         // Remove index files left by an earlier incarnation of this base offset.
