@@ -228,6 +228,35 @@ fn auto_created_topics_are_served_to_the_request_that_named_them_in_order() {
     assert_eq!(shape, [("other", ErrorCode::None, 3), ("fresh", ErrorCode::None, 3)]);
 }
 
+/// Requests pipelined on one connection take effect in their order, also those carried out
+/// off the runtime (topic creation and deletion): a produce sent right behind the CreateTopics
+/// of its topic finds the topic, and a DeleteTopics behind that produce removes it after.
+#[test]
+fn pipelined_topic_administration_takes_effect_in_request_order() {
+    use cairn_protocol::messages::create_topics::{CreatableTopic, CreateTopicsRequest, CreateTopicsResponse};
+    use cairn_protocol::messages::delete_topics::{DeleteTopicsRequest, DeleteTopicsResponse};
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "");
+    let create =
+        CreateTopicsRequest { topics: vec![CreatableTopic { name: "piped".into(), partitions: 4, configs: vec![] }] };
+    let mut buf = Vec::new();
+    put_request(&mut buf, 1, "piped", &create);
+    put_request(&mut buf, 2, "piped", &produce_req("piped", Acks::Leader, batch(&["a"])));
+    put_request(&mut buf, 3, "piped", &DeleteTopicsRequest { topics: vec!["piped".into()] });
+    put_request(&mut buf, 4, "piped", &MetadataRequest { topics: Some(vec!["piped".into()]) });
+    let mut s = TcpStream::connect(broker.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(&buf).unwrap();
+    let (_, created) = decode_response::<CreateTopicsResponse>(read_frame(&mut s).unwrap()).unwrap();
+    assert_eq!(created.unwrap().topics[0].error, ErrorCode::None);
+    let (_, produced) = decode_response::<ProduceResponse>(read_frame(&mut s).unwrap()).unwrap();
+    assert_eq!(produced.unwrap().topics[0].partitions[0].error, ErrorCode::None, "the produce ran before the create");
+    let (_, deleted) = decode_response::<DeleteTopicsResponse>(read_frame(&mut s).unwrap()).unwrap();
+    assert_eq!(deleted.unwrap().topics[0].error, ErrorCode::None);
+    let (_, meta) = decode_response::<MetadataResponse>(read_frame(&mut s).unwrap()).unwrap();
+    assert_eq!(meta.unwrap().topics[0].error, ErrorCode::UnknownTopicOrPartition, "the delete ran after the metadata");
+}
+
 /// A request read before the idle timeout closed its connection was carried out, so it is
 /// answered: the response waits for room in the full queue, then the connection closes.
 #[test]

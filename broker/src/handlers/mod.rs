@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use tokio::sync::oneshot;
 
 use cairn_protocol::record_batch::BatchError;
 use cairn_protocol::{encode_response, ApiKey, Encode, ErrorCode};
@@ -47,30 +46,27 @@ impl Ctx {
         Reply::Now(encode_response(self.corr, body))
     }
 
-    /// Runs `f` on the blocking pool (file I/O) and replies with its result.
+    /// Runs `f` on the blocking pool (file I/O) and replies with its result. The connection
+    /// reads its next request only once `f` is done ([`Reply::InOrder`]).
     pub(crate) fn reply_blocking<B, F>(self, f: F) -> Reply
     where
         B: Encode + Send + 'static,
         F: FnOnce(&Broker) -> (B, Option<ErrorCode>) + Send + 'static,
     {
-        let (tx, rx) = oneshot::channel();
         let broker = Arc::clone(&self.broker);
-        tokio::spawn(async move {
-            let result = tokio::task::spawn_blocking(move || f(&broker)).await;
-            match result {
+        Reply::InOrder(Box::pin(async move {
+            match tokio::task::spawn_blocking(move || f(&broker)).await {
                 Ok((body, error)) => {
                     self.done(error);
-                    let _ = tx.send(encode_response(self.corr, &body));
+                    Some(encode_response(self.corr, &body))
                 }
                 Err(e) => {
                     tracing::error!(error = %e, api = self.api.name(), "handler panicked");
                     self.done(Some(ErrorCode::Unknown));
-                    let _ =
-                        tx.send(cairn_protocol::encode_error_response(self.corr, ErrorCode::Unknown, "internal error"));
+                    Some(cairn_protocol::encode_error_response(self.corr, ErrorCode::Unknown, "internal error"))
                 }
             }
-        });
-        Reply::Later(Box::pin(async move { rx.await.ok() }))
+        }))
     }
 
     /// Replies later with whatever `fut` produces. The future runs in the connection's writer

@@ -97,7 +97,7 @@ pub(crate) async fn run(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr
         };
         let pending = match reply {
             Reply::Now(chunks) => Pending::Ready(chunks),
-            Reply::Later(rx) => Pending::Later(rx),
+            Reply::Later(rx) | Reply::InOrder(rx) => Pending::Later(rx),
             Reply::Nothing => continue,
             Reply::Close => break,
             Reply::CreateTopics(_) => {
@@ -169,7 +169,11 @@ async fn serve(broker: &Arc<Broker>, frame: Bytes, peer: SocketAddr) -> Reply {
         }
         reply = dispatch(broker, frame, peer, false, received);
     }
-    reply
+    match reply {
+        // Done before the next request is read, so that requests take effect in their order.
+        Reply::InOrder(work) => work.await.map_or(Reply::Close, Reply::Now),
+        reply => reply,
+    }
 }
 
 /// Answers a request over `frame_bytes_max`, whose bytes are being dropped: `BATCH_TOO_LARGE`

@@ -24,6 +24,11 @@ pub(crate) enum Reply {
     /// that completes it (a produce for a parked fetch, a sync for acks = all) goes straight
     /// to the task that writes the response.
     Later(LaterReply),
+    /// Carry out this work before reading the next request of the connection, then send what
+    /// it answers (in order; `None`: close). For requests whose effects later requests may
+    /// depend on and that run off the runtime (topic creation and deletion): pipelined behind
+    /// them, a produce must find the topic created, a second deletion the topic gone.
+    InOrder(LaterReply),
     /// No response (produce with acks = none).
     Nothing,
     /// Close the connection (the frame could not even be attributed).
