@@ -8,14 +8,14 @@ use super::error::{Result, StorageError};
 /// Tracks free space on the data directory's filesystem and enforces the free-space floor.
 ///
 /// The free byte count is refreshed by the maintenance thread every second and after each
-/// segment preallocation; appends only read an atomic.
+/// segment preallocation (a roll's too); appends only read an atomic.
 #[derive(Debug)]
 pub struct DiskMonitor {
     dir: PathBuf,
     floor_bytes: u64,
     free_bytes: AtomicU64,
     /// Test hook: pretend this many bytes are free (u64::MAX = off).
-    override_free: AtomicU64,
+    pub(super) override_free: AtomicU64,
     /// The last `statvfs` failed: the failure was logged once and is not logged again every
     /// second until it works again.
     failing: AtomicBool,

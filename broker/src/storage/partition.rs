@@ -335,6 +335,9 @@ impl PartitionLog {
         // roll showed up as acks=all latency spikes.
         let prealloc = ap.prealloc_step.max(cfg.preallocate_bytes_min);
         let (seg, allocated) = Segment::create(&self.dir, base, Self::capacity(&self.config), prealloc, now)?;
+        // The preallocation took up to `preallocate_bytes_max`: appends are held to the floor
+        // from the new figure, not from the last periodic one.
+        self.shared.disk.refresh();
         let seg = Arc::new(seg);
         self.shared.note_mapped(&seg);
         let mut segments = self.segments.write().expect("segments lock");

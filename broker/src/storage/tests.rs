@@ -368,6 +368,21 @@ fn retention_deletes_old_segments_by_time_and_size_and_moves_the_log_start() {
     assert!(q.log_start_offset() > 0);
 }
 
+/// A roll preallocates the new segment: free space is read again right after, so that the
+/// next append anywhere is held to the floor, not only after the next periodic refresh.
+#[test]
+fn free_space_is_read_again_after_a_roll() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = StorageConfig { disk_free_bytes_min: 1 << 20, ..small_config() };
+    let (store, _) = open(dir.path(), config);
+    let p = store.create_topic("t", 1, store.config().topic_defaults()).unwrap().partitions[0].clone();
+    p.append(&batch(0, 2, 10, 1)).unwrap();
+    // The disk fills up (the cached figure is not refreshed yet), and the partition rolls.
+    store.disk().override_free.store(1000, Ordering::Relaxed);
+    p.roll_now().unwrap();
+    assert!(matches!(p.append(&batch(2, 2, 10, 1)), Err(StorageError::StorageFull { .. })));
+}
+
 #[test]
 fn below_the_free_space_floor_appends_fail_with_storage_full_and_reads_keep_working() {
     let dir = tempfile::tempdir().unwrap();
