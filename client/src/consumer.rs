@@ -219,6 +219,9 @@ pub struct Consumer {
     /// here, and the partitions in `positions`, so that a `poll` dropped while it waits loses
     /// nothing (the partitions were owned and never read).
     placing: Option<Placing>,
+    /// Some position may still be [`Position::Committed`]: set by a join, cleared once they are
+    /// all placed, so that `poll` need not look through every position each time.
+    unplaced: bool,
     /// A JoinGroup under way (a rebalance waits for every member): likewise waited for by `poll`
     /// only until its timeout.
     joining: Option<JoinHandle<Result<Joined>>>,
@@ -264,6 +267,7 @@ impl Consumer {
             in_flight: None,
             lookup: None,
             placing: None,
+            unplaced: false,
             joining: None,
             join_conn,
             fetch_sent: Instant::now(),
@@ -439,20 +443,11 @@ impl Consumer {
         let Some(handle) = self.joining.as_mut() else {
             return Ok(true);
         };
-        let joined = match deadline {
-            Some(d) => match tokio::time::timeout(d.saturating_duration_since(Instant::now()), handle).await {
-                Ok(joined) => joined,
-                Err(_) => return Ok(false), // the rebalance goes on
-            },
-            None => handle.await,
+        let Some(joined) = wait_for(handle, deadline).await else {
+            return Ok(false); // the rebalance goes on
         };
         self.joining = None;
-        let (resp, heartbeat) = match joined {
-            Ok(joined) => joined?,
-            Err(e) => {
-                return Err(Error::Disconnected { addr: self.config.connection.broker.clone(), detail: e.to_string() })
-            }
-        };
+        let (resp, heartbeat) = joined.map_err(|e| self.task_failed(e))??;
         let Some(m) = self.membership.as_mut() else {
             return Ok(true);
         };
@@ -477,6 +472,7 @@ impl Consumer {
         self.returned.clear();
         for tp in resp.assignment.iter().flat_map(|tp| tp.partitions.iter().map(move |p| (tp.topic.clone(), *p))) {
             self.positions.insert(tp, Position::Committed);
+            self.unplaced = true;
         }
         self.place_committed(deadline).await
     }
@@ -494,6 +490,7 @@ impl Consumer {
             let asked: Vec<TopicPartition> =
                 self.positions.iter().filter(|(_, p)| **p == Position::Committed).map(|(tp, _)| tp.clone()).collect();
             if asked.is_empty() {
+                self.unplaced = false;
                 return Ok(true);
             }
             let conn = self.conn.clone();
@@ -504,20 +501,11 @@ impl Consumer {
         let Some((handle, _)) = self.placing.as_mut() else {
             return Ok(true);
         };
-        let joined = match deadline {
-            Some(d) => match tokio::time::timeout(d.saturating_duration_since(Instant::now()), handle).await {
-                Ok(joined) => joined,
-                Err(_) => return Ok(false), // still under way
-            },
-            None => handle.await,
+        let Some(joined) = wait_for(handle, deadline).await else {
+            return Ok(false); // still under way
         };
         let (_, asked) = self.placing.take().expect("a placing");
-        let committed = match joined {
-            Ok(answer) => answer?,
-            Err(e) => {
-                return Err(Error::Disconnected { addr: self.config.connection.broker.clone(), detail: e.to_string() })
-            }
-        };
+        let committed = joined.map_err(|e| self.task_failed(e))??;
         let group = self.membership.as_ref().map(|m| m.group.clone()).unwrap_or_default();
         for tp in asked {
             if self.positions.get(&tp) != Some(&Position::Committed) {
@@ -533,7 +521,13 @@ impl Consumer {
             };
             self.positions.insert(tp, pos);
         }
+        self.unplaced = false;
         Ok(true)
+    }
+
+    /// The error for a request task that ended without an answer (it panicked or was aborted).
+    fn task_failed(&self, e: tokio::task::JoinError) -> Error {
+        Error::Disconnected { addr: self.config.connection.broker.clone(), detail: e.to_string() }
     }
 
     /// Places partitions whose position is a seek: exact offsets at once, the others with one
@@ -580,8 +574,7 @@ impl Consumer {
         };
         // Waited for even when other partitions could be fetched meanwhile: the next fetch then
         // covers every partition (a fetch that parked without them would hold them back).
-        let left = deadline.saturating_duration_since(Instant::now());
-        let Ok(joined) = tokio::time::timeout(left, handle).await else {
+        let Some(joined) = wait_for(handle, Some(deadline)).await else {
             return Ok(None); // still under way
         };
         let (_, asked) = self.lookup.take().expect("a lookup");
@@ -691,8 +684,7 @@ impl Consumer {
                 self.joining.is_some() || self.membership.as_ref().is_some_and(|m| m.rejoin.load(Ordering::Acquire));
             // Partitions a join assigned whose committed offsets are still to be looked up (an
             // earlier poll was dropped or timed out while it waited, or the lookup failed).
-            let placing = self.placing.is_some() || self.positions.values().any(|p| *p == Position::Committed);
-            if rejoin || placing {
+            if rejoin || self.unplaced {
                 let step = if rejoin {
                     if self.joining.is_none() {
                         self.before_rebalance().await;
@@ -1140,6 +1132,18 @@ fn start_heartbeat(
 }
 
 /// Sends a commit and checks every partition's answer.
+/// Waits for a task the consumer keeps, until `deadline` if there is one; `None` if it is still
+/// under way then (the handle stays, for a later call to take up).
+async fn wait_for<T>(
+    handle: &mut JoinHandle<T>,
+    deadline: Option<Instant>,
+) -> Option<std::result::Result<T, tokio::task::JoinError>> {
+    match deadline {
+        Some(d) => tokio::time::timeout(d.saturating_duration_since(Instant::now()), handle).await.ok(),
+        None => Some(handle.await),
+    }
+}
+
 /// The committed offsets of `tps` for `group` (`-1` where there is none).
 async fn committed_offsets(conn: &Connection, group: &str, tps: &[TopicPartition]) -> Result<Offsets> {
     let mut topics: Vec<OffsetFetchTopic> = Vec::new();
