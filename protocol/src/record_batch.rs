@@ -479,12 +479,11 @@ impl BatchSplitter {
     pub fn new(bytes: Bytes) -> Self {
         BatchSplitter { bytes, pos: 0 }
     }
-}
 
-impl Iterator for BatchSplitter {
-    type Item = Result<RecordBatch, BatchError>;
-
-    fn next(&mut self) -> Option<Self::Item> {
+    /// The next batch's bytes as its length field delimits them, not yet checked: for a caller
+    /// that must know where a batch that fails its checks was (to skip it and go on). An
+    /// impossible length ends the split, as with [`Iterator::next`].
+    pub fn next_raw(&mut self) -> Option<Result<Bytes, BatchError>> {
         let rest = &self.bytes[self.pos..];
         let total = peek_total_len(rest)?;
         if total < BATCH_HEADER_LEN as i64 {
@@ -497,7 +496,15 @@ impl Iterator for BatchSplitter {
         }
         let batch = self.bytes.slice(self.pos..self.pos + total);
         self.pos += total;
-        Some(RecordBatch::new(batch))
+        Some(Ok(batch))
+    }
+}
+
+impl Iterator for BatchSplitter {
+    type Item = Result<RecordBatch, BatchError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.next_raw().map(|raw| raw.and_then(RecordBatch::new))
     }
 }
 

@@ -627,15 +627,14 @@ impl Coordinator {
         let mut slot: HashMap<(&str, u32), usize> = HashMap::new();
         {
             let inner = self.inner.lock().expect("groups lock");
+            // A group without members that would be new to the offsets, past groups_max: each
+            // took memory and a place in every snapshot, without limit.
+            let over_limit = !inner.groups.contains_key(group_id)
+                && !inner.committed.has_group(group_id)
+                && inner.committed.groups() >= self.config.groups_max;
             for &(topic, partition, offset, metadata) in entries {
                 let mut code = self.check_commit(&inner, group_id, member_id, generation, topic, partition);
-                if code.is_ok()
-                    && !inner.groups.contains_key(group_id)
-                    && !inner.committed.has_group(group_id)
-                    && inner.committed.groups() >= self.config.groups_max
-                {
-                    // A group without members that would be new to the offsets: each took
-                    // memory and a place in every snapshot, without limit.
+                if code.is_ok() && over_limit {
                     code = ErrorCode::ResourceLimit;
                 }
                 if code.is_ok() && store.partition(topic, partition).is_none() {

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use cairn_protocol::record_batch::{peek_total_len, BatchHeader, RecordBatch, RecordBatchBuilder};
+use cairn_protocol::record_batch::{BatchHeader, BatchSplitter, RecordBatch, RecordBatchBuilder};
 
 use crate::storage::{LogStore, PartitionLog, StorageError, TopicConfig};
 
@@ -66,20 +66,18 @@ pub(crate) fn open(store: &LogStore) -> Result<(Arc<PartitionLog>, BTreeMap<Offs
             break;
         }
         for chunk in read.chunks {
-            let mut pos = 0;
-            while let Some(total) = peek_total_len(&chunk[pos..]) {
-                // The segment's reader cut the chunk at batch boundaries it checked.
-                let Some(bytes) = usize::try_from(total).ok().and_then(|t| chunk.get(pos..pos + t)) else {
-                    break;
+            let mut batches = BatchSplitter::new(chunk);
+            while let Some(raw) = batches.next_raw() {
+                let (checked, header) = match raw {
+                    Ok(bytes) => (RecordBatch::new(bytes.clone()), BatchHeader::parse(&bytes).ok()),
+                    Err(e) => (Err(e), None),
                 };
-                let bytes = chunk.slice_ref(bytes);
-                pos += bytes.len();
-                let batch = match RecordBatch::new(bytes.clone()) {
+                let batch = match checked {
                     Ok(batch) => batch,
                     Err(e) => {
-                        // Its offsets are as the reader walked them; what the CRC covers is not
-                        // to be trusted. Never step back, never past the log end.
-                        let after = BatchHeader::parse(&bytes).map_or(next + 1, |h| h.next_offset().max(0) as u64);
+                        // Its offsets are as the segment's reader walked them; what the CRC
+                        // covers is not to be trusted. Never step back, never past the log end.
+                        let after = header.map_or(next + 1, |h| h.next_offset().max(0) as u64);
                         let resume = after.clamp(next + 1, end);
                         skipped_damage(next, resume, &e.to_string());
                         next = resume;
