@@ -373,6 +373,41 @@ else:
                         bad_paths.append(f"{name}: mount source {p} not found")
         report(not bad_paths, f"{COMPOSE}: build file and bind-mount sources exist", bad_paths)
 
+        # ops/README.md tells operators to uncomment the config mount and the `command` line
+        # of the broker service: the result must still be one valid service, with no key given
+        # twice (docker compose refuses a repeated key; other parsers keep the last one and
+        # silently drop the data volume).
+        class Strict(yaml.SafeLoader):
+            pass
+
+        def no_repeats(loader, node, deep=False):
+            keys = [loader.construct_object(k, deep=deep) for k, _ in node.value]
+            repeated = sorted({str(k) for k in keys if keys.count(k) > 1})
+            if repeated:
+                raise yaml.constructor.ConstructorError(None, None, f"key repeated: {', '.join(repeated)}", node.start_mark)
+            return loader.construct_mapping(node, deep)
+
+        Strict.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, no_repeats)
+        with open(COMPOSE) as f:
+            text = f.read()
+        opened = re.sub(r"(?m)^(\s*)#\s*(volumes:\s*$|- \.\./config/|command: )", r"\1\2", text)
+        problems = []
+        if opened == text:
+            problems.append("no commented config mount or command line found")
+        try:
+            broker = (yaml.load(opened, Loader=Strict) or {}).get("services", {}).get("broker", {})
+            mounts = [str(v) for v in broker.get("volumes") or []]
+            if not any(v.startswith("broker-data:") for v in mounts):
+                problems.append("the data volume is gone")
+            conf = [v for v in mounts if v.endswith(":/etc/cairn/cairn.toml:ro")]
+            if not conf or not os.path.isfile(os.path.normpath(os.path.join(base, conf[0].split(":")[0]))):
+                problems.append("no config mount whose source exists")
+            if "--config" not in (broker.get("command") or []):
+                problems.append("command does not pass --config")
+        except yaml.YAMLError as e:
+            problems.append(str(e).replace("\n", " "))
+        report(not problems, f"{COMPOSE}: uncommenting the config lines gives a valid broker service", problems)
+
     DS = "ops/grafana/provisioning/datasources/prometheus.yml"
     ds = load(DS)
     if ds:
