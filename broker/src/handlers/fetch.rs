@@ -13,12 +13,12 @@ use crate::server::Broker;
 use crate::storage::StorageError;
 
 pub(crate) fn fetch(ctx: Ctx, req: FetchRequest) -> Reply {
-    let (response, bytes) = read_once(&ctx.broker, &req);
+    let Read { response, bytes, more } = read_once(&ctx.broker, &req);
     let error = first_error(response.topics.iter().flat_map(|t| t.partitions.iter().map(|p| p.error)));
     let broker = &ctx.broker;
     // A fetch naming no partition has nothing to wait for (and nothing to wake it).
     let nothing_named = req.topics.iter().all(|t| t.partitions.is_empty());
-    let satisfied = bytes >= req.min_bytes as usize || req.max_wait_ms == 0 || error.is_some() || nothing_named;
+    let satisfied = bytes >= req.min_bytes as usize || more || req.max_wait_ms == 0 || error.is_some() || nothing_named;
     if satisfied {
         record(broker, &response);
         return ctx.reply(&response, error);
@@ -75,23 +75,35 @@ async fn park(broker: &Broker, req: &FetchRequest, deadline: tokio::time::Instan
         for w in &mut waits {
             w.as_mut().enable();
         }
-        let (response, bytes) = read_once(broker, req);
+        let Read { response, bytes, more } = read_once(broker, req);
         let has_error = response.topics.iter().any(|t| t.partitions.iter().any(|p| !p.error.is_ok()));
-        if bytes >= req.min_bytes as usize || has_error {
+        if bytes >= req.min_bytes as usize || more || has_error {
             return response;
         }
         tokio::select! {
             _ = futures::future::select_all(waits) => {}
-            _ = tokio::time::sleep_until(deadline) => return read_once(broker, req).0,
-            _ = broker.shutdown.cancelled() => return read_once(broker, req).0,
+            _ = tokio::time::sleep_until(deadline) => return read_once(broker, req).response,
+            _ = broker.shutdown.cancelled() => return read_once(broker, req).response,
         }
     }
 }
 
-/// Reads every requested partition once. Returns the response and its record bytes.
-fn read_once(broker: &Broker, req: &FetchRequest) -> (FetchResponse, usize) {
+/// One read of every partition a fetch names.
+struct Read {
+    response: FetchResponse,
+    /// Record bytes in `response`.
+    bytes: usize,
+    /// Some partition's read stopped at the end of a segment that later ones follow: more is
+    /// readable now than `response` holds, and waiting would only wake to the same read (as
+    /// Kafka, a fetch at an earlier segment than the log end's is answered at once).
+    more: bool,
+}
+
+/// Reads every requested partition once.
+fn read_once(broker: &Broker, req: &FetchRequest) -> Read {
     let mut budget = req.max_bytes.min(broker.config.fetch_bytes_max) as u64;
     let mut total = 0usize;
+    let mut more = false;
     let mut topics = Vec::with_capacity(req.topics.len());
     for t in &req.topics {
         let topic = broker.store.topic(&t.name);
@@ -134,6 +146,7 @@ fn read_once(broker: &Broker, req: &FetchRequest) -> (FetchResponse, usize) {
                 Ok(r) => {
                     let n = r.len();
                     total += n;
+                    more |= r.more_after;
                     budget = budget.saturating_sub(n as u64);
                     partitions.push(FetchPartitionResponse {
                         partition: p.partition,
@@ -159,7 +172,7 @@ fn read_once(broker: &Broker, req: &FetchRequest) -> (FetchResponse, usize) {
         }
         topics.push(FetchTopicResponse { name: t.name.clone(), partitions });
     }
-    (FetchResponse { topics }, total)
+    Read { response: FetchResponse { topics }, bytes: total, more }
 }
 
 fn record(broker: &Broker, response: &FetchResponse) {

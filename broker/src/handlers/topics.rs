@@ -116,6 +116,7 @@ pub(crate) fn delete_topics(ctx: Ctx, req: DeleteTopicsRequest) -> Reply {
                 match broker.store.delete_topic(name) {
                     Ok(()) => {
                         tracing::info!(topic = %name, "deleted topic");
+                        broker.notify_deleted(name);
                         broker.groups.forget_topic(name);
                         broker.groups.topic_changed(name);
                         TopicResult { name: name.clone(), error: ErrorCode::None, message: None }

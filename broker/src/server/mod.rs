@@ -87,6 +87,15 @@ impl Broker {
         }
     }
 
+    /// Wakes every fetch parked on a deleted topic (each reads again and answers
+    /// `UNKNOWN_TOPIC_OR_PARTITION` at once) and drops the topic's notifiers.
+    pub(crate) fn notify_deleted(&self, topic: &str) {
+        let removed = self.notifiers.write().expect("notifiers lock").remove(topic);
+        for n in removed.iter().flatten() {
+            n.notify_waiters();
+        }
+    }
+
     /// Throughput counters of a topic.
     pub(crate) fn topic_metrics(&self, topic: &str) -> TopicMetrics {
         if let Some(m) = self.topic_metrics.read().expect("topic metrics lock").get(topic) {

@@ -55,6 +55,9 @@ pub struct ReadResult {
     pub log_start_offset: u64,
     /// Offset after the last record.
     pub log_end_offset: u64,
+    /// Later segments hold records past these: a read returns one segment's batches, so
+    /// reading again at once returns more (a fetch short of `min_bytes` need not wait).
+    pub more_after: bool,
 }
 
 impl ReadResult {
@@ -381,7 +384,8 @@ impl PartitionLog {
         if offset < start || offset > end {
             return Err(out_of_range());
         }
-        let mut result = ReadResult { chunks: Vec::new(), log_start_offset: start, log_end_offset: end };
+        let mut result =
+            ReadResult { chunks: Vec::new(), log_start_offset: start, log_end_offset: end, more_after: false };
         if offset == end {
             return Ok(result);
         }
@@ -406,6 +410,8 @@ impl PartitionLog {
             match seg.read(offset, max_bytes, end, interval, entries_max) {
                 Ok(Some(bytes)) => {
                     result.chunks.push(bytes);
+                    // A sealed segment ends before the log does.
+                    result.more_after = seg.next_offset() < end;
                     break;
                 }
                 Ok(None) => continue,
