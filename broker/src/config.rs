@@ -160,6 +160,14 @@ impl BrokerConfig {
         if self.default_partitions == 0 || self.default_partitions > self.partitions_max {
             return bad("default_partitions must be 1..=partitions_max");
         }
+        // A fetch response is one frame, whose length is a u32. Its records stay within
+        // fetch_bytes_max plus one whole batch (which came in a request frame), and its
+        // per-partition headers take less than twice the request's.
+        if u64::from(self.fetch_bytes_max) + 3 * u64::from(self.frame_bytes_max) >= 1 << 32 {
+            return bad(
+                "fetch_bytes_max plus three times frame_bytes_max must be below 4 GiB (a fetch response is one frame)",
+            );
+        }
         if u64::from(self.storage.batch_bytes_max) + 1024 > u64::from(self.frame_bytes_max) {
             return bad("storage.batch_bytes_max must be smaller than frame_bytes_max");
         }
@@ -252,6 +260,19 @@ mod tests {
             let err = c.validate().unwrap_err().to_string();
             assert!(err.contains("must be at most"), "{err}");
         }
+    }
+
+    #[test]
+    fn limits_whose_fetch_response_could_pass_4_gib_are_refused_at_start() {
+        // A fetch response is one frame, and a frame's length is a u32: encoding a larger one
+        // would panic the connection's task.
+        let c = BrokerConfig { fetch_bytes_max: u32::MAX, ..BrokerConfig::default() };
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("fetch_bytes_max"), "{err}");
+        let c = BrokerConfig { frame_bytes_max: 1 << 31, ..BrokerConfig::default() };
+        assert!(c.validate().unwrap_err().to_string().contains("frame_bytes_max"));
+        let c = BrokerConfig { fetch_bytes_max: 1 << 30, frame_bytes_max: 1 << 29, ..BrokerConfig::default() };
+        c.validate().unwrap();
     }
 
     #[test]
