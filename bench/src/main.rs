@@ -57,9 +57,10 @@ struct Common {
     /// Topic (created if missing).
     #[arg(long, default_value = "bench")]
     topic: String,
-    /// Partitions when the topic is created.
-    #[arg(long, default_value_t = 1)]
-    partitions: u32,
+    /// Partitions of the topic: it is created with these (default 1). A topic that exists
+    /// already is used as it is, unless this asks for another partition count (an error).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    partitions: Option<u32>,
     /// Concurrent producers (one connection each).
     #[arg(long, default_value_t = 1)]
     producers: usize,
@@ -71,6 +72,7 @@ struct Common {
     messages: Option<u64>,
     /// Seconds to run when --messages is not given (at a fixed --rate: send every record
     /// scheduled within them, however late, so that a stall's records count in the latency).
+    /// Produce and e2e only: consume reads --messages records, or everything the topic holds.
     #[arg(long, default_value_t = 10)]
     duration: u64,
     /// Record value size in bytes.
@@ -88,8 +90,8 @@ struct Common {
     /// Fixed total send rate in records/s (e2e default 10,000).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     rate: Option<u64>,
-    /// Keyed records over N distinct keys (0 = no keys).
-    #[arg(long, default_value_t = 0)]
+    /// Keyed records over N distinct keys, at most 1,000,000 (0 = no keys).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(..=1_000_000))]
     keys: u64,
     /// Warm-up before measuring, unmeasured: records per producer for produce (default 50,000)
     /// and e2e (default one second at --rate); records a throwaway consumer reads first for
@@ -154,14 +156,38 @@ fn opts(c: &Common, workload: Workload) -> Opts {
         keys: c.keys,
         warmup,
         progress: !c.json,
-        command: std::env::args().collect::<Vec<_>>().join(" "),
+        command: command_line(std::env::args(), std::env::var("CAIRN_BROKER").ok()),
     }
+}
+
+/// The command line as a shell would take it back: arguments quoted where needed, and the
+/// broker address from `CAIRN_BROKER` when no `--broker` was given.
+fn command_line(args: impl Iterator<Item = String>, env_broker: Option<String>) -> String {
+    let quote = |a: &str| {
+        let plain = |c: char| c.is_ascii_alphanumeric() || "-_./:=,+@%".contains(c);
+        if !a.is_empty() && a.chars().all(plain) {
+            a.to_owned()
+        } else {
+            format!("'{}'", a.replace('\'', "'\\''"))
+        }
+    };
+    let args: Vec<String> = args.collect();
+    let mut out: Vec<String> = args.iter().map(|a| quote(a)).collect();
+    if let Some(b) = env_broker.filter(|_| !args.iter().any(|a| a == "--broker" || a.starts_with("--broker="))) {
+        out.insert(0, format!("CAIRN_BROKER={}", quote(&b)));
+    }
+    out.join(" ")
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let (common, report) = match &cli.command {
         Command::Produce(c) => (c, workload::produce(&opts(c, Workload::Produce)).await?),
-        Command::Consume(c) => (c, workload::consume(&opts(c, Workload::Consume)).await?),
+        Command::Consume(c) => {
+            if c.rate.is_some() {
+                anyhow::bail!("--rate paces producers: it applies to produce and e2e, not to consume");
+            }
+            (c, workload::consume(&opts(c, Workload::Consume)).await?)
+        }
         Command::E2e(c) => (c, workload::e2e(&opts(c, Workload::E2e)).await?),
         Command::Suite(s) => return suite::run(s.scale, s.broker_bin.clone()).await,
     };
@@ -200,5 +226,24 @@ fn main() -> ExitCode {
             eprintln!("cairn-bench: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::command_line;
+
+    fn args(a: &[&str]) -> impl Iterator<Item = String> {
+        a.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>().into_iter()
+    }
+
+    #[test]
+    fn the_reported_command_line_can_be_run_again() {
+        let line = command_line(args(&["cairn-bench", "produce", "--topic", "it's", "--size", "1024"]), None);
+        assert_eq!(line, r"cairn-bench produce --topic 'it'\''s' --size 1024");
+        let line = command_line(args(&["cairn-bench", "produce"]), Some("10.0.0.1:7070".into()));
+        assert_eq!(line, "CAIRN_BROKER=10.0.0.1:7070 cairn-bench produce");
+        let line = command_line(args(&["cairn-bench", "produce", "--broker", "h:1"]), Some("x:2".into()));
+        assert_eq!(line, "cairn-bench produce --broker h:1");
     }
 }

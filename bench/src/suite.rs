@@ -98,7 +98,7 @@ fn base(addr: &str, topic: &str) -> Opts {
     Opts {
         broker: addr.to_owned(),
         topic: topic.to_owned(),
-        partitions: 1,
+        partitions: Some(1),
         producers: 1,
         consumers: 1,
         messages: None,
@@ -197,7 +197,7 @@ pub async fn run(scale: f64, bin: Option<PathBuf>) -> anyhow::Result<()> {
     let p2 = workload::produce(&Opts {
         messages: Some(n(1_000_000.0)),
         size: 1024,
-        partitions: 4,
+        partitions: Some(4),
         producers: 4,
         warmup: 10_000,
         ..base(&addr, "p2")
@@ -308,7 +308,7 @@ pub async fn run(scale: f64, bin: Option<PathBuf>) -> anyhow::Result<()> {
     let p6 = workload::produce(&Opts {
         messages: Some(n(2_000_000.0)),
         size: 1024,
-        partitions: 1000,
+        partitions: Some(1000),
         producers: 100,
         keys: 10_000,
         warmup: 1000,

@@ -23,8 +23,9 @@ pub struct Opts {
     pub broker: String,
     /// Topic (created if missing).
     pub topic: String,
-    /// Partitions of the topic when it is created.
-    pub partitions: u32,
+    /// Partitions of the topic: created with these (1 if `None`); a topic that exists must have
+    /// as many, when given.
+    pub partitions: Option<u32>,
     /// Concurrent producers, each with its own connection.
     pub producers: usize,
     /// Concurrent consumers, each with its own connection.
@@ -63,12 +64,26 @@ fn conn(opts: &Opts, name: &str) -> ConnectionConfig {
     }
 }
 
-/// Creates the topic if it does not exist.
+/// Creates the topic if it does not exist. One that exists is used as it is, unless
+/// `--partitions` asks for another partition count: a run must not report on a layout other
+/// than the one its command line names.
 pub async fn ensure_topic(opts: &Opts) -> anyhow::Result<()> {
     let admin = Admin::connect(conn(opts, "cairn-bench")).await?;
-    match admin.create_topic(NewTopic::new(opts.topic.clone(), opts.partitions)).await {
+    match admin.create_topic(NewTopic::new(opts.topic.clone(), opts.partitions.unwrap_or(1))).await {
         Ok(()) => Ok(()),
-        Err(Error::Broker { code: ErrorCode::TopicAlreadyExists, .. }) => Ok(()),
+        Err(Error::Broker { code: ErrorCode::TopicAlreadyExists, .. }) => {
+            let Some(asked) = opts.partitions else { return Ok(()) };
+            let has = admin.describe_topic(&opts.topic).await?.partitions.len();
+            if has != asked as usize {
+                anyhow::bail!(
+                    "topic {} exists with {has} partitions, not the {asked} that --partitions asks for: \
+                     use another --topic, or delete it first (cairn topic delete {})",
+                    opts.topic,
+                    opts.topic
+                );
+            }
+            Ok(())
+        }
         Err(e) => Err(e.into()),
     }
 }
@@ -171,12 +186,29 @@ struct SendPlan {
     meter: Option<Arc<Meter>>,
     /// Stamp the (intended) send time into the first 8 bytes of each value.
     stamp: bool,
+    /// The keys records cycle through (empty: keyless), made once per run before any clock
+    /// starts and shared by every producer.
+    keys: Arc<[Bytes]>,
 }
 
 impl SendPlan {
-    fn new(opts: &Opts, count: Option<u64>) -> SendPlan {
-        SendPlan { opts: opts.clone(), count, deadline: None, rate: None, hist: None, meter: None, stamp: false }
+    fn new(opts: &Opts, count: Option<u64>, keys: &Arc<[Bytes]>) -> SendPlan {
+        SendPlan {
+            opts: opts.clone(),
+            count,
+            deadline: None,
+            rate: None,
+            hist: None,
+            meter: None,
+            stamp: false,
+            keys: Arc::clone(keys),
+        }
     }
+}
+
+/// The `--keys` distinct keys of a run.
+fn keys_of(opts: &Opts) -> Arc<[Bytes]> {
+    (0..opts.keys).map(|k| Bytes::from(format!("key-{k}"))).collect()
 }
 
 /// Starts sending. As fast as possible, each producer gets its own task and an equal share of
@@ -187,10 +219,12 @@ impl SendPlan {
 fn start_senders(producers: Vec<Producer>, plan: SendPlan) -> Vec<tokio::task::JoinHandle<anyhow::Result<u64>>> {
     if plan.rate.is_none() {
         let n = producers.len().max(1) as u64;
-        let count = plan.count.map(|c| c.div_ceil(n));
+        // Exactly `count` in all: the first `count % n` producers send one more.
+        let share = |i: u64| plan.count.map(|c| c / n + u64::from(i < c % n));
         return producers
             .into_iter()
-            .map(|p| tokio::spawn(send_records(vec![p], SendPlan { count, ..plan.clone() })))
+            .enumerate()
+            .map(|(i, p)| tokio::spawn(send_records(vec![p], SendPlan { count: share(i as u64), ..plan.clone() })))
             .collect();
     }
     let handle = tokio::runtime::Handle::current();
@@ -217,10 +251,9 @@ fn pace_until(at: Instant) {
 /// The sending loop: record `i` goes to producer `i % producers`. Samples the delivery latency
 /// of every 64th record, per producer in send order.
 async fn send_records(producers: Vec<Producer>, plan: SendPlan) -> anyhow::Result<u64> {
-    let SendPlan { opts, count, deadline, rate, hist, meter, stamp } = plan;
+    let SendPlan { opts, count, deadline, rate, hist, meter, stamp, keys } = plan;
     let value = value_of(opts.size);
     let topic: std::sync::Arc<str> = std::sync::Arc::from(opts.topic.as_str());
-    let keys: Vec<Bytes> = (0..opts.keys.min(100_000)).map(|k| Bytes::from(format!("key-{k}"))).collect();
     let mut samplers = Vec::new();
     let mut samples = Vec::new();
     let first_error: Arc<Mutex<Option<String>>> = Arc::default();
@@ -246,6 +279,9 @@ async fn send_records(producers: Vec<Producer>, plan: SendPlan) -> anyhow::Resul
         }
     }
     let n = producers.len() as u64;
+    // Progress is counted in steps of 256 records when unpaced (a shared counter per record
+    // would cost the send loop), one by one at a rate (whose records are far apart).
+    let step = if rate.is_some() { 1 } else { 256 };
     let start = Instant::now();
     let mut i = 0u64;
     loop {
@@ -276,12 +312,12 @@ async fn send_records(producers: Vec<Producer>, plan: SendPlan) -> anyhow::Resul
             let _ = tx.send((intended.unwrap_or_else(Instant::now), d));
         }
         i += 1;
-        if let Some(m) = meter.as_ref().filter(|_| i % 256 == 0) {
-            m.count.fetch_add(256, Ordering::Relaxed);
+        if let Some(m) = meter.as_ref().filter(|_| i % step == 0) {
+            m.count.fetch_add(step, Ordering::Relaxed);
         }
     }
     if let Some(m) = &meter {
-        m.count.fetch_add(i % 256, Ordering::Relaxed);
+        m.count.fetch_add(i % step, Ordering::Relaxed);
     }
     for p in &producers {
         p.flush().await?;
@@ -323,10 +359,11 @@ fn paced_count(opts: &Opts) -> Option<u64> {
 /// Produce as fast as possible (or at `rate`); latency = send to acknowledgement.
 pub async fn produce(opts: &Opts) -> anyhow::Result<Report> {
     ensure_topic(opts).await?;
+    let keys = keys_of(opts);
     if opts.warmup > 0 {
         let warm = producers(opts).await?;
         let n = warm.len() as u64;
-        for t in start_senders(warm, SendPlan::new(opts, Some(opts.warmup * n))) {
+        for t in start_senders(warm, SendPlan::new(opts, Some(opts.warmup * n), &keys)) {
             t.await??;
         }
     }
@@ -340,11 +377,11 @@ pub async fn produce(opts: &Opts) -> anyhow::Result<Report> {
         rate: opts.rate.map(|r| r as f64),
         hist: Some(Arc::clone(&hist)),
         meter: Some(Arc::clone(&meter)),
-        ..SendPlan::new(opts, paced_count(opts))
+        ..SendPlan::new(opts, paced_count(opts), &keys)
     };
     let tasks = start_senders(list, plan);
-    finish(opts, "produce", "send to acknowledgement, every 64th record", Finish { tasks, start, meter, ticker, hist })
-        .await
+    let f = Finish { tasks, start, meter, ticker, hist, value_bytes: None };
+    finish(opts, "produce", "send to acknowledgement, every 64th record", f).await
 }
 
 /// What a finished throughput run needs to become a report.
@@ -354,6 +391,8 @@ struct Finish {
     meter: Arc<Meter>,
     ticker: tokio::task::JoinHandle<()>,
     hist: Arc<Mutex<Histogram<u64>>>,
+    /// Value bytes the workers counted; `None`: every record's value is `--size` bytes.
+    value_bytes: Option<Arc<AtomicU64>>,
 }
 
 /// Waits for the workers, stops the meter, and builds the report.
@@ -365,20 +404,22 @@ async fn finish(opts: &Opts, workload: &str, measures: &str, f: Finish) -> anyho
     let elapsed = f.start.elapsed().as_secs_f64();
     let timeline = f.meter.finish();
     let _ = f.ticker.await;
+    let bytes = f.value_bytes.map_or(records * opts.size as u64, |b| b.load(Ordering::Relaxed));
     let h = f.hist.lock().expect("histogram");
-    Ok(report(opts, workload, records, elapsed, &h, measures, timeline))
+    Ok(report(opts, workload, (records, bytes), elapsed, &h, measures, timeline))
 }
 
+/// `counted` is records and their value bytes.
 fn report(
     opts: &Opts,
     workload: &str,
-    records: u64,
+    counted: (u64, u64),
     elapsed: f64,
     h: &Histogram<u64>,
     measures: &str,
     timeline: Vec<f64>,
 ) -> Report {
-    let bytes = records * opts.size as u64;
+    let (records, bytes) = counted;
     Report {
         command: opts.command.clone(),
         workload: workload.to_owned(),
@@ -419,8 +460,9 @@ pub async fn consume(opts: &Opts) -> anyhow::Result<Report> {
         warm.close().await?;
     }
     let parts: Vec<u32> = info.partitions.iter().map(|p| p.partition).collect();
-    let n = opts.consumers.max(1).min(parts.len());
+    let n = consumers_for(opts, parts.len());
     let hist = Arc::new(Mutex::new(histogram()));
+    let value_bytes = Arc::new(AtomicU64::new(0));
     let meter = Meter::new();
     let ticker = meter.spawn(Some(want), opts.progress, "consume");
     let start = Instant::now();
@@ -438,6 +480,7 @@ pub async fn consume(opts: &Opts) -> anyhow::Result<Report> {
         let config =
             ConsumerConfig { connection: conn(opts, &format!("bench-consumer-{c}")), ..ConsumerConfig::default() };
         let (topic, hist, meter) = (opts.topic.clone(), Arc::clone(&hist), Arc::clone(&meter));
+        let value_bytes = Arc::clone(&value_bytes);
         tasks.push(tokio::spawn(async move {
             let mut consumer = Consumer::connect(config).await?;
             consumer.assign(&topic, Some(mine)).await?;
@@ -448,12 +491,28 @@ pub async fn consume(opts: &Opts) -> anyhow::Result<Report> {
                 let batch = consumer.poll(Duration::from_secs(5)).await?;
                 let _ = hist.lock().expect("histogram").record(t.elapsed().as_micros().max(1) as u64);
                 got += batch.len() as u64;
+                let bytes: usize = batch.iter().map(|r| r.value.as_ref().map_or(0, Bytes::len)).sum();
+                value_bytes.fetch_add(bytes as u64, Ordering::Relaxed);
                 meter.count.fetch_add(batch.len() as u64, Ordering::Relaxed);
             }
             Ok::<u64, anyhow::Error>(got)
         }));
     }
-    finish(opts, "consume", "duration of each poll", Finish { tasks, start, meter, ticker, hist }).await
+    let f = Finish { tasks, start, meter, ticker, hist, value_bytes: Some(value_bytes) };
+    finish(opts, "consume", "duration of each poll", f).await
+}
+
+/// Consumers a run uses: `--consumers`, at most one per partition (a consumer without a
+/// partition would read nothing), said on stderr when that is fewer.
+fn consumers_for(opts: &Opts, partitions: usize) -> usize {
+    let n = opts.consumers.max(1).min(partitions.max(1));
+    if n < opts.consumers {
+        eprintln!(
+            "note: {} consumers asked for; {} has {partitions} partitions, so {n} run",
+            opts.consumers, opts.topic
+        );
+    }
+    n
 }
 
 /// Splits `want` records over consumers that can read `available` records each, in proportion
@@ -491,7 +550,8 @@ pub async fn e2e(opts: &Opts) -> anyhow::Result<Report> {
     let total = opts.messages.unwrap_or((rate as f64 * opts.duration.as_secs_f64()) as u64);
     let admin = Admin::connect(conn(opts, "cairn-bench")).await?;
     let parts: Vec<u32> = admin.describe_topic(&opts.topic).await?.partitions.iter().map(|p| p.partition).collect();
-    let n = opts.consumers.max(1).min(parts.len());
+    let n = consumers_for(opts, parts.len());
+    let keys = keys_of(opts);
     let hist = Arc::new(Mutex::new(histogram()));
     let meter = Meter::new();
     let received = Arc::new(AtomicU64::new(0));
@@ -534,7 +594,7 @@ pub async fn e2e(opts: &Opts) -> anyhow::Result<Report> {
     if opts.warmup > 0 {
         let warm = producers(opts).await?;
         let count = opts.warmup * warm.len() as u64;
-        let plan = SendPlan { rate: Some(rate as f64), stamp: true, ..SendPlan::new(opts, Some(count)) };
+        let plan = SendPlan { rate: Some(rate as f64), stamp: true, ..SendPlan::new(opts, Some(count), &keys) };
         let mut sent = 0;
         for t in start_senders(warm, plan) {
             sent += t.await??;
@@ -556,7 +616,7 @@ pub async fn e2e(opts: &Opts) -> anyhow::Result<Report> {
     let ticker = meter.spawn(Some(total), opts.progress, "e2e");
     let list = producers(opts).await?;
     let start = Instant::now();
-    let plan = SendPlan { rate: Some(rate as f64), stamp: true, ..SendPlan::new(opts, Some(total)) };
+    let plan = SendPlan { rate: Some(rate as f64), stamp: true, ..SendPlan::new(opts, Some(total), &keys) };
     let tasks = start_senders(list, plan);
     let mut sent = 0;
     for t in tasks {
@@ -581,7 +641,7 @@ pub async fn e2e(opts: &Opts) -> anyhow::Result<Report> {
     Ok(report(
         opts,
         "e2e",
-        got,
+        (got, got * opts.size as u64),
         elapsed,
         &h,
         "intended send time to consumer arrival (coordinated omission corrected)",

@@ -42,6 +42,33 @@ fn produce_and_consume_report_the_json_keys_scripts_read() {
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["records"], 3000, "consume reads the whole topic");
+    assert_eq!(v["bytes"], 3000 * 200, "the bytes read, not records times --size: {out}");
+}
+
+#[test]
+fn runs_send_what_their_command_line_says_or_fail() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "");
+    // --messages is the total, whatever the number of producers.
+    let args = ["produce", "--topic", "n", "--messages", "10", "--producers", "4", "--warmup", "0", "--json"];
+    let (code, out, err) = bench(&broker, &args);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["records"], 10, "{out}");
+    // The topic exists with 1 partition: a run asking for 4 must not report on 1.
+    let args = ["produce", "--topic", "n", "--partitions", "4", "--messages", "10", "--warmup", "0"];
+    let (code, _, err) = bench(&broker, &args);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("exists with 1 partitions, not the 4"), "{err}");
+    // Without --partitions, an existing topic is used as it is.
+    let (code, _, err) = bench(&broker, &["produce", "--topic", "n", "--messages", "10", "--warmup", "0"]);
+    assert_eq!(code, 0, "{err}");
+    // Options that would be ignored are refused.
+    let (code, _, err) = bench(&broker, &["consume", "--topic", "n", "--rate", "100"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("--rate"), "{err}");
+    let (code, _, err) = bench(&broker, &["produce", "--keys", "2000000", "--messages", "10"]);
+    assert_eq!(code, 2, "{err}");
 }
 
 #[test]
