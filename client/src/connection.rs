@@ -108,6 +108,9 @@ pub struct Connection {
     /// requests to a dead broker wait out one `connect_timeout`, not one each in turn.
     failures: Arc<AtomicU64>,
     next_id: Arc<AtomicU32>,
+    /// Held while a numbered request takes its id and is queued for the writer, so that
+    /// numbered requests go out in the order of their ids.
+    numbered: Arc<Mutex<()>>,
 }
 
 impl Connection {
@@ -118,6 +121,7 @@ impl Connection {
             slot: Arc::new(tokio::sync::Mutex::new(Slot::default())),
             failures: Arc::new(AtomicU64::new(0)),
             next_id: Arc::new(AtomicU32::new(1)),
+            numbered: Arc::new(Mutex::new(())),
         }
     }
 
@@ -248,13 +252,26 @@ impl Connection {
     /// # Errors
     /// Connection failures, timeouts, response-level broker errors, or undecodable responses.
     pub async fn request_with<R: Request>(&self, request: &R, extra: Duration) -> Result<R::Response> {
+        self.round_trip(request, extra, false).await.map(|(_, response)| response)
+    }
+
+    /// As [`Connection::request`], with the request's number. Numbered requests are written in
+    /// the order of their numbers and the broker answers a connection's requests in order, so
+    /// of two answers, the one with the later number ([`is_later`]) describes the later state.
+    pub(crate) async fn request_numbered<R: Request>(&self, request: &R) -> Result<(u32, R::Response)> {
+        self.round_trip(request, Duration::ZERO, true).await
+    }
+
+    async fn round_trip<R: Request>(&self, request: &R, extra: Duration, numbered: bool) -> Result<(u32, R::Response)> {
         let live = self.live().await?;
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
+        let order = numbered.then(|| self.numbered.lock().expect("numbering lock"));
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         live.waiters.lock().expect("waiters lock").insert(id, tx);
-        if live.dead.load(Ordering::Acquire)
-            || live.tx.send((encode_request(id, &self.config.client_id, request), None)).is_err()
-        {
+        let queued = !live.dead.load(Ordering::Acquire)
+            && live.tx.send((encode_request(id, &self.config.client_id, request), None)).is_ok();
+        drop(order);
+        if !queued {
             live.waiters.lock().expect("waiters lock").remove(&id);
             live.dead.store(true, Ordering::Release);
             return Err(Error::Disconnected { addr: self.config.broker.clone(), detail: "connection closed".into() });
@@ -278,7 +295,7 @@ impl Connection {
             Ok(Ok(r)) => r?,
         };
         let (_, body) = decode_response::<R::Response>(frame)?;
-        body.map_err(|e| Error::broker(e.code, Some(e.message)))
+        body.map(|response| (id, response)).map_err(|e| Error::broker(e.code, Some(e.message)))
     }
 
     /// Sends a request and waits for its response.
@@ -315,6 +332,11 @@ impl Connection {
     }
 }
 
+/// Whether request number `a` was written after `b` (numbers wrap around).
+pub(crate) fn is_later(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) > 0
+}
+
 fn fail_all(dead: &AtomicBool, waiters: &Waiters, addr: &str, detail: &str) {
     dead.store(true, Ordering::Release);
     let drained: Vec<_> = waiters.lock().expect("waiters lock").drain().collect();
@@ -329,6 +351,12 @@ mod tests {
     use cairn_protocol::messages::metadata::MetadataRequest;
     use tokio::io::AsyncReadExt;
     use tokio::net::{TcpListener, TcpSocket};
+
+    #[test]
+    fn request_numbers_compare_across_the_wrap() {
+        assert!(is_later(2, 1) && !is_later(1, 2) && !is_later(1, 1));
+        assert!(is_later(0, u32::MAX) && is_later(3, u32::MAX - 3));
+    }
 
     fn config(addr: std::net::SocketAddr) -> ConnectionConfig {
         ConnectionConfig { broker: addr.to_string(), ..ConnectionConfig::default() }

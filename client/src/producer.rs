@@ -22,7 +22,7 @@ use cairn_protocol::record::record_len_upper_bound;
 use cairn_protocol::record_batch::BATCH_HEADER_LEN;
 use cairn_protocol::{Acks, BatchPayload, ErrorCode, Header, RecordBatchBuilder};
 
-use crate::connection::{Connection, ConnectionConfig};
+use crate::connection::{is_later, Connection, ConnectionConfig};
 use crate::error::{Error, Result};
 use crate::partitioner::partition_for_key;
 
@@ -288,10 +288,14 @@ struct TopicQueues {
     refresh_again: bool,
     /// Fetches that failed in a row (they back off, doubling, up to `metadata_max_age`).
     refresh_failures: u32,
+    /// Number of the metadata request whose answer set `partitions`: an answer to an earlier
+    /// request that comes in later (a periodic fetch racing one made by `send`) is older and
+    /// must not take back a count the topic has since changed to.
+    count_from: u32,
 }
 
 impl TopicQueues {
-    fn new(name: Arc<str>, partitions: u32, refresh_at: Instant) -> TopicQueues {
+    fn new(name: Arc<str>, partitions: u32, refresh_at: Instant, count_from: u32) -> TopicQueues {
         TopicQueues {
             name,
             partitions,
@@ -302,7 +306,21 @@ impl TopicQueues {
             refreshing: false,
             refresh_again: false,
             refresh_failures: 0,
+            count_from,
         }
+    }
+
+    /// Takes the partition count answered to metadata request `number`, unless the count
+    /// came from a later request already.
+    fn take_count(&mut self, number: u32, partitions: u32) {
+        if !is_later(number, self.count_from) {
+            return;
+        }
+        self.count_from = number;
+        if partitions != self.partitions {
+            tracing::info!(topic = %self.name, from = self.partitions, to = partitions, "partition count changed");
+        }
+        self.resize(partitions);
     }
 
     /// Takes a partition count fetched again.
@@ -495,7 +513,8 @@ impl Producer {
     /// Asks the broker for `topic`'s partition count and records it: a topic seen for the first
     /// time gets its queues, a known one grows to the count (as a periodic refresh would).
     async fn fetch_partition_count(&self, topic: &Arc<str>) -> Result<()> {
-        let resp = self.inner.conn.request(&MetadataRequest { topics: Some(vec![topic.to_string()]) }).await?;
+        let (number, resp) =
+            self.inner.conn.request_numbered(&MetadataRequest { topics: Some(vec![topic.to_string()]) }).await?;
         let t = resp.topics.into_iter().next().ok_or_else(|| Error::UnknownTopic(topic.to_string()))?;
         if !t.error.is_ok() || t.partitions.is_empty() {
             return Err(Error::UnknownTopic(topic.to_string()));
@@ -503,10 +522,10 @@ impl Producer {
         let n = t.partitions.len() as u32;
         let mut state = self.inner.state.lock().expect("producer state");
         match state.topic_mut(topic) {
-            Some(known) => known.resize(n),
+            Some(known) => known.take_count(number, n),
             None => {
                 let refresh_at = after(Instant::now(), self.inner.config.metadata_max_age);
-                state.topics.push(TopicQueues::new(Arc::clone(topic), n, refresh_at));
+                state.topics.push(TopicQueues::new(Arc::clone(topic), n, refresh_at, number));
             }
         }
         Ok(())
@@ -845,23 +864,20 @@ async fn sender(inner: Arc<Inner>) {
 /// count it had and is tried again after `retry_backoff`.
 async fn refresh_metadata(inner: Arc<Inner>, topics: Vec<Arc<str>>) {
     let request = MetadataRequest { topics: Some(topics.iter().map(|t| t.to_string()).collect()) };
-    let fetched = inner.conn.request(&request).await;
+    let fetched = inner.conn.request_numbered(&request).await;
     let now = Instant::now();
     let mut state = inner.state.lock().expect("producer state");
     for name in &topics {
         let Some(topic) = state.topic_mut(name) else { continue };
         topic.refreshing = false;
         let again = std::mem::take(&mut topic.refresh_again);
-        let found = fetched.as_ref().ok().and_then(|resp| {
-            resp.topics.iter().find(|t| *t.name == **name && t.error.is_ok() && !t.partitions.is_empty())
+        let found = fetched.as_ref().ok().and_then(|(number, resp)| {
+            let t = resp.topics.iter().find(|t| *t.name == **name && t.error.is_ok() && !t.partitions.is_empty());
+            t.map(|t| (*number, t.partitions.len() as u32))
         });
         match found {
-            Some(t) => {
-                let partitions = t.partitions.len() as u32;
-                if partitions != topic.partitions {
-                    tracing::info!(topic = %name, from = topic.partitions, to = partitions, "partition count changed");
-                }
-                topic.resize(partitions);
+            Some((number, partitions)) => {
+                topic.take_count(number, partitions);
                 topic.refresh_failures = 0;
                 topic.refresh_at = after(now, inner.config.metadata_max_age);
             }
@@ -1066,7 +1082,12 @@ mod tests {
     /// A producer that knows `topic` already and has not connected (nothing here sends).
     fn offline(config: ProducerConfig, topic: &Arc<str>, partitions: u32) -> Producer {
         let state = State {
-            topics: vec![TopicQueues::new(Arc::clone(topic), partitions, Instant::now() + Duration::from_secs(3600))],
+            topics: vec![TopicQueues::new(
+                Arc::clone(topic),
+                partitions,
+                Instant::now() + Duration::from_secs(3600),
+                0,
+            )],
             flushing: 0,
         };
         let inner = Arc::new(Inner {
@@ -1226,6 +1247,73 @@ mod tests {
         refresh_soon(&p.inner, &topic);
         refresh_metadata(Arc::clone(&p.inner), vec![Arc::clone(&topic)]).await;
         assert_eq!(collect(&p.inner).refresh.len(), 1, "fetched again at once, not after a backoff");
+    }
+
+    #[tokio::test]
+    async fn an_older_partition_count_answered_last_does_not_replace_a_newer_one() {
+        use cairn_protocol::io::write_all_vectored;
+        use cairn_protocol::messages::metadata::{MetadataResponse, PartitionMetadata, TopicMetadata};
+        use cairn_protocol::{decode_request, encode_response, AnyRequest, FrameCodec};
+        use futures::StreamExt;
+        // A periodic fetch asks first, while the topic has 4 partitions; the topic is then
+        // recreated with 8 and a send asks again. The older answer is handled last: here the
+        // broker holds it back until the newer one is taken; in a client, the task that
+        // awaits it may simply run later.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let first_asked = Arc::new(Notify::new());
+        let asked = Arc::clone(&first_asked);
+        let older_may_go = Arc::new(Notify::new());
+        let go = Arc::clone(&older_may_go);
+        tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.unwrap();
+            let (rd, mut wr) = socket.into_split();
+            let mut frames = tokio_util::codec::FramedRead::new(rd, FrameCodec::new(1 << 20));
+            let answer = |id: u32, partitions: u32| {
+                let partitions = (0..partitions)
+                    .map(|partition| PartitionMetadata {
+                        partition,
+                        error: ErrorCode::None,
+                        log_start_offset: 0,
+                        log_end_offset: 0,
+                    })
+                    .collect();
+                let topic = TopicMetadata {
+                    error: ErrorCode::None,
+                    name: "t".into(),
+                    internal: false,
+                    configs: vec![],
+                    partitions,
+                };
+                encode_response(id, &MetadataResponse { topics: vec![topic] })
+            };
+            let mut ids = Vec::new();
+            while ids.len() < 2 {
+                let frame = frames.next().await.unwrap().unwrap();
+                if let Ok((header, AnyRequest::Metadata(_))) = decode_request(frame) {
+                    ids.push(header.correlation_id);
+                    asked.notify_one();
+                }
+            }
+            write_all_vectored(&mut wr, &mut answer(ids[1], 8)).await.unwrap();
+            go.notified().await;
+            write_all_vectored(&mut wr, &mut answer(ids[0], 4)).await.unwrap();
+            let _ = frames.next().await; // keep the connection until the client is done
+        });
+        let config = ProducerConfig {
+            connection: ConnectionConfig { broker: addr, ..ConnectionConfig::default() },
+            ..ProducerConfig::default()
+        };
+        let topic: Arc<str> = Arc::from("t");
+        let p = offline(config, &topic, 4);
+        let periodic = tokio::spawn(refresh_metadata(Arc::clone(&p.inner), vec![Arc::clone(&topic)]));
+        first_asked.notified().await;
+        p.fetch_partition_count(&topic).await.unwrap();
+        assert_eq!(p.inner.state.lock().unwrap().topics[0].partitions, 8);
+        older_may_go.notify_one();
+        periodic.await.unwrap();
+        let state = p.inner.state.lock().unwrap();
+        assert_eq!(state.topics[0].partitions, 8, "the newer answer stands");
     }
 
     #[tokio::test]
