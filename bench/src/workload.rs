@@ -1,5 +1,7 @@
 //! The workloads: produce, consume, and end-to-end latency at a fixed rate.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -10,7 +12,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use cairn_client::{
     Acks, Admin, ConnectionConfig, Consumer, ConsumerConfig, Error, ErrorCode, NewTopic, Offset, Producer,
-    ProducerConfig, ProducerRecord,
+    ProducerConfig, ProducerRecord, RecordMetadata,
 };
 
 use crate::latency::{curve, histogram, percentiles};
@@ -250,6 +252,33 @@ fn pace_until(at: Instant) {
 
 /// The sending loop: record `i` goes to producer `i % producers`. Samples the delivery latency
 /// of every 64th record, per producer in send order.
+/// A sampled record's delivery: its outcome and when that became known.
+type TimedDelivery = Pin<Box<dyn Future<Output = (cairn_client::Result<RecordMetadata>, Instant)> + Send>>;
+
+/// Records the latency of each sampled delivery, from its send (or scheduled send) to its
+/// acknowledgement, and the first error. Deliveries are awaited in send order, but each is
+/// charged up to its own acknowledgement: partitions are acknowledged in any order, and a record
+/// acknowledged early must not be charged while one sent before it is still out.
+async fn sample<F>(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<(Instant, F)>,
+    hist: Arc<Mutex<Histogram<u64>>>,
+    first_error: Arc<Mutex<Option<String>>>,
+) where
+    F: Future<Output = (cairn_client::Result<RecordMetadata>, Instant)>,
+{
+    while let Some((sent, delivery)) = rx.recv().await {
+        match delivery.await {
+            (Ok(_), at) => {
+                let us = at.saturating_duration_since(sent).as_micros().max(1) as u64;
+                let _ = hist.lock().expect("histogram").record(us);
+            }
+            (Err(e), _) => {
+                first_error.lock().expect("first error").get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+}
+
 async fn send_records(producers: Vec<Producer>, plan: SendPlan) -> anyhow::Result<u64> {
     let SendPlan { opts, count, deadline, rate, hist, meter, stamp, keys } = plan;
     let value = value_of(opts.size);
@@ -259,22 +288,8 @@ async fn send_records(producers: Vec<Producer>, plan: SendPlan) -> anyhow::Resul
     let first_error: Arc<Mutex<Option<String>>> = Arc::default();
     if let Some(h) = &hist {
         for _ in &producers {
-            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, cairn_client::Delivery)>();
-            let h = Arc::clone(h);
-            let first_error = Arc::clone(&first_error);
-            samplers.push(tokio::spawn(async move {
-                while let Some((sent, d)) = rx.recv().await {
-                    match d.wait().await {
-                        Ok(_) => {
-                            let us = sent.elapsed().as_micros().max(1) as u64;
-                            let _ = h.lock().expect("histogram").record(us);
-                        }
-                        Err(e) => {
-                            first_error.lock().expect("first error").get_or_insert_with(|| e.to_string());
-                        }
-                    }
-                }
-            }));
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, TimedDelivery)>();
+            samplers.push(tokio::spawn(sample(rx, Arc::clone(h), Arc::clone(&first_error))));
             samples.push(tx);
         }
     }
@@ -309,7 +324,7 @@ async fn send_records(producers: Vec<Producer>, plan: SendPlan) -> anyhow::Resul
         let which = (i % n) as usize;
         let d = producers[which].send(record).await?;
         if let Some(tx) = samples.get(which).filter(|_| (i / n) % 64 == 0) {
-            let _ = tx.send((intended.unwrap_or_else(Instant::now), d));
+            let _ = tx.send((intended.unwrap_or_else(Instant::now), Box::pin(d.wait_timed())));
         }
         i += 1;
         if let Some(m) = meter.as_ref().filter(|_| i % step == 0) {
@@ -651,7 +666,33 @@ pub async fn e2e(opts: &Opts) -> anyhow::Result<Report> {
 
 #[cfg(test)]
 mod tests {
-    use super::split_wanted;
+    use super::*;
+
+    #[tokio::test]
+    async fn a_sample_acknowledged_early_is_charged_up_to_its_own_acknowledgement() {
+        let hist = Arc::new(Mutex::new(histogram()));
+        let first_error = Arc::default();
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, TimedDelivery)>();
+        let sent = Instant::now();
+        let meta = RecordMetadata { partition: 0, offset: 0 };
+        // Sent first, acknowledged 100 ms later.
+        let _ = tx.send((
+            sent,
+            Box::pin(async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                (Ok(meta), Instant::now())
+            }),
+        ));
+        // Sent with it, to another partition, and acknowledged 5 ms after: the sampler gets to
+        // it only after the first.
+        let _ = tx.send((sent, Box::pin(async move { (Ok(meta), sent + Duration::from_millis(5)) })));
+        drop(tx);
+        sample(rx, Arc::clone(&hist), first_error).await;
+        let h = hist.lock().unwrap();
+        assert_eq!(h.len(), 2);
+        assert_eq!(h.min(), 5_000, "charged until the earlier sample finished");
+        assert!(h.max() >= 100_000);
+    }
 
     #[test]
     fn uneven_partitions_still_read_the_whole_topic() {

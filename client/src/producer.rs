@@ -145,18 +145,19 @@ type Outcome = std::result::Result<i64, Error>;
 #[derive(Debug)]
 struct BatchResult {
     partition: u32,
-    outcome: OnceLock<Outcome>,
+    /// The outcome and when it became known.
+    outcome: OnceLock<(Outcome, Instant)>,
     done: Notify,
 }
 
 impl BatchResult {
     fn complete(&self, outcome: Outcome) {
-        let _ = self.outcome.set(outcome);
+        let _ = self.outcome.set((outcome, Instant::now()));
         self.done.notify_waiters();
     }
 
     /// Waits until the batch is acknowledged or has failed for good.
-    async fn finished(&self) -> &Outcome {
+    async fn finished(&self) -> &(Outcome, Instant) {
         loop {
             let notified = self.done.notified();
             tokio::pin!(notified);
@@ -185,13 +186,27 @@ impl Delivery {
     /// [`Error::Timeout`] for a request the broker did not answer, [`Error::Disconnected`] or
     /// [`Error::Connect`] for a lost connection.
     pub async fn wait(self) -> Result<RecordMetadata> {
-        match self.batch.finished().await {
+        self.wait_timed().await.0
+    }
+
+    /// As [`Delivery::wait`], with the moment the outcome became known: when the
+    /// acknowledgement arrived, or when the record failed for good. A caller that awaits
+    /// deliveries one after another (a latency sampler, say) gets the time each one finished,
+    /// not the time it got round to it. Acknowledgements of different partitions can come back
+    /// in any order.
+    ///
+    /// # Errors
+    /// As [`Delivery::wait`].
+    pub async fn wait_timed(self) -> (Result<RecordMetadata>, Instant) {
+        let (outcome, at) = self.batch.finished().await;
+        let result = match outcome {
             Ok(base) => Ok(RecordMetadata {
                 partition: self.batch.partition,
                 offset: if *base < 0 { -1 } else { base + i64::from(self.index) },
             }),
             Err(e) => Err(e.duplicate()),
-        }
+        };
+        (result, *at)
     }
 }
 
@@ -1386,6 +1401,18 @@ mod tests {
         // The timeout counts from `send`, as Kafka's delivery.timeout.ms: the twenty batches
         // fail together, not 20 timeouts after the first send (6 s).
         assert!(started.elapsed() < delivery_timeout * 10, "took {:?}", started.elapsed());
+    }
+
+    #[tokio::test]
+    async fn a_delivery_awaited_late_says_when_it_finished() {
+        let batch = Arc::new(BatchResult { partition: 3, outcome: OnceLock::new(), done: Notify::new() });
+        let delivery = Delivery { batch: Arc::clone(&batch), index: 2 };
+        batch.complete(Ok(40));
+        let finished = Instant::now();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let (result, at) = delivery.wait_timed().await;
+        assert_eq!(result.unwrap(), RecordMetadata { partition: 3, offset: 42 });
+        assert!(at <= finished, "the acknowledgement's time, not the wait's");
     }
 
     #[test]
