@@ -250,8 +250,6 @@ fn pace_until(at: Instant) {
     }
 }
 
-/// The sending loop: record `i` goes to producer `i % producers`. Samples the delivery latency
-/// of every 64th record, per producer in send order.
 /// A sampled record's delivery: its outcome and when that became known.
 type TimedDelivery = Pin<Box<dyn Future<Output = (cairn_client::Result<RecordMetadata>, Instant)> + Send>>;
 
@@ -279,6 +277,8 @@ async fn sample<F>(
     }
 }
 
+/// The sending loop: record `i` goes to producer `i % producers`. Samples the delivery latency
+/// of every 64th record (see [`sample`]).
 async fn send_records(producers: Vec<Producer>, plan: SendPlan) -> anyhow::Result<u64> {
     let SendPlan { opts, count, deadline, rate, hist, meter, stamp, keys } = plan;
     let value = value_of(opts.size);
