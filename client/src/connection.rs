@@ -108,9 +108,11 @@ pub struct Connection {
     /// requests to a dead broker wait out one `connect_timeout`, not one each in turn.
     failures: Arc<AtomicU64>,
     next_id: Arc<AtomicU32>,
-    /// Held while a numbered request takes its id and is queued for the writer, so that
-    /// numbered requests go out in the order of their ids.
-    numbered: Arc<Mutex<()>>,
+    /// The last number given to a numbered request. Held while one takes its number and is
+    /// queued for the writer, so that numbered requests go out in the order of their numbers.
+    /// Numbers are counted apart from correlation ids: every request takes an id, and ids of
+    /// 2^31 produce requests in between would make a later number compare as earlier.
+    numbered: Arc<Mutex<u32>>,
 }
 
 impl Connection {
@@ -121,7 +123,7 @@ impl Connection {
             slot: Arc::new(tokio::sync::Mutex::new(Slot::default())),
             failures: Arc::new(AtomicU64::new(0)),
             next_id: Arc::new(AtomicU32::new(1)),
-            numbered: Arc::new(Mutex::new(())),
+            numbered: Arc::new(Mutex::new(0)),
         }
     }
 
@@ -259,18 +261,31 @@ impl Connection {
     /// the order of their numbers and the broker answers a connection's requests in order, so
     /// of two answers, the one with the later number ([`is_later`]) describes the later state.
     pub(crate) async fn request_numbered<R: Request>(&self, request: &R) -> Result<(u32, R::Response)> {
-        self.round_trip(request, Duration::ZERO, true).await
+        let (number, response) = self.round_trip(request, Duration::ZERO, true).await?;
+        Ok((number.expect("numbered"), response))
     }
 
-    async fn round_trip<R: Request>(&self, request: &R, extra: Duration, numbered: bool) -> Result<(u32, R::Response)> {
+    /// Sends `request` and waits for its answer; a `numbered` request also gets its number.
+    async fn round_trip<R: Request>(
+        &self,
+        request: &R,
+        extra: Duration,
+        numbered: bool,
+    ) -> Result<(Option<u32>, R::Response)> {
         let live = self.live().await?;
         let (tx, rx) = oneshot::channel();
-        let order = numbered.then(|| self.numbered.lock().expect("numbering lock"));
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        live.waiters.lock().expect("waiters lock").insert(id, tx);
-        let queued = !live.dead.load(Ordering::Acquire)
-            && live.tx.send((encode_request(id, &self.config.client_id, request), None)).is_ok();
-        drop(order);
+        let (number, id, queued) = {
+            let mut order = numbered.then(|| self.numbered.lock().expect("numbering lock"));
+            let number = order.as_deref_mut().map(|last| {
+                *last = last.wrapping_add(1);
+                *last
+            });
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            live.waiters.lock().expect("waiters lock").insert(id, tx);
+            let queued = !live.dead.load(Ordering::Acquire)
+                && live.tx.send((encode_request(id, &self.config.client_id, request), None)).is_ok();
+            (number, id, queued)
+        };
         if !queued {
             live.waiters.lock().expect("waiters lock").remove(&id);
             live.dead.store(true, Ordering::Release);
@@ -295,7 +310,7 @@ impl Connection {
             Ok(Ok(r)) => r?,
         };
         let (_, body) = decode_response::<R::Response>(frame)?;
-        body.map(|response| (id, response)).map_err(|e| Error::broker(e.code, Some(e.message)))
+        body.map(|response| (number, response)).map_err(|e| Error::broker(e.code, Some(e.message)))
     }
 
     /// Sends a request and waits for its response.
@@ -356,6 +371,19 @@ mod tests {
     fn request_numbers_compare_across_the_wrap() {
         assert!(is_later(2, 1) && !is_later(1, 2) && !is_later(1, 1));
         assert!(is_later(0, u32::MAX) && is_later(3, u32::MAX - 3));
+    }
+
+    #[tokio::test]
+    async fn numbered_requests_stay_in_order_after_two_billion_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = cairn_broker::EmbeddedBroker::start(dir.path()).unwrap();
+        let conn = Connection::new(config(broker.addr()));
+        let request = MetadataRequest { topics: None };
+        let (first, _) = conn.request_numbered(&request).await.unwrap();
+        // As if 2^31 produce requests had gone out on the connection since.
+        conn.next_id.fetch_add(1 << 31, Ordering::Relaxed);
+        let (second, _) = conn.request_numbered(&request).await.unwrap();
+        assert!(is_later(second, first), "{second} after {first}");
     }
 
     fn config(addr: std::net::SocketAddr) -> ConnectionConfig {
