@@ -817,6 +817,49 @@ fn a_long_topic_name_for_many_partitions_is_not_copied_per_partition() {
     assert!(peak < 256 << 20, "the broker's resident memory peaked at {} MiB", peak >> 20);
 }
 
+/// An OffsetFetch that names the same partition over and over is answered once per partition:
+/// each answer carries the commit's metadata (up to 4 KiB), so a 16 MiB request naming one
+/// partition four million times made the broker build some 17 GB of answers under the groups
+/// lock, and then a response frame over 4 GiB.
+#[test]
+fn an_offset_fetch_answers_a_partition_named_many_times_once() {
+    use cairn_protocol::messages::offsets::{
+        OffsetCommitPartition, OffsetCommitRequest, OffsetCommitTopic, OffsetFetchRequest, OffsetFetchTopic,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "");
+    run(Duration::from_secs(30), async {
+        broker.admin().await.create_topic(NewTopic::new("t", 2)).await.unwrap();
+        let conn = Connection::new(broker.connection());
+        let commit = OffsetCommitRequest {
+            group_id: "g".into(),
+            member_id: String::new(),
+            generation_id: -1,
+            topics: vec![OffsetCommitTopic {
+                name: "t".into(),
+                partitions: vec![OffsetCommitPartition { partition: 0, offset: 7, metadata: Some("m".repeat(4096)) }],
+            }],
+        };
+        let r = conn.request(&commit).await.unwrap();
+        assert_eq!(r.topics[0].partitions[0].1, ErrorCode::None);
+        let fetch = OffsetFetchRequest {
+            group_id: "g".into(),
+            topics: Some(vec![
+                OffsetFetchTopic { name: "t".into(), partitions: vec![0; 50] },
+                OffsetFetchTopic { name: "t".into(), partitions: vec![0, 1, 0] },
+                OffsetFetchTopic { name: "t".into(), partitions: vec![0] },
+            ]),
+        };
+        let r = conn.request(&fetch).await.unwrap();
+        let answered: Vec<(&str, u32, i64)> = r
+            .topics
+            .iter()
+            .flat_map(|t| t.partitions.iter().map(|p| (t.name.as_str(), p.partition, p.offset)))
+            .collect();
+        assert_eq!(answered, vec![("t", 0, 7), ("t", 1, -1)], "each partition once, where it first appears");
+    });
+}
+
 #[test]
 fn health_endpoints_and_metrics_are_served() {
     let dir = tempfile::tempdir().unwrap();

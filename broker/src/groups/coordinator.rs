@@ -686,7 +686,8 @@ impl Coordinator {
 
     /// What a group has committed for the given partitions of one topic, in their order.
     pub fn committed_of(&self, group_id: &str, topic: &str, partitions: &[u32]) -> Vec<Option<OffsetAndMetadata>> {
-        // One key for the whole topic: nothing allocated per partition under the lock.
+        // One key for the whole topic: no key allocated per partition under the lock (the
+        // handler asks for each partition once per request).
         let mut key = (group_id.to_owned(), topic.to_owned(), 0);
         let inner = self.inner.lock().expect("groups lock");
         partitions

@@ -1,6 +1,7 @@
 //! Group APIs: JoinGroup, Heartbeat, LeaveGroup, ListGroups, DescribeGroups, OffsetCommit,
 //! OffsetFetch.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -150,12 +151,22 @@ pub(crate) fn offset_fetch(ctx: Ctx, req: OffsetFetchRequest) -> Reply {
     let groups = &ctx.broker.groups;
     let mut topics: Vec<OffsetFetchTopicResponse> = Vec::new();
     match req.topics {
-        // Answered topic by topic, as asked: each name once, however many partitions it lists.
+        // Answered topic by topic, as asked, each partition once, where it first appears: an
+        // answer carries the commit's metadata (up to 4 KiB), so answering every repeat would
+        // let a 16 MiB request of one partition named four million times build gigabytes.
         Some(wanted) => {
-            for t in wanted {
-                let found = groups.committed_of(&req.group_id, &t.name, &t.partitions);
-                let partitions = t.partitions.iter().zip(found).map(|(&p, c)| entry(p, c)).collect();
-                topics.push(OffsetFetchTopicResponse { name: t.name, partitions });
+            let mut seen_topics = HashSet::new();
+            let mut seen = HashSet::new();
+            for t in &wanted {
+                let first = seen_topics.insert(t.name.as_str());
+                let fresh: Vec<u32> =
+                    t.partitions.iter().copied().filter(|&p| seen.insert((t.name.as_str(), p))).collect();
+                if fresh.is_empty() && !first {
+                    continue;
+                }
+                let found = groups.committed_of(&req.group_id, &t.name, &fresh);
+                let partitions = fresh.iter().zip(found).map(|(&p, c)| entry(p, c)).collect();
+                topics.push(OffsetFetchTopicResponse { name: t.name.clone(), partitions });
             }
         }
         None => {
