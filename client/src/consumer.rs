@@ -1131,7 +1131,6 @@ fn start_heartbeat(
     }))
 }
 
-/// Sends a commit and checks every partition's answer.
 /// Waits for a task the consumer keeps, until `deadline` if there is one; `None` if it is still
 /// under way then (the handle stays, for a later call to take up).
 async fn wait_for<T>(
@@ -1161,6 +1160,7 @@ async fn committed_offsets(conn: &Connection, group: &str, tps: &[TopicPartition
         .collect())
 }
 
+/// Sends a commit and checks every partition's answer.
 async fn send_commit(conn: &Connection, request: OffsetCommitRequest) -> Result<()> {
     let resp = conn.request(&request).await?;
     for t in resp.topics {

@@ -504,9 +504,6 @@ fn deleting_a_topic_waits_for_a_sync_under_way_on_its_partitions() {
     assert!(!dir.path().join("t-0").exists());
 }
 
-/// An append that lands while a sync decides the partition is clean must leave it marked
-/// dirty: otherwise the flusher, which looks only at dirty partitions, never syncs that append
-/// on an idle partition, and `flush_interval_ms` no longer bounds how long it stays unsynced.
 /// Deleting segment files and syncing the directory can take a slow disk hundreds of
 /// milliseconds; appends to the partition must not wait for it.
 #[test]
@@ -534,6 +531,9 @@ fn appends_go_on_while_retention_deletes_files() {
     assert_eq!(rx.try_recv(), Ok(true), "the append waited for the deletion");
 }
 
+/// An append that lands while a sync decides the partition is clean must leave it marked
+/// dirty: otherwise the flusher, which looks only at dirty partitions, never syncs that append
+/// on an idle partition, and `flush_interval_ms` no longer bounds how long it stays unsynced.
 #[test]
 fn an_append_racing_a_sync_that_finds_nothing_left_keeps_the_partition_due_for_a_flush() {
     let dir = tempfile::tempdir().unwrap();
