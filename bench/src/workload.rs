@@ -73,20 +73,25 @@ pub async fn ensure_topic(opts: &Opts) -> anyhow::Result<()> {
     let admin = Admin::connect(conn(opts, "cairn-bench")).await?;
     match admin.create_topic(NewTopic::new(opts.topic.clone(), opts.partitions.unwrap_or(1))).await {
         Ok(()) => Ok(()),
-        Err(Error::Broker { code: ErrorCode::TopicAlreadyExists, .. }) => {
-            let Some(asked) = opts.partitions else { return Ok(()) };
-            let has = admin.describe_topic(&opts.topic).await?.partitions.len();
-            if has != asked as usize {
-                anyhow::bail!(
-                    "topic {} exists with {has} partitions, not the {asked} that --partitions asks for: \
-                     use another --topic, or delete it first (cairn topic delete {})",
-                    opts.topic,
-                    opts.topic
-                );
-            }
-            Ok(())
+        Err(Error::Broker { code: ErrorCode::TopicAlreadyExists, .. }) if opts.partitions.is_some() => {
+            check_partitions(opts, admin.describe_topic(&opts.topic).await?.partitions.len())
         }
+        Err(Error::Broker { code: ErrorCode::TopicAlreadyExists, .. }) => Ok(()),
         Err(e) => Err(e.into()),
+    }
+}
+
+/// Fails if `--partitions` asks for another count than the topic's `has`: a run must not
+/// report on a layout its command line does not name.
+fn check_partitions(opts: &Opts, has: usize) -> anyhow::Result<()> {
+    match opts.partitions {
+        Some(asked) if has != asked as usize => anyhow::bail!(
+            "topic {} exists with {has} partitions, not the {asked} that --partitions asks for: \
+             use another --topic, or delete it first (cairn topic delete {})",
+            opts.topic,
+            opts.topic
+        ),
+        _ => Ok(()),
     }
 }
 
@@ -458,6 +463,7 @@ pub const E2E_RATE: u64 = 10_000;
 pub async fn consume(opts: &Opts) -> anyhow::Result<Report> {
     let admin = Admin::connect(conn(opts, "cairn-bench")).await?;
     let info = admin.describe_topic(&opts.topic).await?;
+    check_partitions(opts, info.partitions.len())?;
     let available: i64 = info.partitions.iter().map(|p| p.end_offset - p.start_offset).sum();
     let want = opts.messages.unwrap_or(available as u64).min(available as u64);
     if want == 0 {

@@ -60,6 +60,10 @@ fn runs_send_what_their_command_line_says_or_fail() {
     let (code, _, err) = bench(&broker, &args);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("exists with 1 partitions, not the 4"), "{err}");
+    // Nor a consume asking for 4.
+    let (code, _, err) = bench(&broker, &["consume", "--topic", "n", "--partitions", "4", "--warmup", "0"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("exists with 1 partitions, not the 4"), "{err}");
     // Without --partitions, an existing topic is used as it is.
     let (code, _, err) = bench(&broker, &["produce", "--topic", "n", "--messages", "10", "--warmup", "0"]);
     assert_eq!(code, 0, "{err}");
