@@ -66,19 +66,19 @@ fn conn(opts: &Opts, name: &str) -> ConnectionConfig {
     }
 }
 
-/// Creates the topic if it does not exist. One that exists is used as it is, unless
-/// `--partitions` asks for another partition count: a run must not report on a layout other
-/// than the one its command line names.
-pub async fn ensure_topic(opts: &Opts) -> anyhow::Result<()> {
+/// Creates the topic if it does not exist, and returns its partitions. One that exists is used
+/// as it is, unless `--partitions` asks for another partition count: a run must not report on a
+/// layout other than the one its command line names.
+pub async fn ensure_topic(opts: &Opts) -> anyhow::Result<Vec<u32>> {
     let admin = Admin::connect(conn(opts, "cairn-bench")).await?;
     match admin.create_topic(NewTopic::new(opts.topic.clone(), opts.partitions.unwrap_or(1))).await {
-        Ok(()) => Ok(()),
-        Err(Error::Broker { code: ErrorCode::TopicAlreadyExists, .. }) if opts.partitions.is_some() => {
-            check_partitions(opts, admin.describe_topic(&opts.topic).await?.partitions.len())
-        }
-        Err(Error::Broker { code: ErrorCode::TopicAlreadyExists, .. }) => Ok(()),
-        Err(e) => Err(e.into()),
+        Ok(()) | Err(Error::Broker { code: ErrorCode::TopicAlreadyExists, .. }) => {}
+        Err(e) => return Err(e.into()),
     }
+    let partitions: Vec<u32> =
+        admin.describe_topic(&opts.topic).await?.partitions.iter().map(|p| p.partition).collect();
+    check_partitions(opts, partitions.len())?;
+    Ok(partitions)
 }
 
 /// Fails if `--partitions` asks for another count than the topic's `has`: a run must not
@@ -566,11 +566,9 @@ pub async fn e2e(opts: &Opts) -> anyhow::Result<Report> {
     if opts.size < 8 {
         anyhow::bail!("e2e needs --size of at least 8 bytes (the timestamp)");
     }
-    ensure_topic(opts).await?;
+    let parts = ensure_topic(opts).await?;
     let rate = opts.rate.unwrap_or(E2E_RATE);
     let total = opts.messages.unwrap_or((rate as f64 * opts.duration.as_secs_f64()) as u64);
-    let admin = Admin::connect(conn(opts, "cairn-bench")).await?;
-    let parts: Vec<u32> = admin.describe_topic(&opts.topic).await?.partitions.iter().map(|p| p.partition).collect();
     let n = consumers_for(opts, parts.len());
     let keys = keys_of(opts);
     let hist = Arc::new(Mutex::new(histogram()));
