@@ -158,6 +158,11 @@ impl CommittedOffsets {
     fn groups(&self) -> usize {
         self.per_group.len()
     }
+
+    /// The groups with committed offsets, each once, without walking their partitions.
+    fn group_names(&self) -> impl Iterator<Item = &String> {
+        self.per_group.keys()
+    }
 }
 
 impl std::ops::Deref for CommittedOffsets {
@@ -523,9 +528,7 @@ impl Coordinator {
         let Inner { groups, emptied_ms, committed, .. } = &mut *inner;
         groups.retain(|name, g| {
             // Only a group with offsets needs its emptied time (bounded by the offsets, then).
-            let has_offsets =
-                || committed.range((name.clone(), String::new(), 0)..).next().is_some_and(|((g, _, _), _)| g == name);
-            if g.members.is_empty() && has_offsets() {
+            if g.members.is_empty() && committed.has_group(name) {
                 emptied_ms.insert(name.clone(), now_ms);
             }
             !g.members.is_empty()
@@ -810,7 +813,7 @@ impl Coordinator {
     pub fn list(&self) -> Vec<GroupListing> {
         let inner = self.inner.lock().expect("groups lock");
         let mut names: BTreeSet<String> = inner.groups.keys().cloned().collect();
-        names.extend(inner.committed.keys().map(|(g, _, _)| g.clone()));
+        names.extend(inner.committed.group_names().cloned());
         names
             .into_iter()
             .map(|g| {
@@ -915,7 +918,7 @@ impl Coordinator {
             }
         }
         let mut names: BTreeSet<&String> = inner.groups.keys().collect();
-        names.extend(inner.committed.keys().map(|(g, _, _)| g));
+        names.extend(inner.committed.group_names());
         for g in names {
             let members = inner.groups.get(g).map_or(0, |gr| gr.members.len());
             metrics::gauge!("cairn_consumer_group_members", "group" => g.clone()).set(members as f64);
