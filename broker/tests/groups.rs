@@ -713,6 +713,37 @@ fn offsets_of_partitions_that_do_not_exist_are_refused() {
 }
 
 #[test]
+fn group_errors_come_before_unknown_partitions_in_an_offset_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "");
+    run(Duration::from_secs(60), async {
+        broker.admin().await.create_topic(NewTopic::new("real", 1)).await.unwrap();
+        let conn = Connection::connect(broker.connection()).await.unwrap();
+        let part = |partition| OffsetCommitPartition { partition, offset: 1, metadata: None };
+        let codes = |group: &str, member: &str, generation: i32| {
+            let request = OffsetCommitRequest {
+                group_id: group.into(),
+                member_id: member.into(),
+                generation_id: generation,
+                topics: vec![
+                    OffsetCommitTopic { name: "ghost".into(), partitions: vec![part(0)] },
+                    OffsetCommitTopic { name: "real".into(), partitions: vec![part(0), part(7)] },
+                ],
+            };
+            let conn = &conn;
+            async move {
+                let resp = conn.request(&request).await.unwrap();
+                resp.topics.iter().flat_map(|t| t.partitions.iter().map(|(_, c)| *c)).collect::<Vec<ErrorCode>>()
+            }
+        };
+        // PROTOCOL 6.8: the group id, then membership, then whether the partition exists. A
+        // fenced member that commits for a deleted topic must still learn that it was fenced.
+        assert_eq!(codes("", "", -1).await, vec![ErrorCode::InvalidGroupId; 3]);
+        assert_eq!(codes("g", "nobody", 3).await, vec![ErrorCode::UnknownMemberId; 3]);
+    });
+}
+
+#[test]
 fn a_join_waiting_for_a_rebalance_does_not_hold_up_shutdown() {
     let dir = tempfile::tempdir().unwrap();
     let mut broker = TestBroker::start(dir.path(), "shutdown_timeout_ms = 120000\n");

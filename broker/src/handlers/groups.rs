@@ -74,23 +74,16 @@ pub(crate) fn offset_commit(ctx: Ctx, req: OffsetCommitRequest) -> Reply {
     let shape: Vec<(String, Vec<u32>)> =
         req.topics.iter().map(|t| (t.name.clone(), t.partitions.iter().map(|p| p.partition).collect())).collect();
     let now = crate::storage::system_clock()();
-    // Offsets of partitions that do not exist are refused, not stored for ever.
-    let known: Vec<bool> = entries.iter().map(|(t, p, _, _)| broker.store.partition(t, *p).is_some()).collect();
-    let entries: Vec<_> = entries.into_iter().zip(&known).filter(|(_, k)| **k).map(|(e, _)| e).collect();
-    let n = entries.len();
-    let (stored, pending) =
+    // Offsets of partitions that do not exist are refused (not stored for ever) by the
+    // coordinator, after the group checks, in the order PROTOCOL 6.8 gives.
+    let (codes, pending) =
         match broker.groups.commit(&broker.store, &req.group_id, &req.member_id, req.generation_id, &entries, now) {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(group = %req.group_id, error = %e, "storing committed offsets failed");
-                (vec![storage_error_code(&e); n], None)
+                (vec![storage_error_code(&e); entries.len()], None)
             }
         };
-    let mut stored = stored.into_iter();
-    let codes: Vec<ErrorCode> = known
-        .iter()
-        .map(|k| if *k { stored.next().unwrap_or(ErrorCode::Unknown) } else { ErrorCode::UnknownTopicOrPartition })
-        .collect();
     let build = move |codes: Vec<ErrorCode>| {
         let mut it = codes.into_iter();
         let topics = shape
