@@ -861,6 +861,38 @@ fn an_offset_fetch_answers_a_partition_named_many_times_once() {
 }
 
 #[test]
+fn a_fetch_reads_a_partition_named_many_times_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = TestBroker::start(dir.path(), "");
+    run(Duration::from_secs(30), async {
+        broker.admin().await.create_topic(NewTopic::new("t", 2)).await.unwrap();
+        let producer = Producer::connect(broker.producer_config()).await.unwrap();
+        producer.send(ProducerRecord::new("t", "r").partition(0)).await.unwrap().wait().await.unwrap();
+        let conn = Connection::new(broker.connection());
+        let at = |partition, fetch_offset| FetchPartition { partition, fetch_offset, partition_max_bytes: 1 << 20 };
+        let mut fetch = fetch_req("t", 0, 0);
+        // A parked fetch of one partition named a million times woke a million waiters and
+        // re-read it a million times on every append; each is now read once, where it first
+        // appears (as OffsetFetch answers repeats).
+        fetch.topics = vec![
+            FetchTopic { name: "t".into(), partitions: vec![at(0, 0); 50] },
+            FetchTopic { name: "t".into(), partitions: vec![at(0, 1), at(1, 0), at(0, 0)] },
+            FetchTopic { name: "t".into(), partitions: vec![at(1, 0)] },
+        ];
+        let r: FetchResponse = conn.request(&fetch).await.unwrap();
+        let answered: Vec<(&str, u32, usize)> = r
+            .topics
+            .iter()
+            .flat_map(|t| t.partitions.iter().map(|p| (t.name.as_str(), p.partition, p.records.len())))
+            .collect();
+        assert_eq!(answered.len(), 2, "each partition once, where it first appears: {answered:?}");
+        assert_eq!((answered[0].0, answered[0].1), ("t", 0));
+        assert!(answered[0].2 > 0, "read from its first fetch_offset, 0");
+        assert_eq!(answered[1], ("t", 1, 0));
+    });
+}
+
+#[test]
 fn health_endpoints_and_metrics_are_served() {
     let dir = tempfile::tempdir().unwrap();
     let broker = TestBroker::start(dir.path(), "");

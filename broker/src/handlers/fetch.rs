@@ -1,5 +1,6 @@
 //! Fetch: read whole batches, zero-copy; park until `min_bytes` arrive or `max_wait_ms` passes.
 
+use std::collections::HashSet;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -13,6 +14,7 @@ use crate::server::Broker;
 use crate::storage::StorageError;
 
 pub(crate) fn fetch(ctx: Ctx, req: FetchRequest) -> Reply {
+    let req = distinct_partitions(req);
     let Read { response, bytes, more } = read_once(&ctx.broker, &req);
     let error = first_error(response.topics.iter().flat_map(|t| t.partitions.iter().map(|p| p.error)));
     let broker = &ctx.broker;
@@ -40,6 +42,44 @@ pub(crate) fn fetch(ctx: Ctx, req: FetchRequest) -> Reply {
         let error = first_error(response.topics.iter().flat_map(|t| t.partitions.iter().map(|p| p.error)));
         (response, error)
     })
+}
+
+/// The request with each partition once, where it first appears, and without the later entries
+/// of a topic that are left with no partition (OffsetFetch answers repeats the same way). A
+/// parked fetch naming one partition a million times would otherwise wait on it a million
+/// times over and re-read it as often on every append. Requests without repeats, the usual
+/// case, are passed on as they are.
+fn distinct_partitions(mut req: FetchRequest) -> FetchRequest {
+    let total: usize = req.topics.iter().map(|t| t.partitions.len()).sum();
+    if total <= 1 && req.topics.len() <= 1 {
+        return req;
+    }
+    let (keep, first_of_topic): (Vec<Vec<bool>>, Vec<bool>) = {
+        let mut seen = HashSet::with_capacity(total);
+        let mut seen_topics = HashSet::with_capacity(req.topics.len());
+        req.topics
+            .iter()
+            .map(|t| {
+                let keep = t.partitions.iter().map(|p| seen.insert((t.name.as_str(), p.partition))).collect();
+                (keep, seen_topics.insert(t.name.as_str()))
+            })
+            .unzip()
+    };
+    let left = |keep: &[bool], first: bool| first || keep.contains(&true);
+    if keep.iter().zip(&first_of_topic).all(|(k, &first)| k.iter().all(|&b| b) && left(k, first)) {
+        return req;
+    }
+    req.topics = std::mem::take(&mut req.topics)
+        .into_iter()
+        .zip(keep.iter().zip(first_of_topic))
+        .filter(|(_, (k, first))| left(k, *first))
+        .map(|(mut t, (k, _))| {
+            let mut kept = k.iter();
+            t.partitions.retain(|_| kept.next().copied().unwrap_or(false));
+            t
+        })
+        .collect();
+    req
 }
 
 /// One of `parked_fetches_max` slots, given back when the parked fetch ends, also when it is
