@@ -230,12 +230,16 @@ fn scan_and_restore(
             LogMap::read_only(&file, file_len as usize).map_err(|e| StorageError::io("mmap", seg.log_path(), e))?;
         scan_log(map.slice(0, file_len as usize), seg.base_offset, interval, entries_max)
     };
-    let mut intact = matches!(scan.stop, ScanStop::End);
-    if let Some(next) = next_base {
-        intact &= scan.next_offset == next;
-    }
+    let clean_end = matches!(scan.stop, ScanStop::End);
+    // A sealed segment whose batches reach the next segment's base has lost nothing, whatever
+    // follows its last batch: those bytes (a write that failed part-way and was never
+    // overwritten before the roll) are cut, and the later segments stay.
+    let intact = match next_base {
+        Some(next) => scan.next_offset == next,
+        None => clean_end,
+    };
     let mut cut = 0;
-    if !intact {
+    if !intact || !clean_end {
         cut = damaged_bytes(seg, scan.valid_len, file_len)?;
         tracing::warn!(segment = %seg.log_path().display(), at_byte = scan.valid_len, at_offset = scan.next_offset,
             cut_bytes = cut, reason = ?scan.stop, "cutting the log");

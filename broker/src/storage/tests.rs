@@ -271,6 +271,39 @@ fn a_flipped_byte_in_the_tail_cuts_the_log_at_that_batch() {
     assert_eq!(read_all(&p, 0).len(), 12);
 }
 
+#[test]
+fn bytes_after_the_last_batch_of_a_sealed_segment_do_not_cost_the_later_segments() {
+    // A write that failed part-way leaves bytes past the segment's published end; a roll can
+    // seal the segment before anything overwrites them, and a kill -9 before the seal's trim
+    // leaves them in the file (with no time index, so recovery scans it).
+    let dir = tempfile::tempdir().unwrap();
+    let (first, end) = {
+        let (store, _) = open(dir.path(), small_config());
+        let p = store.create_topic("t", 1, store.config().topic_defaults()).unwrap().partitions[0].clone();
+        for i in 0..600 {
+            p.append(&batch(i * 2, 2, 30, 1)).unwrap();
+        }
+        assert!(p.segments().len() >= 3, "the test needs sealed segments: {}", p.segments().len());
+        let kept = (p.segments()[0].clone(), p.log_end_offset());
+        store.close().unwrap();
+        kept
+    };
+    let log = first.log_path().to_path_buf();
+    let mut data = std::fs::read(&log).unwrap();
+    data.truncate(first.len() as usize);
+    data.extend_from_slice(&batch(9_999, 1, 30, 1)[..40]);
+    std::fs::write(&log, &data).unwrap();
+    std::fs::remove_file(log.with_extension("timeindex")).unwrap();
+    let (store, report) = open(dir.path(), small_config());
+    let p = store.partition("t", 0).unwrap();
+    assert_eq!(p.log_end_offset(), end, "the later segments are kept");
+    assert!(report.truncated_bytes > 0, "the leftover bytes are cut");
+    let all = read_all(&p, 0);
+    assert_eq!(all.len() as u64, end);
+    assert!(all.iter().enumerate().all(|(i, (o, _))| *o == i as u64));
+    assert_eq!(std::fs::metadata(&log).unwrap().len(), first.len(), "the cut is persisted");
+}
+
 fn copy_dir(from: &Path, to: &Path) {
     for e in std::fs::read_dir(from).unwrap() {
         let e = e.unwrap();
