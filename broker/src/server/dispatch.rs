@@ -10,7 +10,7 @@ use bytes::Bytes;
 
 use cairn_protocol::api::encode_error_response;
 use cairn_protocol::messages::api_versions::ApiVersionsResponse;
-use cairn_protocol::{decode_request, encode_response, AnyRequest, DecodeError, ErrorCode, HeaderError};
+use cairn_protocol::{decode_request, encode_response, Acks, AnyRequest, DecodeError, ErrorCode, HeaderError};
 
 use super::Broker;
 use crate::handlers;
@@ -73,6 +73,10 @@ pub(crate) fn dispatch(
     let api = request.api_key();
     if broker.shutdown.is_cancelled() {
         broker.requests.record(api, Some(ErrorCode::ShuttingDown.name()), started.elapsed());
+        // Not even a refusal for a Produce with acks = 0: it expects no answer at all.
+        if matches!(&request, AnyRequest::Produce(r) if r.acks == Acks::None) {
+            return Reply::Nothing;
+        }
         return Reply::Now(encode_error_response(corr, ErrorCode::ShuttingDown, "the broker is shutting down"));
     }
     let ctx = handlers::Ctx { broker: Arc::clone(broker), corr, started, api, client_id: header.client_id, may_create };
@@ -117,6 +121,28 @@ mod tests {
         let broker = Arc::new(Broker::new(config, store, groups, health));
         let chunks = encode_request(1, "test", &MetadataRequest { topics: Some(vec![topic.into()]) });
         (broker, Bytes::from(chunks.concat()).slice(4..))
+    }
+
+    /// PROTOCOL 6.5: a Produce with `acks = 0` gets no response, for success or failure. One
+    /// that arrived as shutdown began got `SHUTTING_DOWN`, and a client matching responses by
+    /// position would have taken it for the answer to a later request.
+    #[test]
+    fn an_acks_0_produce_gets_no_answer_while_the_broker_shuts_down() {
+        use cairn_protocol::messages::produce::{ProducePartition, ProduceRequest, ProduceTopic};
+        let dir = tempfile::tempdir().unwrap();
+        let (broker, _) = broker_and_metadata_frame(dir.path(), false, "t");
+        broker.shutdown.cancel();
+        let produce = |acks| {
+            let mut b = cairn_protocol::RecordBatchBuilder::new();
+            b.push(1, None, Some(b"v"), &[]);
+            let partitions = vec![ProducePartition { partition: 0, records: b.build().into() }];
+            let request =
+                ProduceRequest { acks, timeout_ms: 1000, topics: vec![ProduceTopic { name: "t".into(), partitions }] };
+            Bytes::from(encode_request(2, "test", &request).concat()).slice(4..)
+        };
+        let peer = "127.0.0.1:1".parse().unwrap();
+        assert!(matches!(dispatch(&broker, produce(Acks::None), peer, false, Instant::now()), Reply::Nothing));
+        assert!(matches!(dispatch(&broker, produce(Acks::Leader), peer, false, Instant::now()), Reply::Now(_)));
     }
 
     /// A request served after its connection created topics for it counts the creation in its
