@@ -48,38 +48,34 @@ pub(crate) fn fetch(ctx: Ctx, req: FetchRequest) -> Reply {
 /// of a topic that are left with no partition (OffsetFetch answers repeats the same way). A
 /// parked fetch naming one partition a million times would otherwise wait on it a million
 /// times over and re-read it as often on every append. Requests without repeats, the usual
-/// case, are passed on as they are.
+/// case, are passed on as they are, and small ones are checked without allocating.
 fn distinct_partitions(mut req: FetchRequest) -> FetchRequest {
-    let total: usize = req.topics.iter().map(|t| t.partitions.len()).sum();
-    if total <= 1 && req.topics.len() <= 1 {
+    if !has_repeats(&req) {
         return req;
     }
-    let (keep, first_of_topic): (Vec<Vec<bool>>, Vec<bool>) = {
-        let mut seen = HashSet::with_capacity(total);
-        let mut seen_topics = HashSet::with_capacity(req.topics.len());
-        req.topics
-            .iter()
-            .map(|t| {
-                let keep = t.partitions.iter().map(|p| seen.insert((t.name.as_str(), p.partition))).collect();
-                (keep, seen_topics.insert(t.name.as_str()))
-            })
-            .unzip()
-    };
-    let left = |keep: &[bool], first: bool| first || keep.contains(&true);
-    if keep.iter().zip(&first_of_topic).all(|(k, &first)| k.iter().all(|&b| b) && left(k, first)) {
-        return req;
-    }
-    req.topics = std::mem::take(&mut req.topics)
-        .into_iter()
-        .zip(keep.iter().zip(first_of_topic))
-        .filter(|(_, (k, first))| left(k, *first))
-        .map(|(mut t, (k, _))| {
-            let mut kept = k.iter();
-            t.partitions.retain(|_| kept.next().copied().unwrap_or(false));
-            t
-        })
-        .collect();
+    let mut seen = HashSet::new();
+    let mut seen_topics = HashSet::new();
+    req.topics.retain_mut(|t| {
+        let name = &t.name;
+        t.partitions.retain(|p| seen.insert((name.clone(), p.partition)));
+        seen_topics.insert(name.clone()) || !t.partitions.is_empty()
+    });
     req
+}
+
+/// Whether a topic or a (topic, partition) appears more than once in `req`.
+fn has_repeats(req: &FetchRequest) -> bool {
+    let topics = &req.topics;
+    let partitions = || topics.iter().flat_map(|t| t.partitions.iter().map(move |p| (t.name.as_str(), p.partition)));
+    let total: usize = topics.iter().map(|t| t.partitions.len()).sum();
+    if topics.len() <= 16 && total <= 16 {
+        // What consumers send: a pairwise look is cheaper than a set.
+        let repeated_topic = topics.iter().enumerate().any(|(i, t)| topics[..i].iter().any(|u| u.name == t.name));
+        return repeated_topic || partitions().enumerate().any(|(i, tp)| partitions().take(i).any(|up| up == tp));
+    }
+    let mut names = HashSet::with_capacity(topics.len());
+    let mut seen = HashSet::with_capacity(total);
+    !topics.iter().all(|t| names.insert(t.name.as_str())) || !partitions().all(|tp| seen.insert(tp))
 }
 
 /// One of `parked_fetches_max` slots, given back when the parked fetch ends, also when it is
@@ -225,5 +221,53 @@ fn record(broker: &Broker, response: &FetchResponse) {
         let m = broker.topic_metrics(&t.name);
         m.fetch_bytes.increment(bytes as u64);
         m.fetch_records.increment(records);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use cairn_protocol::messages::fetch::{FetchPartition, FetchTopic};
+
+    use super::*;
+
+    /// A request of `(topic, [(partition, fetch_offset)])` entries.
+    fn request(topics: &[(&str, &[(u32, i64)])]) -> FetchRequest {
+        let topics = topics
+            .iter()
+            .map(|(name, parts)| FetchTopic {
+                name: (*name).into(),
+                partitions: parts
+                    .iter()
+                    .map(|&(partition, fetch_offset)| FetchPartition {
+                        partition,
+                        fetch_offset,
+                        partition_max_bytes: 1,
+                    })
+                    .collect(),
+            })
+            .collect();
+        FetchRequest { max_wait_ms: 0, min_bytes: 0, max_bytes: 1, group: None, topics }
+    }
+
+    #[test]
+    fn repeats_are_dropped_where_they_repeat_on_the_small_and_the_large_path() {
+        let many: Vec<(u32, i64)> = (0..40).map(|p| (p % 20, i64::from(p))).collect();
+        let cases: Vec<(FetchRequest, FetchRequest)> = vec![
+            (
+                request(&[("a", &[(0, 5), (1, 0)]), ("b", &[(0, 0)])]),
+                request(&[("a", &[(0, 5), (1, 0)]), ("b", &[(0, 0)])]),
+            ),
+            (request(&[("a", &[(0, 5), (0, 9)])]), request(&[("a", &[(0, 5)])])),
+            (
+                request(&[("a", &[(0, 5)]), ("a", &[(0, 7), (1, 0)]), ("a", &[])]),
+                request(&[("a", &[(0, 5)]), ("a", &[(1, 0)])]),
+            ),
+            (request(&[("a", &[]), ("a", &[])]), request(&[("a", &[])])),
+            (request(&[("a", &many)]), request(&[("a", &many[..20])])),
+            (request(&[("a", &many[..20]), ("b", &many[..20])]), request(&[("a", &many[..20]), ("b", &many[..20])])),
+        ];
+        for (asked, want) in cases {
+            assert_eq!(distinct_partitions(asked.clone()), want, "{asked:?}");
+        }
     }
 }
