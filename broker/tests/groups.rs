@@ -676,6 +676,28 @@ fn a_committed_offset_past_a_log_cut_by_a_crash_moves_back_to_the_log_end() {
     assert!(broker.log_text().contains("past the log end"), "the move is logged");
 }
 
+/// Commits offset 1 for partition 0 of "ghost" (a topic that does not exist) and partitions 0
+/// and 7 of "real" (which has one); returns each answer as (topic, partition, code).
+async fn commit_ghost_and_real(
+    conn: &Connection,
+    group: &str,
+    member: &str,
+    generation: i32,
+) -> Vec<(String, u32, ErrorCode)> {
+    let part = |partition| OffsetCommitPartition { partition, offset: 1, metadata: None };
+    let request = OffsetCommitRequest {
+        group_id: group.into(),
+        member_id: member.into(),
+        generation_id: generation,
+        topics: vec![
+            OffsetCommitTopic { name: "ghost".into(), partitions: vec![part(0)] },
+            OffsetCommitTopic { name: "real".into(), partitions: vec![part(0), part(7)] },
+        ],
+    };
+    let resp = conn.request(&request).await.unwrap();
+    resp.topics.iter().flat_map(|t| t.partitions.iter().map(move |(p, c)| (t.name.clone(), *p, *c))).collect()
+}
+
 #[test]
 fn offsets_of_partitions_that_do_not_exist_are_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -683,21 +705,7 @@ fn offsets_of_partitions_that_do_not_exist_are_refused() {
     run(Duration::from_secs(60), async {
         broker.admin().await.create_topic(NewTopic::new("real", 1)).await.unwrap();
         let conn = Connection::connect(broker.connection()).await.unwrap();
-        let part = |partition| OffsetCommitPartition { partition, offset: 1, metadata: None };
-        let resp = conn
-            .request(&OffsetCommitRequest {
-                group_id: "outside".into(),
-                member_id: String::new(),
-                generation_id: -1,
-                topics: vec![
-                    OffsetCommitTopic { name: "ghost".into(), partitions: vec![part(0)] },
-                    OffsetCommitTopic { name: "real".into(), partitions: vec![part(0), part(7)] },
-                ],
-            })
-            .await
-            .unwrap();
-        let codes: Vec<(String, u32, ErrorCode)> =
-            resp.topics.iter().flat_map(|t| t.partitions.iter().map(move |(p, c)| (t.name.clone(), *p, *c))).collect();
+        let codes = commit_ghost_and_real(&conn, "outside", "", -1).await;
         assert_eq!(
             codes,
             vec![
@@ -719,21 +727,11 @@ fn group_errors_come_before_unknown_partitions_in_an_offset_commit() {
     run(Duration::from_secs(60), async {
         broker.admin().await.create_topic(NewTopic::new("real", 1)).await.unwrap();
         let conn = Connection::connect(broker.connection()).await.unwrap();
-        let part = |partition| OffsetCommitPartition { partition, offset: 1, metadata: None };
-        let codes = |group: &str, member: &str, generation: i32| {
-            let request = OffsetCommitRequest {
-                group_id: group.into(),
-                member_id: member.into(),
-                generation_id: generation,
-                topics: vec![
-                    OffsetCommitTopic { name: "ghost".into(), partitions: vec![part(0)] },
-                    OffsetCommitTopic { name: "real".into(), partitions: vec![part(0), part(7)] },
-                ],
-            };
+        let codes = |group: &'static str, member: &'static str, generation: i32| {
             let conn = &conn;
             async move {
-                let resp = conn.request(&request).await.unwrap();
-                resp.topics.iter().flat_map(|t| t.partitions.iter().map(|(_, c)| *c)).collect::<Vec<ErrorCode>>()
+                let answered = commit_ghost_and_real(conn, group, member, generation).await;
+                answered.into_iter().map(|(_, _, c)| c).collect::<Vec<ErrorCode>>()
             }
         };
         // PROTOCOL 6.8: the group id, then membership, then whether the partition exists. A
