@@ -53,12 +53,27 @@ fn distinct_partitions(mut req: FetchRequest) -> FetchRequest {
     if !has_repeats(&req) {
         return req;
     }
-    let mut seen = HashSet::new();
-    let mut seen_topics = HashSet::new();
+    // Which entries stay, decided on borrowed names (a name can be 64 KiB: copying it per
+    // partition could turn one request into gigabytes), then applied.
+    let (keep, keep_topic): (Vec<bool>, Vec<bool>) = {
+        let mut seen = HashSet::new();
+        let mut seen_topics = HashSet::new();
+        let mut keep = Vec::new();
+        let keep_topic = req
+            .topics
+            .iter()
+            .map(|t| {
+                let before = keep.len();
+                keep.extend(t.partitions.iter().map(|p| seen.insert((t.name.as_str(), p.partition))));
+                seen_topics.insert(t.name.as_str()) || keep[before..].contains(&true)
+            })
+            .collect();
+        (keep, keep_topic)
+    };
+    let (mut keep, mut keep_topic) = (keep.into_iter(), keep_topic.into_iter());
     req.topics.retain_mut(|t| {
-        let name = &t.name;
-        t.partitions.retain(|p| seen.insert((name.clone(), p.partition)));
-        seen_topics.insert(name.clone()) || !t.partitions.is_empty()
+        t.partitions.retain(|_| keep.next().unwrap_or(false));
+        keep_topic.next().unwrap_or(false)
     });
     req
 }
