@@ -132,10 +132,18 @@ impl CommittedOffsets {
     }
 
     fn insert(&mut self, key: OffsetKey, value: Committed) {
-        let group = key.0.clone();
-        if self.by_key.insert(key, value).is_none() {
-            *self.per_group.entry(group).or_default() += 1;
+        // A partition committed before (the usual case) only changes its value.
+        if let Some(slot) = self.by_key.get_mut(&key) {
+            *slot = value;
+            return;
         }
+        match self.per_group.get_mut(&key.0) {
+            Some(n) => *n += 1,
+            None => {
+                self.per_group.insert(key.0.clone(), 1);
+            }
+        }
+        self.by_key.insert(key, value);
     }
 
     fn remove(&mut self, key: &OffsetKey) {
